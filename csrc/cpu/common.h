@@ -1,0 +1,219 @@
+// Shared helpers for the C++ CPU kernels of rlhf_fast._C.
+//
+// Tensors cross the Python boundary as raw addresses (uintptr_t) plus sizes: the
+// extension does not link libtorch, so it builds with setuptools + pybind11 alone.
+// Each kernel file registers its pybind11 functions with RLHF_FAST_REGISTER, so a
+// new op never edits bindings.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace rlhf_fast {
+
+namespace py = pybind11;
+
+// ---- registration -----------------------------------------------------------
+using RegisterFn = void (*)(py::module_&);
+std::vector<RegisterFn>& registry();
+struct Registrar {
+  explicit Registrar(RegisterFn fn) { registry().push_back(fn); }
+};
+#define RLHF_FAST_REGISTER(fn) static ::rlhf_fast::Registrar rlhf_fast_registrar_##fn(fn)
+
+// ---- dtypes -----------------------------------------------------------------
+// Codes shared with rlhf_fast/_backend.py (DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kInt32 = 3, kInt64 = 4, kBool = 5, kUInt8 = 6 };
+
+inline float bf16_to_f32(uint16_t h) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(h) << 16);
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: value = man * 2^-24
+    float v = static_cast<float>(man) * 5.9604644775390625e-8f;
+    return sign ? -v : v;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  uint32_t sign = (bits >> 16) & 0x8000u;
+  uint32_t absb = bits & 0x7fffffffu;
+  if (absb > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
+  if (absb >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
+  if (absb < 0x38800000u) {  // subnormal or zero in half
+    float a;
+    std::memcpy(&a, &absb, 4);
+    float scaled = a * 16777216.0f;  // a / 2^-24
+    uint32_t m = static_cast<uint32_t>(std::nearbyint(scaled));
+    return static_cast<uint16_t>(sign | m);
+  }
+  uint32_t e = ((absb >> 23) - 112u) << 10;
+  uint32_t m = (absb >> 13) & 0x3ffu;
+  uint32_t rest = absb & 0x1fffu;
+  uint32_t h = e | m;
+  if (rest > 0x1000u || (rest == 0x1000u && (m & 1u))) h += 1;
+  return static_cast<uint16_t>(sign | h);
+}
+
+template <typename T> inline float load_f32(const T* p, int64_t i);
+template <> inline float load_f32<float>(const float* p, int64_t i) { return p[i]; }
+
+struct half_t { uint16_t bits; };
+struct bf16_t { uint16_t bits; };
+template <> inline float load_f32<half_t>(const half_t* p, int64_t i) { return f16_to_f32(p[i].bits); }
+template <> inline float load_f32<bf16_t>(const bf16_t* p, int64_t i) { return bf16_to_f32(p[i].bits); }
+
+inline void store_f32(float* p, int64_t i, float v) { p[i] = v; }
+inline void store_f32(half_t* p, int64_t i, float v) { p[i].bits = f32_to_f16(v); }
+inline void store_f32(bf16_t* p, int64_t i, float v) { p[i].bits = f32_to_bf16(v); }
+
+// Calls fn.template operator()<T>() with T the C++ type of a floating dtype code.
+template <typename Fn>
+inline void dispatch_float(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32: fn(static_cast<float*>(nullptr)); break;
+    case kFloat16: fn(static_cast<half_t*>(nullptr)); break;
+    case kBFloat16: fn(static_cast<bf16_t*>(nullptr)); break;
+    default: throw std::invalid_argument("rlhf_fast._C: unsupported floating dtype code " + std::to_string(dtype));
+  }
+}
+
+inline int64_t load_index(uintptr_t ptr, int dtype, int64_t i) {
+  if (dtype == kInt64) return reinterpret_cast<const int64_t*>(ptr)[i];
+  if (dtype == kInt32) return reinterpret_cast<const int32_t*>(ptr)[i];
+  throw std::invalid_argument("rlhf_fast._C: index dtype must be int32 or int64");
+}
+
+// ---- math -------------------------------------------------------------------
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) in float, branch-free so loops using it vectorize; about 1 ulp on the
+// normal range, 0 below -87.3 (where exp underflows float's normal range) and for -inf.
+inline float fast_exp(float x) {
+  const float hi = 88.3762626647949f;
+  float xc = x > -87.3f ? x : -87.3f;  // maxps / minps; NaN is restored below
+  xc = xc < hi ? xc : hi;
+  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.98412698e-4f;  // 1/5040
+  p = p * r + 1.38888889e-3f;
+  p = p * r + 8.33333333e-3f;
+  p = p * r + 4.16666667e-2f;
+  p = p * r + 1.66666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  y = x < -87.3f ? 0.0f : y;
+  y = x > hi ? x : y;              // +inf stays +inf
+  return x == x ? y : x;           // NaN stays NaN
+}
+
+// Online softmax statistics of one row of z = logits * inv_temp, in one pass:
+// m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (for the entropy).
+struct RowStats {
+  float m = kNegInf, s = 0.0f, a = 0.0f;
+  float lse() const { return m + std::log(s); }
+  float entropy() const {  // H = log s - a / s
+    float h = std::log(s) - a / s;
+    return h > 0.0f ? h : 0.0f;
+  }
+};
+
+constexpr int64_t kChunk = 512;
+constexpr int64_t kLanes = 16;  // explicit partial sums: vectorizes without -ffast-math
+
+// Streams one row (x[0..V)), updating stats chunk by chunk: each chunk is read
+// from memory once and revisited from L1.
+template <typename T, bool kEntropy>
+inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
+  RowStats st;
+  alignas(64) float buf[kChunk];
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+    const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
+    float cmax = kNegInf;
+#pragma omp simd reduction(max : cmax)
+    for (int64_t j = 0; j < n; ++j) {
+      float z = load_f32(x, c0 + j) * inv_temp;
+      buf[j] = z;
+      cmax = z > cmax ? z : cmax;
+    }
+    for (int64_t j = n; j < n_pad; ++j) buf[j] = kNegInf;
+    float m_new = cmax > st.m ? cmax : st.m;
+    if (m_new == kNegInf) continue;  // everything so far is -inf
+    if (m_new > st.m && st.s > 0.0f) {
+      float alpha = std::exp(st.m - m_new);
+      if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
+      st.s *= alpha;
+    }
+    st.m = m_new;
+    float s[kLanes] = {}, a[kLanes] = {};
+    for (int64_t j = 0; j < n_pad; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        float d = buf[j + k] - m_new;
+        float e = fast_exp(d);
+        s[k] += e;
+        if (kEntropy) a[k] += e > 0.0f ? e * d : 0.0f;
+      }
+    }
+    for (int64_t k = 0; k < kLanes; ++k) {
+      st.s += s[k];
+      st.a += a[k];
+    }
+  }
+  return st;
+}
+
+// Address of row r of a (n_rows, V) view whose rows are laid out as
+// (r / inner) * s_outer + (r % inner) * s_inner elements from the base.
+struct RowLayout {
+  int64_t inner, s_outer, s_inner;
+  int64_t offset(int64_t r) const { return (r / inner) * s_outer + (r % inner) * s_inner; }
+};
+
+inline int num_threads(int requested) {
+#ifdef _OPENMP
+  return requested > 0 ? requested : omp_get_max_threads();
+#else
+  (void)requested;
+  return 1;
+#endif
+}
+
+}  // namespace rlhf_fast

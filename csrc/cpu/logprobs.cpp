@@ -1,0 +1,91 @@
+// Token log-probabilities and entropy from logits, one streaming pass per row.
+//   logp[r] = log_softmax(x[r] * inv_temp)[t[r]],  ent[r] = entropy(softmax(x[r] * inv_temp))
+// Backward writes grad_x only (optionally into x's own storage).
+#include "common.h"
+
+namespace rlhf_fast {
+namespace {
+
+#define RLHF_FAST_ROW_FN __attribute__((target_clones("avx512f", "avx2", "default"), flatten, noinline))
+
+template <typename T, bool kEntropy>
+RLHF_FAST_ROW_FN RowStats logprobs_row(const T* x, int64_t V, float inv_temp) {
+  return row_stats<T, kEntropy>(x, V, inv_temp);
+}
+
+// grad_x[j] = inv_temp * (g_lp * ([j == t] - p_j) - g_ent * p_j * (z_j - lse + H)),  p_j = exp(z_j - lse)
+template <typename T, bool kEntropy>
+RLHF_FAST_ROW_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float lse,
+                                       float ent, float g_lp, float g_ent) {
+  const float shift = ent - lse;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    float z = load_f32(x, j) * inv_temp;
+    float p = fast_exp(z - lse);
+    float g = g_lp * ((j == t ? 1.0f : 0.0f) - p);
+    if (kEntropy) g -= p > 0.0f ? g_ent * p * (z + shift) : 0.0f;
+    store_f32(gx, j, g * inv_temp);  // gx may alias x: element j is read before it is written
+  }
+}
+
+void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
+                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp,
+                  uintptr_t logp_ptr, uintptr_t lse_ptr, uintptr_t ent_ptr, int nthreads) {
+  const RowLayout lay{inner, s_outer, s_inner};
+  float* logp = reinterpret_cast<float*>(logp_ptr);
+  float* lse_out = reinterpret_cast<float*>(lse_ptr);
+  float* ent = reinterpret_cast<float*>(ent_ptr);
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* x = reinterpret_cast<const T*>(x_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const T* row = x + lay.offset(r);
+      RowStats st = ent ? logprobs_row<T, true>(row, V, inv_temp) : logprobs_row<T, false>(row, V, inv_temp);
+      const float lse = st.lse();
+      const int64_t t = load_index(t_ptr, t_dtype, r);
+      float lp = load_f32(row, t) * inv_temp - lse;
+      logp[r] = lp > 0.0f ? 0.0f : lp;
+      lse_out[r] = lse;
+      if (ent) ent[r] = st.entropy();
+    }
+  });
+}
+
+void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
+                  uintptr_t gx_ptr, int64_t g_inner, int64_t g_s_outer, int64_t g_s_inner,
+                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp,
+                  uintptr_t lse_ptr, uintptr_t ent_ptr, uintptr_t g_lp_ptr, uintptr_t g_ent_ptr, int nthreads) {
+  const RowLayout lay{inner, s_outer, s_inner};
+  const RowLayout glay{g_inner, g_s_outer, g_s_inner};
+  const float* lse = reinterpret_cast<const float*>(lse_ptr);
+  const float* ent = reinterpret_cast<const float*>(ent_ptr);
+  const float* g_lp = reinterpret_cast<const float*>(g_lp_ptr);
+  const float* g_ent = reinterpret_cast<const float*>(g_ent_ptr);
+  dispatch_float(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* x = reinterpret_cast<const T*>(x_ptr);
+    T* gx = reinterpret_cast<T*>(gx_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t t = load_index(t_ptr, t_dtype, r);
+      if (g_ent)
+        logprobs_bwd_row<T, true>(x + lay.offset(r), gx + glay.offset(r), V, t, inv_temp, lse[r], ent[r], g_lp[r],
+                                  g_ent[r]);
+      else
+        logprobs_bwd_row<T, false>(x + lay.offset(r), gx + glay.offset(r), V, t, inv_temp, lse[r], 0.0f, g_lp[r],
+                                   0.0f);
+    }
+  });
+}
+
+void register_logprobs(py::module_& m) {
+  m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),
+        "logits rows -> (logp, lse, entropy?) written to the given fp32 buffers");
+  m.def("logprobs_bwd", &logprobs_bwd, py::call_guard<py::gil_scoped_release>(),
+        "grad of (logp, entropy) w.r.t. logits, written to grad rows (may alias the logits)");
+}
+RLHF_FAST_REGISTER(register_logprobs);
+
+}  // namespace
+}  // namespace rlhf_fast

@@ -1,0 +1,93 @@
+"""Triton building blocks shared by the vocabulary-sized ops (log-probs, full KL, PPO loss)
+and the KL estimators shared by the elementwise ones. Reuse these; do not re-derive them.
+
+Numerics: every load is converted to fp32 at once (also required by Triton's interpreter,
+whose fp16/bf16 arithmetic is wrong); -inf logits contribute nothing and never make NaN.
+"""
+import triton
+import triton.language as tl
+
+from rlhf_fast._backend import triton_interpreting
+
+# KL estimator codes (d = logp - ref_logp), shared with csrc/cpu/common.h kl_estimate().
+KL_ESTIMATORS = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+
+
+@triton.jit
+def kl_estimate(d, EST: tl.constexpr):
+    """k1 = d, abs = |d|, k2 = d^2 / 2, k3 = exp(-d) + d - 1."""
+    if EST == 0:
+        out = d
+    elif EST == 1:
+        out = tl.abs(d)
+    elif EST == 2:
+        out = 0.5 * d * d
+    else:
+        out = tl.exp(-d) + d - 1.0
+    return out
+
+
+@triton.jit
+def kl_estimate_grad(d, EST: tl.constexpr):
+    """d(kl_estimate)/dd."""
+    if EST == 0:
+        out = tl.full(d.shape, 1.0, tl.float32)
+    elif EST == 1:
+        out = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+    elif EST == 2:
+        out = d
+    else:
+        out = 1.0 - tl.exp(-d)
+    return out
+
+
+@triton.jit
+def online_softmax_update(m, s, a, z, WITH_A: tl.constexpr):
+    """Folds a block z (fp32, -inf where masked) into running statistics of a row:
+    m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m). Returns (m, s, a)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe)
+    if WITH_A:
+        shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
+        a = alpha * (a + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), 0)
+    s = alpha * s + tl.sum(e, 0)
+    return m_new, s, a
+
+
+@triton.jit
+def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    """One streaming pass over a row of V logits at row_ptr (unit stride).
+    Returns (lse, entropy) of softmax(row * inv_temp); entropy is 0 unless WITH_ENTROPY."""
+    m = float("-inf")
+    s = 0.0
+    a = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+        m, s, a = online_softmax_update(m, s, a, z, WITH_ENTROPY)
+    log_s = tl.log(s)
+    lse = m + log_s
+    ent = 0.0
+    if WITH_ENTROPY:
+        ent = tl.maximum(log_s - a / s, 0.0)
+    return lse, ent
+
+
+@triton.jit
+def row_offset(row, inner, s_outer, s_inner):
+    """Element offset of row ``row`` of a Rows view (see rlhf_fast/ops/_common.py)."""
+    row = row.to(tl.int64)
+    return (row // inner) * s_outer + (row % inner) * s_inner
+
+
+def vocab_block(V: int) -> int:
+    """Block over the vocabulary: large blocks amortise the interpreter's per-op cost;
+    on GPU 4096 keeps registers in check with 8 warps."""
+    cap = 16384 if triton_interpreting() else 4096
+    return min(triton.next_power_of_2(V), cap)
+
+
+def num_warps_for(block: int) -> int:
+    return 8 if block >= 2048 else 4

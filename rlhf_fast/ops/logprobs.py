@@ -1,0 +1,247 @@
+"""Per-token log-probabilities and entropy straight from logits.
+
+``token_logprobs(logits, targets)`` computes
+``torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])[..., 0]``
+(and optionally the entropy of ``softmax(logits.float() / T)``) in one streaming pass over
+the vocabulary, without allocating anything of size N * V. Backward allocates only
+grad_logits (or writes it into the logits' storage with ``inplace_backward=True``).
+
+Naming chain: ``_logprobs_fwd_kernel`` -> ``logprobs_fwd`` -> ``LogprobsFunction`` ->
+``token_logprobs``; ``token_logprobs_ref`` defines the semantics and is the fallback.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import triton
+import triton.language as tl
+
+from rlhf_fast import _backend
+from rlhf_fast.ops._common import Rows, as_rows, check_logits, check_positive, check_targets
+from rlhf_fast.ops._triton_common import num_warps_for, row_offset, row_softmax_stats, vocab_block
+
+
+def token_logprobs_ref(logits, targets, temperature=1.0, return_entropy=False):
+    """Pure PyTorch definition. Computes in fp32 (fp64 for fp64 logits)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    logp_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    if not return_entropy:
+        return logp
+    p = logp_all.exp()
+    # 0 * log 0 := 0 so that rows holding -inf logits keep a finite entropy
+    ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    return logp, ent
+
+
+# ---------------------------------------------------------------------------- triton
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr,  # (N, V) rows at row_offset(r, inner, s_outer, s_inner), unit stride along V
+    targets_ptr,  # (N,) int32 | int64
+    logp_ptr,  # (N,) fp32 out
+    lse_ptr,  # (N,) fp32 out: logsumexp(logits * inv_temp), saved for backward
+    ent_ptr,  # (N,) fp32 out, written when WITH_ENTROPY
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    inv_temp,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row_offset(row, inner, s_outer, s_inner)
+    lse, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
+    t = tl.load(targets_ptr + row).to(tl.int64)
+    z_t = tl.load(row_ptr + t).to(tl.float32) * inv_temp
+    tl.store(logp_ptr + row, tl.minimum(z_t - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+    if WITH_ENTROPY:
+        tl.store(ent_ptr + row, ent)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr,  # (N, V) rows as in the forward
+    grad_ptr,  # (N, V) out, rows at row_offset(r, g_inner, g_s_outer, g_s_inner); may alias logits
+    targets_ptr,  # (N,)
+    lse_ptr,  # (N,) fp32
+    ent_ptr,  # (N,) fp32, read when WITH_ENTROPY
+    g_logp_ptr,  # (N,) fp32 upstream grad of logp
+    g_ent_ptr,  # (N,) fp32 upstream grad of entropy, read when WITH_ENTROPY
+    V,
+    inner,
+    s_outer,
+    s_inner,
+    g_inner,
+    g_s_outer,
+    g_s_inner,
+    inv_temp,
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    x_ptr = logits_ptr + row_offset(row, inner, s_outer, s_inner)
+    gx_ptr = grad_ptr + row_offset(row, g_inner, g_s_outer, g_s_inner)
+    lse = tl.load(lse_ptr + row)
+    t = tl.load(targets_ptr + row).to(tl.int64)
+    g_lp = tl.load(g_logp_ptr + row)
+    if WITH_ENTROPY:
+        shift = tl.load(ent_ptr + row) - lse
+        g_ent = tl.load(g_ent_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < V
+        z = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        g = g_lp * (tl.where(offs == t, 1.0, 0.0) - p)
+        if WITH_ENTROPY:
+            # dH/dz_j = -p_j (log p_j + H)
+            g -= tl.where(p > 0, g_ent * p * (z + shift), 0.0)
+        tl.store(gx_ptr + offs, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _cuda_call(name, *args):
+    lib = _backend.cuda_library()
+    err = getattr(lib, name)(*args)
+    if err != 0:
+        raise RuntimeError(f"rlhf_fast CUDA kernel {name} failed with cudaError {err}")
+
+
+def _ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def logprobs_fwd(rows: Rows, targets, inv_temp: float, with_entropy: bool, backend: str):
+    """Launches the forward on ``backend``; returns fp32 (logp, lse, ent-or-None), each (N,)."""
+    dev = rows.data.device
+    logp = torch.empty(rows.n, dtype=torch.float32, device=dev)
+    lse = torch.empty_like(logp)
+    ent = torch.empty_like(logp) if with_entropy else None
+    if rows.n == 0:
+        return logp, lse, ent
+    if backend == "triton":
+        block = vocab_block(rows.v)
+        _logprobs_fwd_kernel[(rows.n,)](
+            rows.data, targets, logp, lse, ent if with_entropy else logp,
+            rows.v, *rows.layout(), inv_temp,
+            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+        )
+    elif backend == "cpu":
+        _backend._C.logprobs_fwd(
+            rows.data.data_ptr(), _backend.DTYPE_CODES[rows.data.dtype], *rows.layout(),
+            targets.data_ptr(), _backend.DTYPE_CODES[targets.dtype], rows.n, rows.v, inv_temp,
+            logp.data_ptr(), lse.data_ptr(), ent.data_ptr() if with_entropy else 0, _backend.num_threads(),
+        )
+    elif backend == "cuda":
+        _cuda_call(
+            "rlhf_logprobs_fwd", _ptr(rows.data), ctypes.c_int(_backend.DTYPE_CODES[rows.data.dtype]),
+            *(ctypes.c_int64(v) for v in rows.layout()), _ptr(targets),
+            ctypes.c_int(_backend.DTYPE_CODES[targets.dtype]), ctypes.c_int64(rows.n), ctypes.c_int64(rows.v),
+            ctypes.c_float(inv_temp), _ptr(logp), _ptr(lse), _ptr(ent),
+            ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream), ctypes.c_int(dev.index or 0),
+        )
+    else:
+        raise ValueError(f"logprobs_fwd: unknown backend {backend!r}")
+    return logp, lse, ent
+
+
+def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, backend: str):
+    """Writes d(logp, ent)/d(logits) . (g_logp, g_ent) into ``grad`` (which may alias ``rows``)."""
+    if rows.n == 0:
+        return
+    with_entropy = g_ent is not None
+    if backend == "triton":
+        block = vocab_block(rows.v)
+        _logprobs_bwd_kernel[(rows.n,)](
+            rows.data, grad.data, targets, lse, ent if with_entropy else lse, g_logp,
+            g_ent if with_entropy else g_logp, rows.v, *rows.layout(), *grad.layout(), inv_temp,
+            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+        )
+    elif backend == "cpu":
+        _backend._C.logprobs_bwd(
+            rows.data.data_ptr(), _backend.DTYPE_CODES[rows.data.dtype], *rows.layout(),
+            grad.data.data_ptr(), *grad.layout(), targets.data_ptr(), _backend.DTYPE_CODES[targets.dtype],
+            rows.n, rows.v, inv_temp, lse.data_ptr(), ent.data_ptr() if with_entropy else 0,
+            g_logp.data_ptr(), g_ent.data_ptr() if with_entropy else 0, _backend.num_threads(),
+        )
+    elif backend == "cuda":
+        dev = rows.data.device
+        _cuda_call(
+            "rlhf_logprobs_bwd", _ptr(rows.data), ctypes.c_int(_backend.DTYPE_CODES[rows.data.dtype]),
+            *(ctypes.c_int64(v) for v in rows.layout()), _ptr(grad.data),
+            *(ctypes.c_int64(v) for v in grad.layout()), _ptr(targets),
+            ctypes.c_int(_backend.DTYPE_CODES[targets.dtype]), ctypes.c_int64(rows.n), ctypes.c_int64(rows.v),
+            ctypes.c_float(inv_temp), _ptr(lse), _ptr(ent if with_entropy else None), _ptr(g_logp),
+            _ptr(g_ent), ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream), ctypes.c_int(dev.index or 0),
+        )
+    else:
+        raise ValueError(f"logprobs_bwd: unknown backend {backend!r}")
+
+
+def _grad_rows(rows: Rows, shape, inplace: bool):
+    """Where backward writes grad_logits: the logits' own storage, or a new contiguous tensor."""
+    if inplace:
+        return rows.data, rows
+    grad = torch.empty(shape, dtype=rows.data.dtype, device=rows.data.device)
+    return grad, Rows(grad, rows.n, rows.v, max(rows.n, 1), 0, rows.v)
+
+
+class LogprobsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, with_entropy, inplace_backward, backend):
+        rows = as_rows(logits)
+        targets = targets.reshape(-1).contiguous()
+        inv_temp = 1.0 / temperature
+        logp, lse, ent = logprobs_fwd(rows, targets, inv_temp, with_entropy, backend)
+        ctx.save_for_backward(rows.data, targets, lse, ent)
+        ctx.rows = Rows(None, rows.n, rows.v, *rows.layout())
+        ctx.shape, ctx.inv_temp, ctx.inplace, ctx.backend = logits.shape, inv_temp, inplace_backward, backend
+        shape = logits.shape[:-1]
+        if with_entropy:
+            return logp.view(shape), ent.view(shape)
+        return logp.view(shape)
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent=None):
+        data, targets, lse, ent = ctx.saved_tensors
+        rows = Rows(data, *(getattr(ctx.rows, f) for f in ("n", "v", "inner", "s_outer", "s_inner")))
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float().contiguous()
+        if g_ent is not None:
+            g_ent = g_ent.reshape(-1).float().contiguous()
+        grad, grad_rows = _grad_rows(rows, ctx.shape, ctx.inplace)
+        logprobs_bwd(rows, grad_rows, targets, lse, ent, g_logp, g_ent, ctx.inv_temp, ctx.backend)
+        if ctx.inplace and grad.shape != ctx.shape:
+            grad = grad.view(ctx.shape)
+        return grad, None, None, None, None, None
+
+
+def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, inplace_backward=False):
+    """Per-token log-probabilities (and entropy) from logits in one streaming pass.
+
+    Computes ``log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]``
+    without allocating the (N, V) log-softmax.
+
+    Args:
+        logits: (..., V) fp32 / fp16 / bf16. Any leading shape; slices such as
+            ``logits[:, :-1]`` are read in place, other non-contiguous layouts are copied once.
+        targets: (...) int32 / int64, values in [0, V).
+        temperature: > 0; logits are divided by it (match the sampler's temperature).
+        return_entropy: also return the entropy of ``softmax(logits / temperature)``.
+        inplace_backward: backward writes grad_logits into the logits' storage (the logits
+            must not be needed after backward). Saves one (N, V) allocation.
+
+    Returns:
+        logp (...) fp32, and with ``return_entropy`` also entropy (...) fp32. Both are
+        differentiable w.r.t. logits; the gradient has the logits' dtype.
+    """
+    V = check_logits("logits", logits)
+    check_targets("targets", targets, logits.shape[:-1], V, logits.device)
+    temperature = check_positive("temperature", temperature)
+    backend = _backend.select_backend(logits.device)
+    if backend == "torch":
+        return token_logprobs_ref(logits, targets, temperature, return_entropy)
+    return LogprobsFunction.apply(logits, targets, temperature, bool(return_entropy), bool(inplace_backward), backend)
