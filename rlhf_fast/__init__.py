@@ -1,9 +1,28 @@
 """rlhf_fast: fused, streaming RLHF kernels and a lean PPO/GRPO trainer."""
 from rlhf_fast.ops.logprobs import token_logprobs, token_logprobs_ref
+from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref
+from rlhf_fast.ops.advantages import (
+    gae, gae_ref, group_advantages, group_advantages_ref, kl_shaped_rewards, kl_shaped_rewards_ref,
+    masked_whiten, masked_whiten_ref, ppo_advantages, ppo_advantages_ref,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "token_logprobs",
     "token_logprobs_ref",
+    "kl_penalty",
+    "kl_penalty_ref",
+    "full_kl",
+    "full_kl_ref",
+    "kl_shaped_rewards",
+    "kl_shaped_rewards_ref",
+    "gae",
+    "gae_ref",
+    "ppo_advantages",
+    "ppo_advantages_ref",
+    "group_advantages",
+    "group_advantages_ref",
+    "masked_whiten",
+    "masked_whiten_ref",
 ]
