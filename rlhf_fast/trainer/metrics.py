@@ -1,0 +1,172 @@
+"""Metrics: a tqdm bar, one JSON line per step, TensorBoard when installed, a PNG of the curves.
+
+Usage (any trainer)::
+
+    from rlhf_fast.trainer.metrics import MetricsLogger
+    with MetricsLogger(output_dir, total_steps=100, start_step=0) as log:
+        for step in range(100):
+            ...
+            log.log(step + 1, {"reward/mean": 0.3, "loss/policy": 0.1})
+    # output_dir/metrics.jsonl, output_dir/metrics.png, output_dir/tensorboard/ (if installed)
+
+Values may be Python numbers or 0-d tensors (converted with ``float``; do that conversion once
+per step, never per micro-batch, to keep host syncs out of the hot path). When resuming at
+``start_step=k``, records with ``step > k`` already in ``metrics.jsonl`` are dropped, so the
+file reads like one uninterrupted run.
+
+Distributed hook: reduce metrics across ranks *before* calling ``log`` and construct the
+logger with ``enabled=is_main_process()`` (the default), so only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+JSONL = "metrics.jsonl"
+PNG = "metrics.png"
+
+
+def is_main_process() -> bool:
+    """Rank 0 of an initialised torch.distributed group, or True when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return True
+
+
+def read_jsonl(path) -> list[dict]:
+    """All records of a metrics.jsonl file."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _to_float(name, value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach().float().item())
+    return float(value)
+
+
+class MetricsLogger:
+    """Logs one dict of scalar metrics per step to tqdm, JSONL, TensorBoard and (at close) a PNG.
+
+    Args:
+        output_dir: where metrics.jsonl, metrics.png and tensorboard/ go.
+        total_steps: length of the progress bar.
+        start_step: the step a resumed run starts from (earlier JSONL records are kept).
+        progress: show a tqdm bar; its postfix shows ``progress_keys``.
+        tensorboard: write TensorBoard events when ``torch.utils.tensorboard`` imports.
+        plot: write metrics.png with one panel per metric at ``close()``.
+        enabled: False on non-zero ranks: every method is then a no-op.
+    """
+
+    def __init__(self, output_dir, total_steps: int, *, start_step: int = 0, progress: bool = True,
+                 tensorboard: bool = True, plot: bool = True, enabled: bool | None = None,
+                 progress_keys=("reward/mean", "kl/ref", "loss/policy"), desc: str = "train"):
+        self.enabled = is_main_process() if enabled is None else enabled
+        self.output_dir = Path(output_dir)
+        self.plot = plot
+        self.progress_keys = tuple(progress_keys)
+        self._bar = self._tb = self._file = None
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / JSONL
+        if path.exists():  # resume: keep what the earlier run logged up to start_step
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+        self._file = open(path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
+            except ImportError:  # tensorboard not installed
+                self._tb = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict) -> dict:
+        """Records ``metrics`` (name -> scalar) for ``step``; returns them as floats."""
+        values = {k: _to_float(k, v) for k, v in metrics.items()}
+        if not self.enabled:
+            return values
+        record = {"step": step, **values}
+        self._file.write(json.dumps(record, allow_nan=True) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in values.items():
+                self._tb.add_scalar(k, v, step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix({k.split("/")[-1] if k.count("/") else k: f"{values[k]:.4g}"
+                                   for k in self.progress_keys if k in values}, refresh=False)
+            self._bar.refresh()
+        return values
+
+    def close(self) -> None:
+        """Flushes everything and writes metrics.png."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if self.plot:
+                plot_metrics(self.output_dir / JSONL, self.output_dir / PNG)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def plot_metrics(jsonl_path, png_path, keys=None) -> Path | None:
+    """One panel per metric (all keys but ``step`` unless ``keys`` is given). Written
+    atomically; returns the PNG's path, or None when there is nothing to plot."""
+    records = read_jsonl(jsonl_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if keys is None:
+        keys = sorted({k for r in records for k in r if k != "step"})
+    n = len(keys)
+    if n == 0:
+        return None
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None and math.isfinite(r[k])]
+        if pts:
+            ax.plot(*zip(*pts), lw=1.2)
+        ax.set_title(k, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
