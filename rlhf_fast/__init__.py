@@ -5,6 +5,8 @@ from rlhf_fast.ops.advantages import (
     gae, gae_ref, group_advantages, group_advantages_ref, kl_shaped_rewards, kl_shaped_rewards_ref,
     masked_whiten, masked_whiten_ref, ppo_advantages, ppo_advantages_ref,
 )
+from rlhf_fast.ops.policy_loss import ppo_policy_loss, ppo_policy_loss_ref
+from rlhf_fast.losses import GRPOLoss, PPOLoss, ValueLoss, dpo_loss, reward_model_loss, value_loss
 
 __version__ = "0.1.0"
 
@@ -25,4 +27,12 @@ __all__ = [
     "group_advantages_ref",
     "masked_whiten",
     "masked_whiten_ref",
+    "ppo_policy_loss",
+    "ppo_policy_loss_ref",
+    "value_loss",
+    "reward_model_loss",
+    "dpo_loss",
+    "PPOLoss",
+    "GRPOLoss",
+    "ValueLoss",
 ]

@@ -1,0 +1,387 @@
+"""Clipped PPO / GRPO policy loss straight from logits.
+
+``ppo_policy_loss(logits, targets, old_logprobs, advantages, mask)`` computes what
+``ppo_policy_loss_ref`` computes (log_softmax + gather + clipped surrogate + optional KL
+penalty and entropy bonus, aggregated over valid tokens) without anything of size N * V
+except grad_logits (and not even that with ``inplace_backward=True``).
+
+How it is fused (N = B * T rows, V = vocabulary):
+  forward   one streaming pass over each row of logits: the shared log-prob kernel
+            (``rlhf_fast.ops.logprobs.logprobs_fwd``: online log-sum-exp, entropy only when
+            needed) -> logp, lse, entropy, each (N,). Then O(N) scalar math on (B, T) tensors
+            (ratio, clipping, dual clip, KL estimator, entropy bonus, aggregation weights),
+            which also gives the closed-form per-token coefficients dL/dlogp and dL/dH.
+  backward  one streaming pass writing grad_logits: the shared log-prob backward kernel
+            (``logprobs_bwd``) with g_logp = grad_loss * dL/dlogp, g_ent = grad_loss * dL/dH:
+            grad_z = g_logp * (onehot - p) - g_ent * p * (log p + H), divided by the temperature.
+  The logits are read twice and grad_logits written once: the bandwidth floor.
+
+The scalar part is plain torch on (B, T) tensors (a few dozen elementwise ops, no vocabulary
+work and no host synchronisation); the per-token derivative is written out by hand instead of
+taped, so backward is a single kernel. Gradients flow to ``logits`` only; old_logprobs,
+advantages and ref_logprobs are treated as constants.
+
+Naming chain: ``logprobs_fwd`` / ``logprobs_bwd`` (shared kernels) -> ``PolicyLossFunction`` ->
+``ppo_policy_loss``; ``ppo_policy_loss_ref`` defines the semantics and is the fallback.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf_fast import _backend
+from rlhf_fast.ops._common import (
+    Rows, as_rows, check_float, check_logits, check_positive, check_same_device, check_shape, check_targets,
+    checks_enabled,
+)
+from rlhf_fast.ops.kl import KL_ESTIMATOR_NAMES, kl_penalty_ref
+from rlhf_fast.ops.logprobs import _grad_rows, logprobs_bwd, logprobs_fwd
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+# ---------------------------------------------------------------------------- shared pieces
+def aggregation_weights(valid, loss_agg="token-mean", max_tokens=None, dtype=torch.float32):
+    """(B, T) weights ``w`` with ``loss = (w * per_token_loss).sum()``, from the valid-token mask alone.
+
+    token-mean:              valid / n_valid
+    seq-mean-token-mean:     valid / n_row / n_rows_with_tokens   (mean of each row's token mean)
+    seq-mean-token-sum:      valid / n_rows_with_tokens           (mean of each row's token sum)
+    seq-mean-token-sum-norm: valid / (B * max_tokens)             (Dr. GRPO; max_tokens defaults to T)
+    Counts are clamped to >= 1, so an all-masked batch gives weight 0, never NaN.
+    """
+    check_loss_agg(loss_agg)
+    v = valid.to(dtype)
+    if loss_agg == "token-mean":
+        return v / v.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-sum-norm":
+        B, T = valid.shape
+        return v / (B * (T if max_tokens is None else max_tokens))
+    n_row = v.sum(-1, keepdim=True)
+    n_rows = (n_row > 0).sum().clamp(min=1).to(dtype)
+    if loss_agg == "seq-mean-token-mean":
+        return v / n_row.clamp(min=1) / n_rows
+    return v / n_rows
+
+
+def _masked_mean(x, valid):
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp(min=1)
+
+
+def _nonfinite_count(valid, *tensors):
+    bad = torch.zeros_like(valid)
+    for t in tensors:
+        if t is not None:
+            bad = bad | ~torch.isfinite(t)
+    return (bad & valid).sum()
+
+
+def _policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_clip, nonfinite):
+    """Stats over valid tokens (all 0-d tensors, no host sync)."""
+    with torch.no_grad():
+        log_ratio = logp - old
+        clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
+        if dual_clip is not None:
+            dual = (adv < 0) & (ratio > dual_clip)
+        else:
+            dual = torch.zeros_like(valid)
+        stats = {
+            "pg_loss": pg_loss.detach(),
+            "clip_frac": _masked_mean(clipped.to(ratio.dtype), valid),
+            "dual_clip_frac": _masked_mean(dual.to(ratio.dtype), valid),
+            "approx_kl": _masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
+            "ratio_mean": _masked_mean(ratio, valid),
+            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax(),
+            "nonfinite_inputs": nonfinite,
+        }
+        if ent is not None:
+            stats["entropy"] = _masked_mean(ent, valid)
+        if kl is not None:
+            stats["kl"] = _masked_mean(kl, valid)
+    return stats
+
+
+# ---------------------------------------------------------------------------- reference
+def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+                        dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
+                        entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
+                        inplace_backward=False):
+    """Pure PyTorch definition (no input checks). Computes in fp32 (fp64 for fp64 logits).
+    See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored."""
+    del inplace_backward
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    z = logits.to(dtype)
+    if temperature != 1.0:
+        z = z / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    ent = None
+    if entropy_coef != 0 or compute_entropy:
+        p = logp_all.exp()
+        ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+
+    valid = mask != 0
+    zero = torch.zeros_like(logp)
+    old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
+    adv = advantages.to(dtype)
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    nonfinite = _nonfinite_count(valid, old, adv, ref_logprobs)
+    # Masked positions may hold anything (pad targets, NaN old log-probs): zero them before the math.
+    logp_v = torch.where(valid, logp, zero)
+    old = torch.where(valid, old, zero)
+    adv = torch.where(valid, adv, zero)
+
+    ratio = torch.exp(logp_v - old)
+    hi = 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
+    lo = 1 - clip_eps
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, lo, hi))
+    if dual_clip is not None:
+        pg = torch.where(adv < 0, torch.minimum(pg, -adv * dual_clip), pg)
+    per_token = pg
+    kl = None
+    if ref_logprobs is not None:
+        kl = kl_penalty_ref(logp_v, torch.where(valid, ref_logprobs.to(dtype), zero), kl_estimator)
+        if kl_coef != 0:
+            per_token = per_token + kl_coef * kl
+    if entropy_coef != 0:
+        per_token = per_token - entropy_coef * torch.where(valid, ent, zero)
+
+    w = aggregation_weights(valid, loss_agg, max_tokens, dtype)
+    loss = (w * per_token).sum()
+    stats = _policy_stats(logp_v.detach(), old, adv, ratio.detach(), None if ent is None else ent.detach(),
+                          None if kl is None else kl.detach(), (w * pg).sum(), valid, lo, hi, dual_clip, nonfinite)
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------- fused path
+def _kl_grad(d, estimator):
+    """d(kl_penalty)/d(logp) for d = logp - ref_logp (matches torch autograd of kl_penalty_ref)."""
+    if estimator == "k1":
+        return torch.ones_like(d)
+    if estimator == "abs":
+        return torch.sign(d)
+    if estimator == "k2":
+        return d
+    return -torch.expm1(-d)
+
+
+def _policy_terms(logp, ent, old, adv, ref, valid, o):
+    """Scalar part of the fused op on fp32 (B, T) tensors.
+    Returns (loss, c_lp, c_ent, stats) with c_lp = dloss/dlogp, c_ent = dloss/dH (or None)."""
+    zero = torch.zeros_like(logp)
+    old = logp if old is None else old.float()
+    adv = adv.float()
+    adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
+    nonfinite = _nonfinite_count(valid, old, adv, ref)
+    logp = torch.where(valid, logp, zero)
+    old = torch.where(valid, old, zero)
+    adv = torch.where(valid, adv, zero)
+
+    ratio = torch.exp(logp - old)
+    lo, hi = o["lo"], o["hi"]
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(lo, hi)
+    pg = torch.maximum(pg1, pg2)
+    # d pg / d ratio: -A where the unclipped branch wins or the ratio is inside the clip range
+    g_ratio = torch.where((pg1 > pg2) | ((ratio >= lo) & (ratio <= hi)), -adv, zero)
+    if o["dual_clip"] is not None:
+        cap = -adv * o["dual_clip"]
+        dual = (adv < 0) & (pg > cap)
+        pg = torch.where(dual, cap, pg)
+        g_ratio = torch.where(dual, zero, g_ratio)
+    per_token = pg
+    c_tok = torch.where(g_ratio == 0, zero, g_ratio * ratio)  # d ratio / d logp = ratio; 0 * inf := 0
+    kl = None
+    if ref is not None:
+        d = logp - torch.where(valid, ref.float(), zero)
+        kl = kl_penalty_ref(d, zero, o["kl_estimator"])
+        if o["kl_coef"] != 0:
+            per_token = per_token + o["kl_coef"] * kl
+            c_tok = c_tok + o["kl_coef"] * _kl_grad(d, o["kl_estimator"])
+    ent_v = None
+    if ent is not None:
+        ent_v = torch.where(valid, ent, zero)
+        if o["entropy_coef"] != 0:
+            per_token = per_token - o["entropy_coef"] * ent_v
+
+    w = aggregation_weights(valid, o["loss_agg"], o["max_tokens"])
+    loss = (w * per_token).sum()
+    c_lp = w * c_tok
+    c_ent = -o["entropy_coef"] * w if o["entropy_coef"] != 0 else None
+    stats = _policy_stats(logp, old, adv, ratio, ent_v, kl, (w * pg).sum(), valid, lo, hi, o["dual_clip"], nonfinite)
+    return loss, c_lp, c_ent, stats
+
+
+class PolicyLossFunction(torch.autograd.Function):
+    """Returns (loss, *stat values); only loss is differentiable, w.r.t. logits only."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, old, adv, mask, ref, opts, backend):
+        rows = as_rows(logits)
+        flat_targets = targets.reshape(-1).contiguous()
+        inv_temp = 1.0 / opts["temperature"]
+        with_entropy = opts["entropy_coef"] != 0 or opts["compute_entropy"]
+        logp, lse, ent = logprobs_fwd(rows, flat_targets, inv_temp, with_entropy, backend)
+        shape = logits.shape[:-1]
+        loss, c_lp, c_ent, stats = _policy_terms(
+            logp.view(shape), None if ent is None else ent.view(shape), old, adv, ref, mask != 0, opts)
+        c_lp = c_lp.reshape(-1).contiguous()
+        c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
+        ctx.save_for_backward(rows.data, flat_targets, lse, ent if c_ent is not None else None, c_lp, c_ent)
+        ctx.layout = (rows.n, rows.v, *rows.layout())
+        ctx.shape, ctx.inv_temp, ctx.inplace, ctx.backend = logits.shape, inv_temp, opts["inplace_backward"], backend
+        opts["stat_names"][:] = list(stats)  # hands the (static) key order back to ppo_policy_loss
+        values = tuple(stats.values())
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, g_loss, *unused):
+        data, targets, lse, ent, c_lp, c_ent = ctx.saved_tensors
+        rows = Rows(data, *ctx.layout)
+        g_loss = g_loss.float()
+        g_lp = c_lp * g_loss
+        g_ent = None if c_ent is None else c_ent * g_loss
+        grad, grad_rows = _grad_rows(rows, ctx.shape, ctx.inplace)
+        logprobs_bwd(rows, grad_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
+        if ctx.inplace and grad.shape != ctx.shape:
+            grad = grad.view(ctx.shape)
+        return grad, None, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- public
+def _check_number(name, value, *, low=None, low_inclusive=False):
+    value = float(value)
+    if not math.isfinite(value) or (low is not None and (value < low or (value == low and not low_inclusive))):
+        bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
+    return value
+
+
+def check_loss_agg(loss_agg):
+    if loss_agg not in LOSS_AGGS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    return loss_agg
+
+
+def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef,
+                         loss_agg, max_tokens):
+    """Validates ppo_policy_loss's options (errors name the argument); returns them normalised."""
+    clip_eps = check_positive("clip_eps", clip_eps)
+    if clip_eps_high is not None:
+        clip_eps_high = check_positive("clip_eps_high", clip_eps_high)
+    if dual_clip is not None:
+        dual_clip = _check_number("dual_clip", dual_clip, low=1.0)
+    temperature = check_positive("temperature", temperature)
+    kl_coef = _check_number("kl_coef", kl_coef)
+    entropy_coef = _check_number("entropy_coef", entropy_coef)
+    if kl_estimator not in KL_ESTIMATOR_NAMES:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_NAMES}, got {kl_estimator!r}")
+    check_loss_agg(loss_agg)
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+    return clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg, max_tokens
+
+
+def check_finite_inputs(valid, **tensors):
+    """Non-finite inputs at valid tokens (``valid``: (B, T) bool; tensors (B, T) or (B,)): an error on
+    CPU (cheap); on GPU no check here, to avoid a host sync (ops count them in their stats instead)."""
+    if valid.device.type != "cpu" or not checks_enabled():
+        return
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        v = valid if t.dim() == valid.dim() else valid.any(-1)
+        bad = int((~torch.isfinite(t) & v).sum())
+        if bad:
+            raise ValueError(f"{name} has {bad} non-finite value(s) at valid (mask != 0) positions")
+
+
+def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
+                    dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
+                    entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
+                    inplace_backward=False):
+    """Clipped PPO / GRPO policy loss from logits, fused (see the module docstring).
+
+    Per valid token (mask != 0), in fp32, with ``A`` the advantage::
+
+        logp  = log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]
+        ratio = exp(logp - old_logprobs)
+        pg    = max(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
+        pg    = where(A < 0, min(pg, -A * dual_clip), pg)                      # with dual_clip
+        l     = pg + kl_coef * kl_penalty(logp, ref_logprobs, kl_estimator) - entropy_coef * entropy
+        loss  = (aggregation_weights(mask != 0, loss_agg, max_tokens) * l).sum()
+
+    Args:
+        logits: (B, T, V) fp32 / fp16 / bf16; slices such as ``logits[:, :-1]`` are read in place.
+        targets: (B, T) int32 / int64 in [0, V), also at masked positions (which are ignored).
+        old_logprobs: (B, T) log-probs of the sampling policy, or None for on-policy (ratio = 1).
+        advantages: (B, T) per token (PPO / GAE) or (B,) per sequence (GRPO).
+        mask: (B, T) bool / int / float; tokens with mask != 0 count, the others give 0 loss and 0 grad.
+        clip_eps: > 0, lower clip (and upper unless clip_eps_high). clip_eps_high: > 0, DAPO clip-higher.
+        dual_clip: > 1 or None; caps the loss of negative-advantage tokens at -A * dual_clip.
+        temperature: > 0, the sampler's temperature.
+        ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
+        kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3".
+        entropy_coef: weight of the entropy bonus (subtracted).
+        loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm".
+        max_tokens: the "-norm" aggregation's constant (default T).
+        compute_entropy: also compute the entropy (for stats) when entropy_coef == 0. Otherwise
+            no entropy work is done at all.
+        inplace_backward: write grad_logits into the logits' storage (logits unusable afterwards).
+
+    Returns:
+        loss: 0-d fp32 (fp64 for fp64 logits on the torch path), differentiable w.r.t. logits.
+        stats: dict of 0-d tensors over valid tokens, never synchronised: pg_loss (the aggregated
+            clipped term alone), clip_frac, dual_clip_frac, approx_kl (k3 of old vs current policy),
+            ratio_mean, ratio_max, nonfinite_inputs (valid tokens with non-finite old_logprobs /
+            advantages / ref_logprobs), plus entropy (mean) when computed and kl (mean penalty)
+            when ref_logprobs is given.
+    Non-finite old_logprobs / advantages / ref_logprobs at valid tokens raise ValueError for CPU
+    tensors; on GPU they are counted in ``stats["nonfinite_inputs"]`` (no host sync) and the loss is NaN.
+    """
+    V = check_logits("logits", logits)
+    if logits.dim() != 3:
+        raise ValueError(f"logits must have shape (B, T, V), got {tuple(logits.shape)}")
+    B, T = logits.shape[:2]
+    check_targets("targets", targets, (B, T), V, logits.device)
+    if old_logprobs is not None:
+        check_float("old_logprobs", old_logprobs, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        check_shape("old_logprobs", old_logprobs, (B, T), "the logits' (B, T)")
+    check_float("advantages", advantages, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    if tuple(advantages.shape) not in ((B, T), (B,)):
+        raise ValueError(f"advantages must have shape ({B}, {T}) (per token) or ({B},) (per sequence), "
+                         f"got {tuple(advantages.shape)}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    check_shape("mask", mask, (B, T), "the logits' (B, T)")
+    if ref_logprobs is not None:
+        check_float("ref_logprobs", ref_logprobs, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        check_shape("ref_logprobs", ref_logprobs, (B, T), "the logits' (B, T)")
+    check_same_device(logits=logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
+                      mask=mask, ref_logprobs=ref_logprobs)
+    (clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg,
+     max_tokens) = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
+                                        entropy_coef, loss_agg, max_tokens)
+    if kl_coef != 0 and ref_logprobs is None:
+        raise ValueError("ref_logprobs is required when kl_coef != 0")
+    check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
+
+    opts = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
+                temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
+                inplace_backward=bool(inplace_backward))
+    backend = _backend.select_backend(logits.device, has=("triton", "cuda", "cpu", "torch"))
+    if backend == "torch":
+        return ppo_policy_loss_ref(
+            logits, targets, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+            dual_clip=dual_clip, temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+            kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, max_tokens=max_tokens,
+            compute_entropy=compute_entropy)
+    opts["stat_names"] = []
+    detach = (lambda t: None if t is None else t.detach())
+    loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
+                                             detach(ref_logprobs), opts, backend)
+    return loss, dict(zip(opts["stat_names"], values))
