@@ -9,7 +9,10 @@ Environment:
 import glob
 import os
 import shutil
-import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+from build_cuda import build_cuda_library  # noqa: E402
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
@@ -28,17 +31,6 @@ def _want_cuda():
         return torch.version.cuda is not None
     except ImportError:
         return False
-
-
-def build_cuda_library(out_path):
-    nvcc = shutil.which("nvcc") or os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc")
-    archs = os.environ.get("RLHF_FAST_CUDA_ARCHS", "80;90").split(";")
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr", "-lineinfo"]
-    for a in archs:
-        cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    cmd += ["-Icsrc/cuda", *sorted(glob.glob("csrc/cuda/*.cu")), "-o", out_path]
-    print(" ".join(cmd))
-    subprocess.check_call(cmd)
 
 
 class BuildExt(build_ext):

@@ -50,8 +50,8 @@ def online_softmax_update(m, s, a, z, WITH_A: tl.constexpr):
     alpha = tl.exp(m - m_safe)
     e = tl.exp(z - m_safe)
     if WITH_A:
-        shift = tl.where(s > 0, (m - m_safe) * s, 0.0)
-        a = alpha * (a + shift) + tl.sum(tl.where(e > 0, e * (z - m_safe), 0.0), 0)
+        shift = tl.where(s > 0, m - m_safe, 0.0) * s
+        a = alpha * (a + shift) + tl.sum(e * tl.where(e > 0, z - m_safe, 0.0), 0)
     s = alpha * s + tl.sum(e, 0)
     return m_new, s, a
 
@@ -80,6 +80,17 @@ def row_offset(row, inner, s_outer, s_inner):
     """Element offset of row ``row`` of a Rows view (see rlhf_fast/ops/_common.py)."""
     row = row.to(tl.int64)
     return (row // inner) * s_outer + (row % inner) * s_inner
+
+
+@triton.jit
+def cast_for_store(x, dtype: tl.constexpr):
+    """fp32 -> dtype with round-to-nearest-even. bf16 is rounded by hand: Triton's interpreter
+    truncates on fp32 -> bf16 casts, the GPU rounds; this makes both give the same bits."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
 
 
 def vocab_block(V: int) -> int:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from rlhf_fast import _backend
 from rlhf_fast.ops._common import Rows, as_rows, check_logits, check_positive, check_targets
-from rlhf_fast.ops._triton_common import num_warps_for, row_offset, row_softmax_stats, vocab_block
+from rlhf_fast.ops._triton_common import cast_for_store, num_warps_for, row_offset, row_softmax_stats, vocab_block
 
 
 def token_logprobs_ref(logits, targets, temperature=1.0, return_entropy=False):
@@ -99,8 +99,8 @@ def _logprobs_bwd_kernel(
         g = g_lp * (tl.where(offs == t, 1.0, 0.0) - p)
         if WITH_ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
-            g -= tl.where(p > 0, g_ent * p * (z + shift), 0.0)
-        tl.store(gx_ptr + offs, (g * inv_temp).to(grad_ptr.dtype.element_ty), mask=mask)
+            g -= g_ent * p * tl.where(p > 0, z + shift, 0.0)
+        tl.store(gx_ptr + offs, cast_for_store(g * inv_temp, grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------- launchers
