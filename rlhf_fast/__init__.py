@@ -36,3 +36,7 @@ __all__ = [
     "GRPOLoss",
     "ValueLoss",
 ]
+
+from rlhf_fast.trainer import GRPOConfig, GRPOTrainer, PolicyValueModel, PPOConfig, PPOTrainer  # noqa: E402
+
+__all__ += ["PolicyValueModel", "PPOTrainer", "PPOConfig", "GRPOTrainer", "GRPOConfig"]

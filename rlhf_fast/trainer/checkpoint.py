@@ -93,7 +93,7 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Loads what :func:`save_model_weights` wrote into ``model`` in place (exact copies).
 
     Uses ``model.load_weights(directory)`` when the model defines it (PolicyValueModel);
-    otherwise reads every ``*.safetensors`` in ``directory`` into ``model.state_dict()``.
+    otherwise reads ``directory/model*.safetensors`` (one file or HF shards) into the model.
     Keys missing from the files are allowed only for tied parameters (e.g. an LM head tied
     to the embeddings, which ``save_pretrained`` stores once).
     """
@@ -104,12 +104,13 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     load_state_dict_files(model, directory)
 
 
-def load_state_dict_files(model: torch.nn.Module, directory: Path) -> None:
+def load_state_dict_files(model: torch.nn.Module, directory: Path, pattern: str = "model*.safetensors") -> None:
+    """Loads ``directory/pattern`` files into ``model`` (strict, except for tied parameters)."""
     from safetensors.torch import load_file
 
-    files = sorted(Path(directory).glob("*.safetensors"))
+    files = sorted(Path(directory).glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+        raise FileNotFoundError(f"no {pattern} weights in {directory}")
     sd = {}
     for f in files:
         sd.update(load_file(str(f)))

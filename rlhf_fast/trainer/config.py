@@ -1,0 +1,216 @@
+"""Trainer configs: flat dataclasses of simple types (str / int / float / bool / None), checked
+in ``__post_init__`` with errors that name the field, so YAML files and ``--set key=value``
+overrides map onto them one to one (``PPOConfig.from_dict``).
+
+Units: a *step* is one rollout batch followed by its updates; ``rollout_batch_size`` counts
+prompts per step (GRPO samples ``group_size`` completions for each); ``mini_batch_size``
+counts sequences per optimizer step; ``micro_batch_size`` counts sequences per
+forward/backward (gradient accumulation = mini_batch_size // micro_batch_size);
+``warmup_steps`` counts optimizer steps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+
+
+class ConfigError(ValueError):
+    """A config field holds a bad value; the message names the field."""
+
+
+@dataclass
+class RLConfig:
+    """Fields shared by PPO and GRPO."""
+
+    # run
+    output_dir: str = "runs/rl"
+    seed: int = 0
+    total_steps: int = 100
+    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    # rollouts
+    rollout_batch_size: int = 8
+    max_prompt_length: int = 256
+    prompt_truncation: str = "left"  # longer prompts: "left" keeps their end, "right" their start, "error" raises
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sampling AND the log-probs of the loss use it; no top-k / top-p (they would differ)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never emits EOS
+    # optimisation
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "constant"  # after warmup: "constant" | "linear" | "cosine" decay to min_lr_ratio
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    mini_batch_size: int = 8
+    micro_batch_size: int = 8
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    # model execution
+    attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "bf16" | "fp32"
+    gradient_checkpointing: bool = False
+    # checkpoints and logging
+    save_steps: int = 0  # 0: a checkpoint at the end only
+    keep_checkpoints: int = 2
+    resume_from: str = ""  # "" fresh run | "latest" (output_dir/checkpoints) | a checkpoint folder
+    progress_bar: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(self, "total_steps", self.total_steps >= 1, "must be >= 1")
+        _check(self, "device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+               "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size",
+                     "micro_batch_size", "keep_checkpoints"):
+            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+        for name in ("warmup_steps", "save_steps"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _choice(self, "prompt_truncation", ("left", "right", "error"))
+        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
+        _choice(self, "loss_agg", LOSS_AGGS)
+        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
+        _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _check(self, "temperature", self.temperature > 0, "must be > 0")
+        _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
+        for name in ("weight_decay", "max_grad_norm", "missing_eos_penalty", "entropy_coef", "adam_eps"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        _check(self, "clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)")
+        _check(self, "micro_batch_size", self.mini_batch_size % self.micro_batch_size == 0,
+               f"must divide mini_batch_size={self.mini_batch_size}")
+        _check(self, "mini_batch_size", self.sequences_per_step % self.mini_batch_size == 0,
+               f"must divide the {self.sequences_per_step} sequences sampled per step")
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.rollout_batch_size
+
+    @property
+    def grad_accumulation(self) -> int:
+        return self.mini_batch_size // self.micro_batch_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Builds the config from a flat dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    """PPO with a value head: KL-shaped rewards, GAE, clipped policy and value losses."""
+
+    output_dir: str = "runs/ppo"
+    ppo_epochs: int = 4
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05  # initial coefficient of the KL penalty in the rewards
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False  # Ziegler et al.: steer kl_coef towards kl_target over kl_horizon sequences
+    kl_target: float = 6.0
+    kl_horizon: int = 10000
+    vf_coef: float = 0.1
+    vf_clip: float = 0.2  # value clipping range around the rollout values; 0 turns it off
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self, "ppo_epochs", self.ppo_epochs >= 1, "must be >= 1")
+        _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
+        _check(self, "lam", 0 <= self.lam <= 1, "must lie in [0, 1]")
+        _choice(self, "kl_estimator", KL_ESTIMATORS)
+        for name in ("kl_coef", "vf_clip"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "vf_coef", self.vf_coef > 0, "must be > 0 (the value head is trained by this loss)")
+        _check(self, "kl_target", self.kl_target > 0, "must be > 0")
+        _check(self, "kl_horizon", self.kl_horizon >= 1, "must be >= 1")
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """GRPO: group-relative advantages, KL to the reference inside the loss, no value head."""
+
+    output_dir: str = "runs/grpo"
+    group_size: int = 4
+    num_iterations: int = 1  # policy updates (passes) per rollout batch
+    beta: float = 0.04  # coefficient of the k3 KL to the reference in the loss; 0 skips the reference
+    clip_eps_high: float | None = None  # clip-higher (DAPO); None: the same as clip_eps
+    baseline: str = "mean"  # "mean" (GRPO) | "leave_one_out" (RLOO)
+    scale: str = "group"  # divide advantages by the group std | the batch std | "none" (Dr. GRPO)
+    loss_type: str = "grpo"  # TRL's: "grpo" | "bnpo" | "dr_grpo" | "dapo"; sets loss_agg
+    loss_agg: str = ""  # derived from loss_type; leave empty
+
+    def __post_init__(self):
+        _choice(self, "loss_type", tuple(GRPO_LOSS_AGG))
+        if self.loss_agg in ("", None):
+            self.loss_agg = GRPO_LOSS_AGG[self.loss_type]
+        elif self.loss_agg != GRPO_LOSS_AGG[self.loss_type]:
+            raise ConfigError(f"GRPOConfig.loss_agg={self.loss_agg!r}: set loss_type instead "
+                              f"(loss_type={self.loss_type!r} means loss_agg={GRPO_LOSS_AGG[self.loss_type]!r})")
+        super().__post_init__()
+        _check(self, "group_size", self.group_size >= 2, "must be >= 2 (advantages compare completions of one prompt)")
+        _check(self, "num_iterations", self.num_iterations >= 1, "must be >= 1")
+        _check(self, "beta", self.beta >= 0, "must be >= 0")
+        if self.clip_eps_high is not None:
+            _check(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps, f"must be >= clip_eps={self.clip_eps}")
+        _choice(self, "baseline", ("mean", "leave_one_out"))
+        _choice(self, "scale", ("group", "batch", "none"))
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.rollout_batch_size * self.group_size
+
+
+# TRL's loss types as our aggregation modes: "grpo" averages each sequence's tokens then the
+# sequences; "bnpo" and "dapo" average all tokens of the batch (we normalise over the
+# mini-batch in both); "dr_grpo" sums each sequence and divides by max_new_tokens.
+GRPO_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
+                 "dr_grpo": "seq-mean-token-sum-norm"}
+
+
+# ---------------------------------------------------------------------------- checks
+def _check(cfg, name, ok, why):
+    if not ok:
+        raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {why}")
+
+
+def _choice(cfg, name, choices):
+    _check(cfg, name, getattr(cfg, name) in choices, f"must be one of {', '.join(map(repr, choices))}")
+
+
+def _check_types(cfg):
+    """Each field must hold its annotated simple type (an int is accepted for a float, and
+    coerced); non-finite floats are rejected."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(hint) or (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(cfg, f.name, value)
+        if not any(isinstance(value, t) and not (t is int and isinstance(value, bool)) for t in allowed
+                   if t is not type(None)):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}={value!r}: must be {names}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{type(cfg).__name__}.{f.name}={value!r}: must be finite")

@@ -1,0 +1,237 @@
+"""A policy and a value head on one transformer body.
+
+    hidden = trunk(input_ids, attention_mask, position_ids).last_hidden_state     # (B, L, H)
+    h = hidden[:, P - 1 : L - 1]              # the states that predict response tokens P .. L-1
+    logits = lm_head(h)                        # (B, R, V): prompt positions never reach the LM head
+    values = value_head(h).squeeze(-1)         # (B, R): V(s_t) before response token t
+
+``trunk`` is the causal LM's ``base_model`` (a ``LlamaModel``, ``GPT2Model``, ...) and
+``lm_head`` its ``get_output_embeddings()``; with ``separate_critic=True`` the values come from
+a second trunk (a copy of the policy's) instead. Position ids are ``cumsum(attention_mask) - 1``,
+as Hugging Face ``generate`` uses, so left-padded rows score exactly what was sampled.
+
+Saved as a normal Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained(dir)`` loads
+the policy) with ``value_head.safetensors``, ``value_model.json`` and, for a separate critic,
+``critic/`` (an ``AutoModel`` checkpoint) beside it.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+META_FILE = "value_model.json"
+
+
+def resolve_attn_implementation(requested: str, device) -> str:
+    """"auto" -> "flash_attention_2" when flash-attn imports and ``device`` is CUDA, else "sdpa"."""
+    if requested != "auto":
+        return requested
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) positions counting attended tokens only (0 on left padding)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def lm_trunk(causal_lm: nn.Module) -> nn.Module:
+    """The transformer body of a Hugging Face causal LM (everything but the LM head)."""
+    trunk = getattr(causal_lm, "base_model", None)
+    if trunk is None or trunk is causal_lm:
+        raise TypeError(f"{type(causal_lm).__name__} has no separate base_model trunk; pass an "
+                        "AutoModelForCausalLM (e.g. LlamaForCausalLM, GPT2LMHeadModel)")
+    return trunk
+
+
+def check_plain_lm_head(causal_lm: nn.Module) -> None:
+    """Logits must be exactly ``lm_head(hidden)``; models that post-process them are refused."""
+    cfg = causal_lm.config
+    if getattr(cfg, "final_logit_softcapping", None) is not None:
+        raise NotImplementedError(f"{type(causal_lm).__name__}: final_logit_softcapping is not supported")
+    if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+        raise NotImplementedError(f"{type(causal_lm).__name__}: logit_scale is not supported")
+
+
+def trunk_hidden(trunk: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+    """(B, L, H) last hidden states (after the trunk's final norm)."""
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+def response_logits(causal_lm: nn.Module, input_ids, attention_mask, response_start: int) -> torch.Tensor:
+    """(B, L - P, V) logits that predict tokens ``input_ids[:, P:]`` (P = response_start), with
+    the LM head applied to those positions only. Works for a policy or a frozen reference."""
+    _check_start(response_start, input_ids)
+    hidden = trunk_hidden(lm_trunk(causal_lm), input_ids, attention_mask)
+    return causal_lm.get_output_embeddings()(hidden[:, response_start - 1 : -1])
+
+
+def _check_start(response_start, input_ids):
+    if not 1 <= response_start < input_ids.shape[1]:
+        raise ValueError(f"response_start must lie in [1, {input_ids.shape[1]}) for input_ids of shape "
+                         f"{tuple(input_ids.shape)}, got {response_start}")
+
+
+class PolicyValueModel(nn.Module):
+    """A Hugging Face causal LM (the policy) plus a value head (hidden -> 1) on its trunk.
+
+    Args:
+        policy: an ``AutoModelForCausalLM`` model.
+        value_head: add the value head (PPO); False for a bare policy (GRPO).
+        separate_critic: compute values on a second trunk, initialised as a copy of the
+            policy's (``critic`` overrides the copy).
+    """
+
+    def __init__(self, policy: nn.Module, *, value_head: bool = True, separate_critic: bool = False,
+                 critic: nn.Module | None = None):
+        super().__init__()
+        lm_trunk(policy)
+        check_plain_lm_head(policy)
+        self.policy = policy
+        if critic is not None and not separate_critic:
+            raise ValueError("critic was given but separate_critic=False")
+        self.critic = (critic if critic is not None else copy.deepcopy(lm_trunk(policy))) if separate_critic else None
+        self.value_head = None
+        if value_head:
+            hidden = policy.config.get_text_config().hidden_size
+            self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=policy.device)
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(self.value_head.bias)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, config, *, value_head: bool = True, separate_critic: bool = False,
+                    attn_implementation: str = "sdpa", dtype=None) -> "PolicyValueModel":
+        """A freshly initialised model from a ``transformers`` config (e.g. a tiny LlamaConfig)."""
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"attn_implementation": attn_implementation}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        policy = AutoModelForCausalLM.from_config(config, **kwargs)
+        return cls(policy, value_head=value_head, separate_critic=separate_critic)
+
+    @classmethod
+    def from_pretrained(cls, path, *, value_head: bool = True, separate_critic: bool | None = None,
+                        attn_implementation: str = "sdpa", dtype=None) -> "PolicyValueModel":
+        """Loads a local HF causal-LM folder (e.g. an SFT checkpoint). The value head and critic
+        are loaded when the folder has them, else initialised (the critic as the policy's copy).
+        ``separate_critic=None`` follows the folder (False when it has no value_model.json)."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
+        if separate_critic is None:
+            separate_critic = bool(meta.get("separate_critic", False))
+        kwargs = {"attn_implementation": attn_implementation}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        critic = None
+        if separate_critic and (path / "critic").is_dir():
+            critic = AutoModel.from_pretrained(path / "critic", **kwargs)
+        model = cls(policy, value_head=value_head, separate_critic=separate_critic, critic=critic)
+        if value_head and (path / VALUE_HEAD_FILE).exists():
+            model._load_value_head(path)
+        return model
+
+    def save_pretrained(self, path) -> None:
+        """Policy as a HF safetensors checkpoint; value head and critic beside it."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.policy.save_pretrained(path, safe_serialization=True)
+        meta = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
+        (path / META_FILE).write_text(json.dumps(meta) + "\n")
+        if self.value_head is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                      str(path / VALUE_HEAD_FILE))
+        if self.critic is not None:
+            self.critic.save_pretrained(path / "critic", safe_serialization=True)
+
+    def load_weights(self, path) -> None:
+        """Loads what ``save_pretrained`` wrote into this model in place (exact copies)."""
+        from rlhf_fast.trainer.checkpoint import load_state_dict_files
+
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text())
+        mine = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
+        if meta != mine:
+            raise ValueError(f"{path} holds a model with {meta}, this one has {mine}")
+        load_state_dict_files(self.policy, path)
+        if self.value_head is not None:
+            self._load_value_head(path)
+        if self.critic is not None:
+            load_state_dict_files(self.critic, path / "critic")
+
+    def _load_value_head(self, path) -> None:
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(path) / VALUE_HEAD_FILE))
+        self.value_head.load_state_dict({k: v.to(self.value_head.weight.device) for k, v in sd.items()})
+
+    # ------------------------------------------------------------------ running
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    def gradient_checkpointing_enable(self) -> None:
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        self.policy.gradient_checkpointing_enable(**kwargs)
+        if self.critic is not None:
+            self.critic.gradient_checkpointing_enable(**kwargs)
+
+    def forward(self, input_ids, attention_mask, response_start: int, *, with_values: bool = True):
+        """One pass for the logits and values of the response positions.
+
+        Args:
+            input_ids: (B, L) prompt (left-padded to a common length P) + response tokens.
+            attention_mask: (B, L) 1 on real tokens, 0 on padding.
+            response_start: P, the index of the first response token.
+            with_values: also compute values (needs the value head).
+        Returns:
+            logits (B, L - P, V) in the model's (autocast) dtype, predicting ``input_ids[:, P:]``;
+            values (B, L - P) fp32, or None.
+        """
+        _check_start(response_start, input_ids)
+        hidden = trunk_hidden(lm_trunk(self.policy), input_ids, attention_mask)
+        scored = hidden[:, response_start - 1 : -1]
+        logits = self.policy.get_output_embeddings()(scored)
+        values = None
+        if with_values:
+            if self.value_head is None:
+                raise ValueError("with_values=True but this PolicyValueModel has no value head")
+            if self.critic is not None:
+                scored = trunk_hidden(self.critic, input_ids, attention_mask)[:, response_start - 1 : -1]
+            values = self._values(scored)
+        return logits, values
+
+    def _values(self, hidden) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.value_head(hidden.float()).squeeze(-1)
+
+    def score_sequences(self, input_ids, attention_mask) -> torch.Tensor:
+        """(B,) the value head at each row's last attended token: this model used as a reward
+        model (a trunk with a scalar head)."""
+        if self.value_head is None:
+            raise ValueError("score_sequences needs a value head")
+        trunk = self.critic if self.critic is not None else lm_trunk(self.policy)
+        hidden = trunk_hidden(trunk, input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        return self._values(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last attended position (works for left and right padding)."""
+    L = attention_mask.shape[1]
+    return L - 1 - attention_mask.ne(0).flip(-1).to(torch.uint8).argmax(-1)

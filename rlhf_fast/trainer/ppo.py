@@ -1,0 +1,154 @@
+"""PPO for language models, with the policy and value heads on one transformer body.
+
+Each step:
+  1. rollout: sample one completion per prompt (HF ``generate``, KV cache, temperature T),
+     score it (``reward_fn`` on text or a reward model on ids, minus ``missing_eos_penalty``
+     when it never emits EOS), and compute under no_grad the policy's log-probs (at T) and
+     values and the frozen reference's log-probs: the "old" quantities of the update.
+  2. advantages: ``ppo_advantages``: rewards = -kl_coef * KL(pi || pi_ref) per token + the score
+     on the last token; GAE(gamma, lam); advantages whitened over the batch.
+  3. update: ``ppo_epochs`` passes over shuffled mini-batches; each mini-batch is one optimizer
+     step, accumulated over micro-batches; loss = ppo_policy_loss (clipped surrogate - entropy
+     bonus, fused from logits) + vf_coef * value_loss (clipped); gradient clipping; LR schedule.
+  4. KL controller: fixed, or adapted towards kl_target (Ziegler et al.).
+  5. metrics and, every ``save_steps``, an atomic checkpoint.
+
+Logits are computed for response positions only and go straight into the fused ops, so no
+step materialises a log-softmax over the vocabulary.
+
+Left out: reward normalisation/clipping, value-head pretraining, early stopping on approx KL,
+multiple rollouts per step, and distribution (the pieces it would wrap are separate methods).
+"""
+from __future__ import annotations
+
+import torch
+
+from rlhf_fast.losses import value_loss
+from rlhf_fast.ops.advantages import ppo_advantages
+from rlhf_fast.ops.policy_loss import ppo_policy_loss
+from rlhf_fast.trainer.base import RLTrainer
+from rlhf_fast.trainer.config import PPOConfig
+from rlhf_fast.trainer.kl_controller import KLController
+from rlhf_fast.trainer.rollout import Rollout, finite_or_raise, rollout_logprobs
+
+
+class PPOTrainer(RLTrainer):
+    """PPO on a PolicyValueModel.
+
+    Args:
+        config: a PPOConfig.
+        model: a PolicyValueModel (shared body or ``separate_critic=True``).
+        tokenizer: a Hugging Face tokenizer (one without a pad token pads with EOS).
+        prompts: list of prompt strings; each step draws ``rollout_batch_size`` of them.
+        ref_model: the frozen reference (a causal LM); default: a copy of the initial policy.
+        reward_fn: ``reward_fn(prompts, completions) -> B scores``; or
+        reward_model: a HF sequence-classification model (one label) or anything with
+            ``score_sequences(input_ids, attention_mask)``, sharing the policy's tokenizer.
+    """
+
+    config_class = PPOConfig
+    uses_value_head = True
+
+    def __init__(self, config: PPOConfig, *, model, tokenizer, prompts, ref_model=None, reward_fn=None,
+                 reward_model=None):
+        super().__init__(config, model=model, tokenizer=tokenizer, prompts=prompts, ref_model=ref_model,
+                         reward_fn=reward_fn, reward_model=reward_model)
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.config.ppo_epochs
+
+    def train(self) -> None:
+        cfg = self.config
+        with self.metrics_logger() as log:
+            for step in range(self.step, cfg.total_steps):
+                t0 = self.timer()
+                batch = self.make_experience(step)
+                self.compute_advantages(batch)
+                t1 = self.timer()
+                stats = self.update(batch, step)
+                t2 = self.timer()
+                metrics = self.rollout_metrics(batch, t1 - t0, t2 - t1)
+                metrics["kl/coef"] = self.kl_ctl.value
+                self.kl_ctl.update(metrics["kl/ref"], len(batch))
+                self.step = step + 1
+                log.log(self.step, {**metrics, **stats})
+                self.maybe_save()
+        self.export()
+
+    # ------------------------------------------------------------------ 1. rollout
+    def make_experience(self, step: int) -> Rollout:
+        cfg = self.config
+        batch = self.sample(step)
+        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
+        batch.logprobs, batch.values = rollout_logprobs(self.model, batch, with_values=True, **kw)
+        batch.ref_logprobs, _ = rollout_logprobs(self.ref_model, batch, **kw)
+        for name in ("logprobs", "values", "ref_logprobs"):
+            finite_or_raise(name, getattr(batch, name), step + 1)
+        return batch
+
+    # ------------------------------------------------------------------ 2. advantages
+    def compute_advantages(self, batch: Rollout) -> None:
+        cfg = self.config
+        batch.advantages, batch.returns, batch.rewards = ppo_advantages(
+            batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, batch.response_mask,
+            kl_coef=self.kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator,
+            whiten=cfg.whiten_advantages)
+
+    # ------------------------------------------------------------------ 3. update
+    def update(self, batch: Rollout, step: int) -> dict:
+        stats, grad_norms = [], []
+        for _ in range(self.config.ppo_epochs):
+            for mini in self.mini_batches(len(batch)):
+                loss_sum = torch.zeros((), device=self.device)
+                for micro, scale in self.micro_batches(batch, mini):
+                    loss, s = self.compute_loss(micro)
+                    (loss * scale).backward()
+                    loss_sum = loss_sum + loss.detach() * scale
+                    stats.append(s)
+                grad_norms.append(self.optimizer_step(step, loss_sum))
+        out = self.reduce_stats(stats)
+        out["grad_norm"] = torch.stack(grad_norms).mean().item()
+        out["value/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
+        return out
+
+    def compute_loss(self, mb: Rollout):
+        """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
+        plus ``vf_coef`` times the clipped value loss."""
+        cfg = self.config
+        with self.autocast():
+            logits, values = self.model(mb.input_ids, mb.attention_mask, mb.response_start)
+        pg_loss, pg = ppo_policy_loss(
+            logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
+            temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+            max_tokens=cfg.max_new_tokens, compute_entropy=True, inplace_backward=True)
+        vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                 clip_eps=cfg.vf_clip or None, loss_agg=cfg.loss_agg)
+        loss = pg_loss + cfg.vf_coef * vf_loss
+        stats = {"loss/total": loss.detach(), "loss/policy": pg["pg_loss"], "loss/value": vf_loss.detach(),
+                 "policy/entropy": pg["entropy"], "policy/clip_frac": pg["clip_frac"],
+                 "policy/approx_kl": pg["approx_kl"], "policy/ratio_mean": pg["ratio_mean"],
+                 "value/clip_frac": vf["clip_frac"]}
+        return loss, stats
+
+    # ------------------------------------------------------------------ checkpoint state
+    def init_state(self) -> None:
+        cfg = self.config
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+
+    def extra_state(self) -> dict:
+        return {"kl_ctl": self.kl_ctl.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+
+
+def explained_variance(values, returns, mask) -> float:
+    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout (the value
+    head's fit before the update)."""
+    valid = mask != 0
+    r, v = returns[valid].double(), values[valid].double()
+    var_r = r.var(unbiased=False)
+    if var_r == 0:
+        return float("nan")
+    return float(1 - (r - v).var(unbiased=False) / var_r)

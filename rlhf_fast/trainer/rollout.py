@@ -1,0 +1,240 @@
+"""Rollouts: prompts -> left-padded ids -> sampled completions (HF ``generate``, KV cache) ->
+scores (a ``reward_fn`` or a reward model) -> the per-token log-probs and values the update
+treats as "old".
+
+Every function here works on the local batch only; a distributed layer gathers or reduces
+around them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from rlhf_fast.ops.logprobs import token_logprobs
+from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_hidden
+
+
+# ---------------------------------------------------------------------------- prompts
+def special_ids(tokenizer) -> tuple[int, int]:
+    """(eos_id, pad_id). A tokenizer without a pad token pads with EOS (padding is masked out)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos_token_id: completions need an end-of-sequence token")
+    pad = tokenizer.pad_token_id
+    return int(eos), int(eos if pad is None else pad)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_length: int, truncation: str = "left") -> list[list[int]]:
+    """Token ids of each prompt, at most ``max_length`` of them: "left" drops the start of a
+    longer prompt (keeps the text nearest the completion), "right" its end, "error" raises."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(p).__name__}")
+        ids = list(tokenizer(p)["input_ids"])
+        if not ids:
+            raise ValueError(f"prompts[{i}] encodes to no tokens; give it text or use a tokenizer that adds BOS")
+        if len(ids) > max_length:
+            if truncation == "error":
+                raise ValueError(f"prompts[{i}] has {len(ids)} tokens > max_prompt_length={max_length}")
+            ids = ids[-max_length:] if truncation == "left" else ids[:max_length]
+        out.append(ids)
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, max len), rows right-aligned so every prompt ends at
+    the same column and completions start together (whatever the tokenizer's padding_side)."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+# ---------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int, temperature: float,
+                       eos_id: int, pad_id: int) -> torch.Tensor:
+    """(B, R <= max_new_tokens) sampled completion ids, drawn from ``softmax(logits / temperature)``
+    with the KV cache. Nothing else shapes the distribution (no top-k / top-p / repetition
+    penalty, whatever the model's generation_config says), so the loss can recompute it."""
+    from transformers import GenerationConfig
+
+    gen = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens, min_new_tokens=0,
+        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, bad_words_ids=None, suppress_tokens=None,
+        begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
+    )
+    saved = policy.generation_config
+    policy.generation_config = GenerationConfig()  # the model's own defaults must not leak in
+    try:
+        seq = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
+    finally:
+        policy.generation_config = saved
+    return seq[:, input_ids.shape[1]:]
+
+
+def completion_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, has_eos): mask (B, R) bool is True up to and including the first EOS (everything
+    when there is none); has_eos (B,) bool."""
+    is_eos = responses == eos_id
+    before = torch.cumsum(is_eos.long(), -1) - is_eos.long()  # EOS seen strictly before t
+    return before == 0, is_eos.any(-1)
+
+
+def decode_completions(tokenizer, responses, mask) -> list[str]:
+    return [tokenizer.decode(r[m].tolist(), skip_special_tokens=True) for r, m in zip(responses.cpu(), mask.cpu())]
+
+
+# ---------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def reward_model_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) fp32 scores of whole sequences from a reward model: anything with
+    ``score_sequences(input_ids, attention_mask)`` (e.g. a PolicyValueModel used as a trunk with a
+    scalar head), or a HF ``*ForSequenceClassification`` with one label, read at each row's last
+    attended token (found from the mask, so pad == eos and left padding are fine)."""
+    if hasattr(reward_model, "score_sequences"):
+        return reward_model.score_sequences(input_ids, attention_mask).float().reshape(-1)
+    head = getattr(reward_model, "score", None)
+    if head is None or not isinstance(head, torch.nn.Module):
+        raise TypeError(f"reward_model ({type(reward_model).__name__}) must define score_sequences() or be a "
+                        "Hugging Face *ForSequenceClassification model with a `score` head")
+    hidden = trunk_hidden(lm_trunk(reward_model), input_ids, attention_mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    out = head(hidden[rows, last_token_index(attention_mask)])
+    if out.shape[-1] != 1:
+        raise ValueError(f"reward_model must have one output (num_labels=1), got {out.shape[-1]}")
+    return out[:, 0].float()
+
+
+def function_scores(reward_fn: Callable, prompts, completions, device) -> torch.Tensor:
+    """(B,) fp32 from ``reward_fn(prompts, completions)`` (a list or tensor of B finite numbers)."""
+    raw = reward_fn(list(prompts), list(completions))
+    scores = torch.as_tensor(raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float32)
+    if scores.shape != (len(completions),):
+        raise ValueError(f"reward_fn must return {len(completions)} scores, got shape {tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"reward_fn returned non-finite scores: {scores.tolist()}")
+    return scores.to(device)
+
+
+# ---------------------------------------------------------------------------- the batch
+@dataclass
+class Rollout:
+    """One batch of sampled sequences and everything computed about them.
+
+    input_ids / attention_mask: (B, P + R) left-padded prompt + completion (padding after EOS
+    is masked); response_start: P; response_mask (B, R) bool; scores (B,); has_eos (B,).
+    Filled later, each (B, R) fp32 and 0 outside response_mask: logprobs (policy at sampling
+    time), ref_logprobs, values, rewards, advantages (GRPO: (B,)), returns.
+    """
+
+    prompts: list
+    completions: list
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_start: int
+    response_mask: torch.Tensor
+    scores: torch.Tensor
+    has_eos: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    def __len__(self):
+        return self.input_ids.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.input_ids[:, self.response_start:]
+
+    def select(self, idx: torch.Tensor, trim: bool = True) -> "Rollout":
+        """Rows ``idx``; with ``trim`` drop response columns that are padding in every chosen row
+        (causal attention makes the kept positions' outputs identical)."""
+        R = self.response_mask.shape[1]
+        keep = R
+        if trim:
+            m = self.response_mask[idx]
+            keep = max(int(m.any(0).nonzero().max()) + 1, 1) if m.any() else 1
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                v = v[idx]
+                if v.dim() == 2:
+                    v = v[:, : self.response_start + keep] if v.shape[1] == self.input_ids.shape[1] else v[:, :keep]
+            elif isinstance(v, list):
+                v = [v[i] for i in idx.tolist()]
+            out[f.name] = v
+        return Rollout(**out)
+
+
+def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature, device,
+                   reward_fn=None, reward_model=None, missing_eos_penalty=0.0, autocast=None) -> Rollout:
+    """Samples one completion per prompt and scores it (``reward_fn`` on text, or
+    ``reward_model`` on ids); completions that never emit EOS lose ``missing_eos_penalty``."""
+    eos_id, pad_id = special_ids(tokenizer)
+    ids, mask = left_pad(prompt_ids, pad_id, device)
+    ctx = autocast() if autocast is not None else torch.autocast(torch.device(device).type, enabled=False)
+    was_training = policy.training
+    policy.eval()
+    try:
+        with ctx:
+            responses = sample_completions(policy, ids, mask, max_new_tokens=max_new_tokens,
+                                           temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+    finally:
+        policy.train(was_training)
+    resp_mask, has_eos = completion_mask(responses, eos_id)
+    input_ids = torch.cat([ids, torch.where(resp_mask, responses, pad_id)], 1)
+    attention_mask = torch.cat([mask, resp_mask.long()], 1)
+    completions = decode_completions(tokenizer, responses, resp_mask)
+    if reward_fn is not None:
+        scores = function_scores(reward_fn, prompts, completions, device)
+    else:
+        with ctx:
+            scores = reward_model_scores(reward_model, input_ids, attention_mask)
+    if missing_eos_penalty:
+        scores = scores - missing_eos_penalty * (~has_eos).float()
+    return Rollout(list(prompts), completions, input_ids, attention_mask, ids.shape[1], resp_mask, scores, has_eos)
+
+
+@torch.no_grad()
+def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch_size: int, with_values: bool = False,
+                     autocast=None):
+    """(logprobs, values-or-None), each (B, R) fp32 and 0 outside the response mask, from
+    ``model``: a PolicyValueModel (values too when asked) or a plain causal LM (the reference).
+    Runs ``micro_batch_size`` rows at a time; log-probs at ``temperature``, as sampled."""
+    B, R = rollout.response_mask.shape
+    logps = torch.zeros(B, R, dtype=torch.float32, device=rollout.input_ids.device)
+    values = torch.zeros_like(logps) if with_values else None
+    for s in range(0, B, micro_batch_size):
+        mb = rollout.select(torch.arange(s, min(s + micro_batch_size, B), device=logps.device), trim=False)
+        with autocast() if autocast is not None else torch.autocast(logps.device.type, enabled=False):
+            if hasattr(model, "value_head"):
+                logits, v = model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values)
+            else:
+                logits, v = response_logits(model, mb.input_ids, mb.attention_mask, mb.response_start), None
+            lp = token_logprobs(logits, mb.responses, temperature=temperature)
+        logps[s : s + len(mb)] = torch.where(mb.response_mask, lp, 0.0)
+        if with_values:
+            values[s : s + len(mb)] = torch.where(mb.response_mask, v.float(), 0.0)
+    return logps, values
+
+
+def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
+    """A clear error when a rollout quantity is NaN/Inf (one host sync per call)."""
+    if not bool(torch.isfinite(x).all()):
+        bad = (~torch.isfinite(x)).sum().item()
+        raise FloatingPointError(f"step {step}: {name} has {bad} non-finite value(s)")
