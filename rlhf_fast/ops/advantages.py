@@ -10,7 +10,9 @@ import math
 
 import torch
 
+from rlhf_fast import _backend
 from rlhf_fast.ops._common import FLOAT_DTYPES, check_float, check_same_device, check_shape
+from rlhf_fast.ops.advantages_kernels import _mask_arg, advantages_fwd, group_advantages_fwd, masked_whiten_fwd, whiten_apply
 from rlhf_fast.ops.kl import check_estimator, kl_penalty_ref
 
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64) + FLOAT_DTYPES + (torch.float64,)
@@ -49,6 +51,13 @@ def check_bt(name: str, x, shape=None) -> None:
             raise ValueError(f"{name} must have shape (B, T), got {tuple(x.shape)}")
     else:
         check_shape(name, x, shape, "(B, T)")
+
+
+def _select(device, *tensors, has=("triton", "cpu", "torch")) -> str:
+    """The backend for these tensors; fp64 inputs always run the (fp64) reference."""
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    return _backend.select_backend(device, has=has)
 
 
 def _dtype(*xs):
@@ -103,8 +112,8 @@ def masked_whiten_ref(x, mask, shift_mean=True, eps=1e-8):
     n = valid.sum().to(dtype)
     mean = x.sum() / n.clamp(min=1)
     ss = torch.where(valid, (x - mean) ** 2, 0.0).sum()
-    var = torch.where(n >= 2, ss / (n - 1).clamp(min=1), 0.0)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    rstd = torch.where(n >= 2, torch.rsqrt(ss / (n - 1).clamp(min=1) + eps), 0.0)
+    out = (x - mean) * rstd
     if not shift_mean:
         out = out + mean
     return torch.where(valid, out, 0.0)
@@ -168,7 +177,12 @@ def kl_shaped_rewards(scores, logprobs, ref_logprobs, mask, *, kl_coef, estimato
     _check_per_token(scores, logprobs, ref_logprobs, mask)
     kl_coef = check_finite("kl_coef", kl_coef)
     check_estimator(estimator)
-    return kl_shaped_rewards_ref(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    backend = _select(logprobs.device, scores, logprobs, ref_logprobs)
+    if backend == "torch":
+        return kl_shaped_rewards_ref(scores, logprobs, ref_logprobs, mask, kl_coef, estimator)
+    rewards, _, _, _ = advantages_fwd(backend, mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                                      kl_coef=kl_coef, estimator=estimator)
+    return rewards
 
 
 def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
@@ -189,7 +203,11 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
     check_mask("mask", mask, rewards.shape)
     check_same_device(rewards=rewards, values=values, mask=mask)
     gamma, lam = check_unit("gamma", gamma), check_unit("lam", lam)
-    return gae_ref(rewards, values, mask, gamma, lam)
+    backend = _select(rewards.device, rewards, values, has=_backend.BACKENDS)
+    if backend == "torch":
+        return gae_ref(rewards, values, mask, gamma, lam)
+    _, adv, ret, _ = advantages_fwd(backend, mask, rewards=rewards, values=values, gamma=gamma, lam=lam)
+    return adv, ret
 
 
 def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
@@ -213,7 +231,10 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
     eps = check_finite("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return masked_whiten_ref(x, mask, bool(shift_mean), eps)
+    backend = _select(x.device, x)
+    if backend == "torch":
+        return masked_whiten_ref(x, mask, bool(shift_mean), eps)
+    return masked_whiten_fwd(backend, x, mask, shift_mean=bool(shift_mean), eps=eps)
 
 
 def ppo_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gamma=1.0, lam=0.95,
@@ -234,8 +255,18 @@ def ppo_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gam
     kl_coef = check_finite("kl_coef", kl_coef)
     gamma, lam = check_unit("gamma", gamma), check_unit("lam", lam)
     check_estimator(estimator)
-    return ppo_advantages_ref(scores, logprobs, ref_logprobs, values, mask, kl_coef, gamma, lam, estimator,
-                              bool(whiten))
+    backend = _select(logprobs.device, scores, logprobs, ref_logprobs, values)
+    if backend == "torch":
+        return ppo_advantages_ref(scores, logprobs, ref_logprobs, values, mask, kl_coef, gamma, lam, estimator,
+                                  bool(whiten))
+    rewards, adv, ret, stats = advantages_fwd(
+        backend, mask, scores=scores, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values,
+        kl_coef=kl_coef, gamma=gamma, lam=lam, estimator=estimator, stats=bool(whiten),
+    )
+    if whiten:  # the tiny finalize: merge per-row stats, normalise in place
+        flat = adv.view(-1)
+        whiten_apply(backend, flat, _mask_arg(mask).reshape(-1).contiguous(), stats, flat)
+    return adv, ret, rewards
 
 
 def group_advantages(scores, group_size, *, baseline="mean", scale="group", eps=1e-6):
@@ -271,4 +302,7 @@ def group_advantages(scores, group_size, *, baseline="mean", scale="group", eps=
     eps = check_finite("eps", eps)
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return group_advantages_ref(scores, group_size, baseline, scale, eps)
+    backend = _select(scores.device, scores)
+    if backend == "torch":
+        return group_advantages_ref(scores, group_size, baseline, scale, eps)
+    return group_advantages_fwd(backend, scores, group_size, baseline, scale, eps)

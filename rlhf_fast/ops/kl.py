@@ -1,10 +1,31 @@
-"""KL estimators and exact full-vocabulary KL."""
+"""KL estimators and exact full-vocabulary KL.
+
+``kl_penalty`` is elementwise on per-token log-probs. ``full_kl`` is the exact
+KL(softmax(z) || softmax(z')) per token, z = logits / T, z' = ref_logits / T, in one streaming
+pass over both rows with online statistics and no vocabulary-sized temporary:
+
+    KL = E_p[z - z'] - (lse(z) - lse(z'))
+    m = max z, s = sum exp(z - m), w = sum exp(z - m) (z - z')  ->  E_p[z - z'] = w / s
+    dKL/dz_j = p_j (z_j - z'_j - E_p[z - z'])
+
+Naming chain: ``_full_kl_fwd_kernel`` -> ``full_kl_fwd`` -> ``FullKLFunction`` -> ``full_kl``
+(and the same for ``kl_penalty``); the ``*_ref`` beside them define the semantics.
+"""
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from rlhf_fast import _backend
-from rlhf_fast.ops._common import FLOAT_DTYPES, check_float, check_logits, check_positive, check_same_device, check_shape
+from rlhf_fast.ops._common import (
+    FLOAT_DTYPES, Rows, as_rows, check_float, check_logits, check_positive, check_same_device, check_shape,
+)
+from rlhf_fast.ops._triton_common import (
+    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, num_warps_for, online_softmax_update, row_offset,
+    vocab_block,
+)
+from rlhf_fast._backend import triton_interpreting
 
 KL_ESTIMATOR_NAMES = ("k1", "abs", "k2", "k3")
 
@@ -41,6 +62,267 @@ def full_kl_ref(logits, ref_logits, temperature=1.0):
     return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
+
+# ---------------------------------------------------------------------------- triton
+@triton.jit
+def _kl_penalty_fwd_kernel(
+    logp_ptr,  # (N,) contiguous, fp32 / fp16 / bf16
+    ref_ptr,  # (N,) contiguous
+    out_ptr,  # (N,) fp32 out
+    N,
+    EST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    d = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(
+        tl.float32
+    )
+    tl.store(out_ptr + offs, kl_estimate(d, EST), mask=ok)
+
+
+@triton.jit
+def _kl_penalty_bwd_kernel(
+    logp_ptr,  # (N,) contiguous
+    ref_ptr,  # (N,) contiguous
+    g_ptr,  # (N,) fp32 upstream grad
+    grad_ptr,  # (N,) out, logp's dtype
+    N,
+    EST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    d = tl.load(logp_ptr + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(ref_ptr + offs, mask=ok, other=0.0).to(
+        tl.float32
+    )
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0) * kl_estimate_grad(d, EST)
+    tl.store(grad_ptr + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _online_kl_update(m, s, w, z, q):
+    """Folds a block of z (-inf where masked) and z' = q into m = max z, s = sum exp(z - m),
+    w = sum exp(z - m) (z - q). Positions with exp(z - m) = 0 add nothing (no inf - inf)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - m_safe)
+    e = tl.exp(z - m_safe)
+    w = alpha * w + tl.sum(e * tl.where(e > 0, z - q, 0.0), 0)
+    s = alpha * s + tl.sum(e, 0)
+    return m_new, s, w
+
+
+@triton.jit
+def _full_kl_fwd_kernel(
+    x_ptr,  # (N, V) logits, rows at row_offset(r, x_inner, x_s_outer, x_s_inner), unit stride along V
+    y_ptr,  # (N, V) ref_logits, rows at row_offset(r, y_inner, y_s_outer, y_s_inner)
+    kl_ptr,  # (N,) fp32 out
+    lse_ptr,  # (N,) fp32 out: logsumexp(z), saved for backward
+    ey_ptr,  # (N,) fp32 out: E_p[z - z'], saved for backward
+    V,
+    x_inner,
+    x_s_outer,
+    x_s_inner,
+    y_inner,
+    y_s_outer,
+    y_s_inner,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    xp = x_ptr + row_offset(row, x_inner, x_s_outer, x_s_inner)
+    yp = y_ptr + row_offset(row, y_inner, y_s_outer, y_s_inner)
+    m = float("-inf")
+    s = 0.0
+    w = 0.0
+    mq = float("-inf")
+    sq = 0.0
+    unused = 0.0
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        ok = offs < V
+        z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+        q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        m, s, w = _online_kl_update(m, s, w, z, q)
+        mq, sq, unused = online_softmax_update(mq, sq, unused, tl.where(ok, q, float("-inf")), False)
+    log_s = tl.log(s)
+    ey = w / s
+    # (m - m') + (log s - log s'): the two large log-normalisers never meet as rounded sums
+    tl.store(kl_ptr + row, ey - ((m - mq) + (log_s - tl.log(sq))))
+    tl.store(lse_ptr + row, m + log_s)
+    tl.store(ey_ptr + row, ey)
+
+
+@triton.jit
+def _full_kl_bwd_kernel(
+    x_ptr,  # (N, V) logits, rows as in the forward
+    y_ptr,  # (N, V) ref_logits, rows as in the forward
+    grad_ptr,  # (N, V) out, logits' dtype, rows at row_offset(r, g_inner, g_s_outer, g_s_inner)
+    lse_ptr,  # (N,) fp32
+    ey_ptr,  # (N,) fp32
+    g_ptr,  # (N,) fp32 upstream grad
+    V,
+    x_inner,
+    x_s_outer,
+    x_s_inner,
+    y_inner,
+    y_s_outer,
+    y_s_inner,
+    g_inner,
+    g_s_outer,
+    g_s_inner,
+    inv_temp,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0)
+    xp = x_ptr + row_offset(row, x_inner, x_s_outer, x_s_inner)
+    yp = y_ptr + row_offset(row, y_inner, y_s_outer, y_s_inner)
+    gp = grad_ptr + row_offset(row, g_inner, g_s_outer, g_s_inner)
+    lse = tl.load(lse_ptr + row)
+    ey = tl.load(ey_ptr + row)
+    scale = tl.load(g_ptr + row) * inv_temp
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        ok = offs < V
+        z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
+        q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        p = tl.exp(z - lse)
+        g = scale * p * tl.where(p > 0, z - q - ey, 0.0)
+        tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------- launchers
+def _elementwise_block(n: int) -> int:
+    return min(triton.next_power_of_2(max(n, 1)), 16384 if triton_interpreting() else 2048)
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, est: int, backend: str):
+    """logprobs, ref_logprobs flat contiguous (N,) -> fp32 (N,)."""
+    n = logprobs.numel()
+    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
+    if n == 0:
+        return out
+    if backend == "triton":
+        block = _elementwise_block(n)
+        _kl_penalty_fwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, out, n, EST=est, BLOCK=block)
+    elif backend == "cpu":
+        codes = _backend.DTYPE_CODES
+        _backend._C.kl_penalty_fwd(logprobs.data_ptr(), codes[logprobs.dtype], ref_logprobs.data_ptr(),
+                                   codes[ref_logprobs.dtype], out.data_ptr(), n, est, _backend.num_threads())
+    else:
+        raise ValueError(f"kl_penalty_fwd: unknown backend {backend!r}")
+    return out
+
+
+def kl_penalty_bwd(logprobs, ref_logprobs, g, est: int, backend: str):
+    """d kl_penalty / d logprobs . g, in logprobs' dtype, flat (N,)."""
+    n = logprobs.numel()
+    grad = torch.empty_like(logprobs)
+    if n == 0:
+        return grad
+    if backend == "triton":
+        block = _elementwise_block(n)
+        _kl_penalty_bwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, g, grad, n, EST=est, BLOCK=block)
+    elif backend == "cpu":
+        codes = _backend.DTYPE_CODES
+        _backend._C.kl_penalty_bwd(logprobs.data_ptr(), codes[logprobs.dtype], ref_logprobs.data_ptr(),
+                                   codes[ref_logprobs.dtype], g.data_ptr(), grad.data_ptr(), n, est,
+                                   _backend.num_threads())
+    else:
+        raise ValueError(f"kl_penalty_bwd: unknown backend {backend!r}")
+    return grad
+
+
+def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str):
+    """Returns fp32 (kl, lse, ey), each (N,)."""
+    dev = x.data.device
+    kl = torch.empty(x.n, dtype=torch.float32, device=dev)
+    lse, ey = torch.empty_like(kl), torch.empty_like(kl)
+    if x.n == 0:
+        return kl, lse, ey
+    if backend == "triton":
+        block = vocab_block(x.v)
+        _full_kl_fwd_kernel[(x.n,)](
+            x.data, y.data, kl, lse, ey, x.v, *x.layout(), *y.layout(), inv_temp,
+            BLOCK_V=block, num_warps=num_warps_for(block),
+        )
+    elif backend == "cpu":
+        codes = _backend.DTYPE_CODES
+        _backend._C.full_kl_fwd(
+            x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
+            x.n, x.v, inv_temp, kl.data_ptr(), lse.data_ptr(), ey.data_ptr(), _backend.num_threads(),
+        )
+    else:
+        raise ValueError(f"full_kl_fwd: unknown backend {backend!r}")
+    return kl, lse, ey
+
+
+def full_kl_bwd(x: Rows, y: Rows, grad: Rows, lse, ey, g, inv_temp: float, backend: str):
+    """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches)."""
+    if x.n == 0:
+        return
+    if backend == "triton":
+        block = vocab_block(x.v)
+        _full_kl_bwd_kernel[(x.n,)](
+            x.data, y.data, grad.data, lse, ey, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
+            BLOCK_V=block, num_warps=num_warps_for(block),
+        )
+    elif backend == "cpu":
+        codes = _backend.DTYPE_CODES
+        _backend._C.full_kl_bwd(
+            x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
+            grad.data.data_ptr(), *grad.layout(), x.n, x.v, inv_temp, lse.data_ptr(), ey.data_ptr(), g.data_ptr(),
+            _backend.num_threads(),
+        )
+    else:
+        raise ValueError(f"full_kl_bwd: unknown backend {backend!r}")
+
+
+# ---------------------------------------------------------------------------- autograd
+class KLPenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logprobs, ref_logprobs, est, backend):
+        a, b = logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous()
+        ctx.save_for_backward(a, b)
+        ctx.est, ctx.backend, ctx.shape = est, backend, logprobs.shape
+        ctx.ref_dtype = ref_logprobs.dtype
+        return kl_penalty_fwd(a, b, est, backend).view(logprobs.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        grad = kl_penalty_bwd(a, b, g.reshape(-1).float().contiguous(), ctx.est, ctx.backend)
+        grad_ref = None
+        if ctx.needs_input_grad[1]:  # d/d ref_logprobs = -d/d logprobs
+            grad_ref = (-grad.float()).to(ctx.ref_dtype).view(ctx.shape)
+        return grad.view(ctx.shape), grad_ref, None, None
+
+
+class FullKLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, ref_logits, temperature, backend):
+        x, y = as_rows(logits), as_rows(ref_logits)
+        inv_temp = 1.0 / temperature
+        kl, lse, ey = full_kl_fwd(x, y, inv_temp, backend)
+        ctx.save_for_backward(x.data, y.data, lse, ey)
+        ctx.x = Rows(None, x.n, x.v, *x.layout())
+        ctx.y = Rows(None, y.n, y.v, *y.layout())
+        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        return kl.view(logits.shape[:-1])
+
+    @staticmethod
+    def backward(ctx, g):
+        xd, yd, lse, ey = ctx.saved_tensors
+        x = Rows(xd, ctx.x.n, ctx.x.v, *ctx.x.layout())
+        y = Rows(yd, ctx.y.n, ctx.y.v, *ctx.y.layout())
+        grad = torch.empty(ctx.shape, dtype=xd.dtype, device=xd.device)
+        grad_rows = Rows(grad, x.n, x.v, max(x.n, 1), 0, x.v)
+        full_kl_bwd(x, y, grad_rows, lse, ey, g.reshape(-1).float().contiguous(), ctx.inv_temp, ctx.backend)
+        return grad, None, None, None
+
+
+# ---------------------------------------------------------------------------- public
 def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     """Per-token KL estimate, elementwise: with ``d = logprobs.float() - ref_logprobs.float()``,
 
@@ -59,7 +341,12 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs' shape")
     check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     check_estimator(estimator)
-    return kl_penalty_ref(logprobs, ref_logprobs, estimator)
+    if torch.float64 in (logprobs.dtype, ref_logprobs.dtype):
+        return kl_penalty_ref(logprobs, ref_logprobs, estimator)
+    backend = _backend.select_backend(logprobs.device, has=("triton", "cpu", "torch"))
+    if backend == "torch":
+        return kl_penalty_ref(logprobs, ref_logprobs, estimator)
+    return KLPenaltyFunction.apply(logprobs, ref_logprobs, KL_ESTIMATORS[estimator], backend)
 
 
 def full_kl(logits, ref_logits, *, temperature=1.0):
@@ -83,4 +370,7 @@ def full_kl(logits, ref_logits, *, temperature=1.0):
     check_shape("ref_logits", ref_logits, logits.shape, "logits' shape")
     check_same_device(logits=logits, ref_logits=ref_logits)
     temperature = check_positive("temperature", temperature)
-    return full_kl_ref(logits, ref_logits.detach(), temperature)
+    backend = _backend.select_backend(logits.device, has=("triton", "cpu", "torch"))
+    if backend == "torch":
+        return full_kl_ref(logits, ref_logits.detach(), temperature)
+    return FullKLFunction.apply(logits, ref_logits.detach(), temperature, backend)

@@ -1,0 +1,211 @@
+// KL on CPU (semantics: rlhf_fast/ops/kl.py *_ref).
+//   kl_penalty: elementwise estimators of d = logp - ref_logp (kl_estimators.h) and their gradient.
+//   full_kl:    exact KL(softmax(z) || softmax(z')) per row, z = x * inv_temp, z' = y * inv_temp, in one
+//               streaming pass over both rows:  KL = E_p[z - z'] - (lse z - lse z').
+//               Online statistics: m = max z, s = sum exp(z - m), w = sum exp(z - m) (z - z'), and
+//               m', s' of z'. Backward: dKL/dz_j = p_j (z_j - z'_j - E_p[z - z']).
+#include <type_traits>
+
+#include "common.h"
+#include "kl_estimators.h"
+
+namespace rlhf_fast {
+namespace {
+
+#define RLHF_FAST_ROW_FN __attribute__((target_clones("avx512f", "avx2", "default"), flatten, noinline))
+
+// ---- kl_penalty ---------------------------------------------------------------
+template <int kEst, typename A, typename B>
+RLHF_FAST_ROW_FN void kl_penalty_loop(const A* a, const B* b, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = kl_est_value(load_f32(a, i) - load_f32(b, i), kEst);
+}
+
+template <int kEst, typename A, typename B>
+RLHF_FAST_ROW_FN void kl_penalty_grad_loop(const A* a, const B* b, const float* g, A* ga, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) store_f32(ga, i, g[i] * kl_est_grad(load_f32(a, i) - load_f32(b, i), kEst));
+}
+
+template <typename Fn>
+inline void dispatch_est(int est, Fn&& fn) {
+  switch (est) {
+    case 0: fn(std::integral_constant<int, 0>{}); break;
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: throw std::invalid_argument("rlhf_fast._C: unknown KL estimator code " + std::to_string(est));
+  }
+}
+
+constexpr int64_t kElemChunk = 1 << 14;  // elementwise loops: parallel over chunks of this many
+
+void kl_penalty_fwd(uintptr_t a_ptr, int a_dtype, uintptr_t b_ptr, int b_dtype, uintptr_t out_ptr, int64_t n,
+                    int est, int nthreads) {
+  float* out = reinterpret_cast<float*>(out_ptr);
+  dispatch_est(est, [&](auto e) {
+    dispatch_float(a_dtype, [&](auto* at) {
+      dispatch_float(b_dtype, [&](auto* bt) {
+        using A = std::remove_pointer_t<decltype(at)>;
+        using B = std::remove_pointer_t<decltype(bt)>;
+        const A* a = reinterpret_cast<const A*>(a_ptr);
+        const B* b = reinterpret_cast<const B*>(b_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+        for (int64_t c = 0; c < n; c += kElemChunk)
+          kl_penalty_loop<decltype(e)::value>(a + c, b + c, out + c, std::min(kElemChunk, n - c));
+      });
+    });
+  });
+}
+
+// grad_a = g * d(estimator)/dd, in a's dtype.
+void kl_penalty_bwd(uintptr_t a_ptr, int a_dtype, uintptr_t b_ptr, int b_dtype, uintptr_t g_ptr, uintptr_t ga_ptr,
+                    int64_t n, int est, int nthreads) {
+  const float* g = reinterpret_cast<const float*>(g_ptr);
+  dispatch_est(est, [&](auto e) {
+    dispatch_float(a_dtype, [&](auto* at) {
+      dispatch_float(b_dtype, [&](auto* bt) {
+        using A = std::remove_pointer_t<decltype(at)>;
+        using B = std::remove_pointer_t<decltype(bt)>;
+        const A* a = reinterpret_cast<const A*>(a_ptr);
+        const B* b = reinterpret_cast<const B*>(b_ptr);
+        A* ga = reinterpret_cast<A*>(ga_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+        for (int64_t c = 0; c < n; c += kElemChunk)
+          kl_penalty_grad_loop<decltype(e)::value>(a + c, b + c, g + c, ga + c, std::min(kElemChunk, n - c));
+      });
+    });
+  });
+}
+
+// ---- full_kl ------------------------------------------------------------------
+struct KLStats {
+  float m = kNegInf, s = 0.0f, w = 0.0f;  // z: max, sum exp(z - m), sum exp(z - m) (z - z')
+  float mq = kNegInf, sq = 0.0f;          // z': max, sum exp(z' - m')
+};
+
+// Streams one pair of rows chunk by chunk (each chunk read from memory once, revisited from L1).
+template <typename X, typename Y>
+RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
+  KLStats st;
+  alignas(64) float bz[kChunk], bq[kChunk];
+  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
+    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
+    const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
+    float zmax = kNegInf, qmax = kNegInf;
+#pragma omp simd reduction(max : zmax, qmax)
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = load_f32(x, c0 + j) * inv_temp, q = load_f32(y, c0 + j) * inv_temp;
+      bz[j] = z;
+      bq[j] = q;
+      zmax = z > zmax ? z : zmax;
+      qmax = q > qmax ? q : qmax;
+    }
+    for (int64_t j = n; j < n_pad; ++j) bz[j] = bq[j] = kNegInf;
+    const float m_new = zmax > st.m ? zmax : st.m, mq_new = qmax > st.mq ? qmax : st.mq;
+    if (m_new > st.m && st.s > 0.0f) {
+      const float alpha = std::exp(st.m - m_new);
+      st.s *= alpha;
+      st.w *= alpha;
+    }
+    if (mq_new > st.mq && st.sq > 0.0f) st.sq *= std::exp(st.mq - mq_new);
+    st.m = m_new;
+    st.mq = mq_new;
+    const float mz = m_new == kNegInf ? 0.0f : m_new, mq = mq_new == kNegInf ? 0.0f : mq_new;
+    float s[kLanes] = {}, w[kLanes] = {}, sq[kLanes] = {};
+    for (int64_t j = 0; j < n_pad; j += kLanes) {
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const float z = bz[j + k], q = bq[j + k];
+        const float e = fast_exp(z - mz);
+        s[k] += e;
+        w[k] += e > 0.0f ? e * (z - q) : 0.0f;
+        sq[k] += fast_exp(q - mq);
+      }
+    }
+    for (int64_t k = 0; k < kLanes; ++k) {
+      st.s += s[k];
+      st.w += w[k];
+      st.sq += sq[k];
+    }
+  }
+  return st;
+}
+
+// grad_x[j] = g * inv_temp * p_j (z_j - z'_j - ey),  p_j = exp(z_j - lse)
+template <typename X, typename Y>
+RLHF_FAST_ROW_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float lse, float ey,
+                                      float g) {
+  const float scale = g * inv_temp;
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float z = load_f32(x, j) * inv_temp, q = load_f32(y, j) * inv_temp;
+    const float p = fast_exp(z - lse);
+    store_f32(gx, j, p > 0.0f ? scale * p * (z - q - ey) : 0.0f);
+  }
+}
+
+void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
+                 uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
+                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t lse_ptr, uintptr_t ey_ptr,
+                 int nthreads) {
+  const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si};
+  float* kl = reinterpret_cast<float*>(kl_ptr);
+  float* lse = reinterpret_cast<float*>(lse_ptr);
+  float* ey = reinterpret_cast<float*>(ey_ptr);
+  dispatch_float(x_dtype, [&](auto* xt) {
+    dispatch_float(y_dtype, [&](auto* yt) {
+      using X = std::remove_pointer_t<decltype(xt)>;
+      using Y = std::remove_pointer_t<decltype(yt)>;
+      const X* x = reinterpret_cast<const X*>(x_ptr);
+      const Y* y = reinterpret_cast<const Y*>(y_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+      for (int64_t r = 0; r < n_rows; ++r) {
+        const KLStats st = full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
+        const float log_s = std::log(st.s), log_sq = std::log(st.sq);
+        const float e = st.w / st.s;
+        // (m - m') + (log s - log s') keeps the two large log-normalisers from cancelling late
+        kl[r] = e - ((st.m - st.mq) + (log_s - log_sq));
+        lse[r] = st.m + log_s;
+        ey[r] = e;
+      }
+    });
+  });
+}
+
+void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
+                 uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
+                 uintptr_t gx_ptr, int64_t g_inner, int64_t g_so, int64_t g_si,
+                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t lse_ptr, uintptr_t ey_ptr, uintptr_t g_ptr,
+                 int nthreads) {
+  const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si}, gl{g_inner, g_so, g_si};
+  const float* lse = reinterpret_cast<const float*>(lse_ptr);
+  const float* ey = reinterpret_cast<const float*>(ey_ptr);
+  const float* g = reinterpret_cast<const float*>(g_ptr);
+  dispatch_float(x_dtype, [&](auto* xt) {
+    dispatch_float(y_dtype, [&](auto* yt) {
+      using X = std::remove_pointer_t<decltype(xt)>;
+      using Y = std::remove_pointer_t<decltype(yt)>;
+      const X* x = reinterpret_cast<const X*>(x_ptr);
+      const Y* y = reinterpret_cast<const Y*>(y_ptr);
+      X* gx = reinterpret_cast<X*>(gx_ptr);
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+      for (int64_t r = 0; r < n_rows; ++r)
+        full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, lse[r], ey[r], g[r]);
+    });
+  });
+}
+
+void register_kl(py::module_& m) {
+  m.def("kl_penalty_fwd", &kl_penalty_fwd, py::call_guard<py::gil_scoped_release>(),
+        "elementwise KL estimator of logp - ref_logp (fp32 out)");
+  m.def("kl_penalty_bwd", &kl_penalty_bwd, py::call_guard<py::gil_scoped_release>(),
+        "grad of the KL estimator w.r.t. logp, in logp's dtype");
+  m.def("full_kl_fwd", &full_kl_fwd, py::call_guard<py::gil_scoped_release>(),
+        "exact per-row KL(softmax(x/T) || softmax(y/T)), with lse and E_p[z - z'] for backward");
+  m.def("full_kl_bwd", &full_kl_bwd, py::call_guard<py::gil_scoped_release>(),
+        "grad of full_kl w.r.t. x, written to grad rows");
+}
+RLHF_FAST_REGISTER(register_kl);
+
+}  // namespace
+}  // namespace rlhf_fast
