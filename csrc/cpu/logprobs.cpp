@@ -15,17 +15,23 @@ RLHF_FAST_ROW_FN RowStats logprobs_row(const T* x, int64_t V, float inv_temp) {
 
 // grad_x[j] = inv_temp * (g_lp * ([j == t] - p_j) - g_ent * p_j * (z_j - lse + H)),  p_j = exp(z_j - lse)
 template <typename T, bool kEntropy>
+inline float logprobs_grad(float z, float lse, float shift, float g_lp, float g_ent, float onehot) {
+  float p = fast_exp(z - lse);
+  float g = g_lp * (onehot - p);
+  if (kEntropy) g -= p > 0.0f ? g_ent * p * (z + shift) : 0.0f;
+  return g;
+}
+
+template <typename T, bool kEntropy>
 RLHF_FAST_ROW_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float lse,
                                        float ent, float g_lp, float g_ent) {
   const float shift = ent - lse;
+  const float z_t = load_f32(x, t) * inv_temp;  // read before the loop: gx may alias x
 #pragma omp simd
-  for (int64_t j = 0; j < V; ++j) {
-    float z = load_f32(x, j) * inv_temp;
-    float p = fast_exp(z - lse);
-    float g = g_lp * ((j == t ? 1.0f : 0.0f) - p);
-    if (kEntropy) g -= p > 0.0f ? g_ent * p * (z + shift) : 0.0f;
-    store_f32(gx, j, g * inv_temp);  // gx may alias x: element j is read before it is written
+  for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
+    store_f32(gx, j, inv_temp * logprobs_grad<T, kEntropy>(load_f32(x, j) * inv_temp, lse, shift, g_lp, g_ent, 0.0f));
   }
+  store_f32(gx, t, inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f));
 }
 
 void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
