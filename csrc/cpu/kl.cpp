@@ -1,9 +1,9 @@
 // KL on CPU (semantics: rlhf_fast/ops/kl.py *_ref).
 //   kl_penalty: elementwise estimators of d = logp - ref_logp (kl_estimators.h) and their gradient.
 //   full_kl:    exact KL(softmax(z) || softmax(z')) per row, z = x * inv_temp, z' = y * inv_temp, in one
-//               streaming pass over both rows:  KL = E_p[z - z'] - (lse z - lse z').
-//               Online statistics: m = max z, s = sum exp(z - m), w = sum exp(z - m) (z - z'), and
-//               m', s' of z'. Backward: dKL/dz_j = p_j (z_j - z'_j - E_p[z - z']).
+//               streaming pass over both rows. Online statistics: m = max z, s = sum exp(z - m),
+//               m' = max z', s' = sum exp(z' - m'), w = sum exp(z - m) ((z - m) - (z' - m')):
+//               KL = w / s - (log s - log s').  Backward: dKL/dz_j = p_j (log p_j - log q_j - KL).
 #include <type_traits>
 
 #include "common.h"
@@ -80,11 +80,14 @@ void kl_penalty_bwd(uintptr_t a_ptr, int a_dtype, uintptr_t b_ptr, int b_dtype, 
 
 // ---- full_kl ------------------------------------------------------------------
 struct KLStats {
-  float m = kNegInf, s = 0.0f, w = 0.0f;  // z: max, sum exp(z - m), sum exp(z - m) (z - z')
-  float mq = kNegInf, sq = 0.0f;          // z': max, sum exp(z' - m')
+  float m = kNegInf, s = 0.0f, w = 0.0f;  // z: max, sum exp(z - m), sum exp(z - m) ((z - m) - (z' - m'))
+  float mq = kNegInf, sq = 0.0f;          // z': max m', sum exp(z' - m')
 };
 
+inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
+
 // Streams one pair of rows chunk by chunk (each chunk read from memory once, revisited from L1).
+// z and z' are measured from their own running maxima, so w has no cancellation for large logits.
 template <typename X, typename Y>
 RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
   KLStats st;
@@ -101,25 +104,29 @@ RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
       zmax = z > zmax ? z : zmax;
       qmax = q > qmax ? q : qmax;
     }
-    for (int64_t j = n; j < n_pad; ++j) bz[j] = bq[j] = kNegInf;
-    const float m_new = zmax > st.m ? zmax : st.m, mq_new = qmax > st.mq ? qmax : st.mq;
-    if (m_new > st.m && st.s > 0.0f) {
-      const float alpha = std::exp(st.m - m_new);
-      st.s *= alpha;
-      st.w *= alpha;
+    for (int64_t j = n; j < n_pad; ++j) {
+      bz[j] = kNegInf;
+      bq[j] = 0.0f;  // z = -inf: adds nothing to s or w
     }
-    if (mq_new > st.mq && st.sq > 0.0f) st.sq *= std::exp(st.mq - mq_new);
+    const float m_new = zmax > st.m ? zmax : st.m, mq_new = qmax > st.mq ? qmax : st.mq;
+    const float ms_old = finite_or_zero(st.m), mqs_old = finite_or_zero(st.mq);
+    const float mz = finite_or_zero(m_new), mq = finite_or_zero(mq_new);
+    if (st.s > 0.0f) {  // re-measure the old terms from the new maxima
+      const float alpha = std::exp(st.m - mz);
+      st.w = alpha * (st.w + st.s * ((ms_old - mz) - (mqs_old - mq)));
+      st.s *= alpha;
+    }
+    if (st.sq > 0.0f) st.sq *= std::exp(st.mq - mq);
     st.m = m_new;
     st.mq = mq_new;
-    const float mz = m_new == kNegInf ? 0.0f : m_new, mq = mq_new == kNegInf ? 0.0f : mq_new;
     float s[kLanes] = {}, w[kLanes] = {}, sq[kLanes] = {};
     for (int64_t j = 0; j < n_pad; j += kLanes) {
       for (int64_t k = 0; k < kLanes; ++k) {
-        const float z = bz[j + k], q = bq[j + k];
-        const float e = fast_exp(z - mz);
+        const float z = bz[j + k] - mz, q = bq[j + k] - mq;
+        const float e = fast_exp(z);
         s[k] += e;
         w[k] += e > 0.0f ? e * (z - q) : 0.0f;
-        sq[k] += fast_exp(q - mq);
+        sq[k] += j + k < n ? fast_exp(q) : 0.0f;
       }
     }
     for (int64_t k = 0; k < kLanes; ++k) {
@@ -131,27 +138,27 @@ RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
   return st;
 }
 
-// grad_x[j] = g * inv_temp * p_j (z_j - z'_j - ey),  p_j = exp(z_j - lse)
+// grad_x[j] = g * inv_temp * p_j (log p_j - log q_j - kl),  log p_j = (z_j - m) - log s
 template <typename X, typename Y>
-RLHF_FAST_ROW_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float lse, float ey,
-                                      float g) {
-  const float scale = g * inv_temp;
+RLHF_FAST_ROW_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float kl,
+                                      const float* st, float g) {
+  const float scale = g * inv_temp, m = st[0], log_s = st[1], mq = st[2], log_sq = st[3];
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {
     const float z = load_f32(x, j) * inv_temp, q = load_f32(y, j) * inv_temp;
-    const float p = fast_exp(z - lse);
-    store_f32(gx, j, p > 0.0f ? scale * p * (z - q - ey) : 0.0f);
+    const float logp = (z - m) - log_s;
+    const float p = fast_exp(logp);
+    store_f32(gx, j, p > 0.0f ? scale * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f);
   }
 }
 
+// kl (N,) fp32; stats (N, 4) fp32: m, log s, m', log s' (for backward)
 void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
                  uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
-                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t lse_ptr, uintptr_t ey_ptr,
-                 int nthreads) {
+                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t stats_ptr, int nthreads) {
   const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si};
   float* kl = reinterpret_cast<float*>(kl_ptr);
-  float* lse = reinterpret_cast<float*>(lse_ptr);
-  float* ey = reinterpret_cast<float*>(ey_ptr);
+  float* stats = reinterpret_cast<float*>(stats_ptr);
   dispatch_float(x_dtype, [&](auto* xt) {
     dispatch_float(y_dtype, [&](auto* yt) {
       using X = std::remove_pointer_t<decltype(xt)>;
@@ -162,11 +169,11 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       for (int64_t r = 0; r < n_rows; ++r) {
         const KLStats st = full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
         const float log_s = std::log(st.s), log_sq = std::log(st.sq);
-        const float e = st.w / st.s;
-        // (m - m') + (log s - log s') keeps the two large log-normalisers from cancelling late
-        kl[r] = e - ((st.m - st.mq) + (log_s - log_sq));
-        lse[r] = st.m + log_s;
-        ey[r] = e;
+        kl[r] = st.w / st.s - (log_s - log_sq);
+        stats[4 * r] = st.m;
+        stats[4 * r + 1] = log_s;
+        stats[4 * r + 2] = st.mq;
+        stats[4 * r + 3] = log_sq;
       }
     });
   });
@@ -175,11 +182,11 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
 void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
                  uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
                  uintptr_t gx_ptr, int64_t g_inner, int64_t g_so, int64_t g_si,
-                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t lse_ptr, uintptr_t ey_ptr, uintptr_t g_ptr,
+                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t stats_ptr, uintptr_t g_ptr,
                  int nthreads) {
   const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si}, gl{g_inner, g_so, g_si};
-  const float* lse = reinterpret_cast<const float*>(lse_ptr);
-  const float* ey = reinterpret_cast<const float*>(ey_ptr);
+  const float* kl = reinterpret_cast<const float*>(kl_ptr);
+  const float* stats = reinterpret_cast<const float*>(stats_ptr);
   const float* g = reinterpret_cast<const float*>(g_ptr);
   dispatch_float(x_dtype, [&](auto* xt) {
     dispatch_float(y_dtype, [&](auto* yt) {
@@ -190,7 +197,8 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       X* gx = reinterpret_cast<X*>(gx_ptr);
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
       for (int64_t r = 0; r < n_rows; ++r)
-        full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, lse[r], ey[r], g[r]);
+        full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r], stats + 4 * r,
+                        g[r]);
     });
   });
 }
@@ -201,7 +209,7 @@ void register_kl(py::module_& m) {
   m.def("kl_penalty_bwd", &kl_penalty_bwd, py::call_guard<py::gil_scoped_release>(),
         "grad of the KL estimator w.r.t. logp, in logp's dtype");
   m.def("full_kl_fwd", &full_kl_fwd, py::call_guard<py::gil_scoped_release>(),
-        "exact per-row KL(softmax(x/T) || softmax(y/T)), with lse and E_p[z - z'] for backward");
+        "exact per-row KL(softmax(x/T) || softmax(y/T)), with (m, log s, m', log s') for backward");
   m.def("full_kl_bwd", &full_kl_bwd, py::call_guard<py::gil_scoped_release>(),
         "grad of full_kl w.r.t. x, written to grad rows");
 }

@@ -4,9 +4,10 @@
 KL(softmax(z) || softmax(z')) per token, z = logits / T, z' = ref_logits / T, in one streaming
 pass over both rows with online statistics and no vocabulary-sized temporary:
 
-    KL = E_p[z - z'] - (lse(z) - lse(z'))
-    m = max z, s = sum exp(z - m), w = sum exp(z - m) (z - z')  ->  E_p[z - z'] = w / s
-    dKL/dz_j = p_j (z_j - z'_j - E_p[z - z'])
+    KL = E_p[z - z'] - (lse(z) - lse(z')) = w / s - (log s - log s')
+    m = max z, s = sum exp(z - m), m' = max z', s' = sum exp(z' - m'),
+    w = sum exp(z - m) ((z - m) - (z' - m'))          (each side from its own max: no cancellation)
+    dKL/dz_j = p_j (log p_j - log q_j - KL)
 
 Naming chain: ``_full_kl_fwd_kernel`` -> ``full_kl_fwd`` -> ``FullKLFunction`` -> ``full_kl``
 (and the same for ``kl_penalty``); the ``*_ref`` beside them define the semantics.
@@ -59,7 +60,8 @@ def full_kl_ref(logits, ref_logits, temperature=1.0):
     logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
     logq = torch.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
+    # the where sits inside the product so that -inf - -inf never reaches autograd either
+    return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
 
 
 
@@ -101,14 +103,21 @@ def _kl_penalty_bwd_kernel(
 
 
 @triton.jit
-def _online_kl_update(m, s, w, z, q):
-    """Folds a block of z (-inf where masked) and z' = q into m = max z, s = sum exp(z - m),
-    w = sum exp(z - m) (z - q). Positions with exp(z - m) = 0 add nothing (no inf - inf)."""
+def _online_kl_update(m, s, w, mq, z, q, q_for_max):
+    """Folds a block of z (-inf where masked) and z' = q into the running m = max z,
+    s = sum exp(z - m) and w = sum exp(z - m) ((z - m) - (z' - m')), m' = max z' (the caller keeps
+    m', from q_for_max = q with -inf where masked). Measuring z and z' from their own maxima keeps
+    w free of cancellation when the logits are large. Returns (m, s, w)."""
     m_new = tl.maximum(m, tl.max(z, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - m_safe)
-    e = tl.exp(z - m_safe)
-    w = alpha * w + tl.sum(e * tl.where(e > 0, z - q, 0.0), 0)
+    mq_new = tl.maximum(mq, tl.max(q_for_max, 0))
+    ms_old = tl.where(m == float("-inf"), 0.0, m)
+    ms = tl.where(m_new == float("-inf"), 0.0, m_new)
+    mqs_old = tl.where(mq == float("-inf"), 0.0, mq)
+    mqs = tl.where(mq_new == float("-inf"), 0.0, mq_new)
+    alpha = tl.exp(m - ms)
+    e = tl.exp(z - ms)
+    w = alpha * (w + s * ((ms_old - ms) - (mqs_old - mqs)))
+    w += tl.sum(e * tl.where(e > 0, (z - ms) - (q - mqs), 0.0), 0)
     s = alpha * s + tl.sum(e, 0)
     return m_new, s, w
 
@@ -118,8 +127,7 @@ def _full_kl_fwd_kernel(
     x_ptr,  # (N, V) logits, rows at row_offset(r, x_inner, x_s_outer, x_s_inner), unit stride along V
     y_ptr,  # (N, V) ref_logits, rows at row_offset(r, y_inner, y_s_outer, y_s_inner)
     kl_ptr,  # (N,) fp32 out
-    lse_ptr,  # (N,) fp32 out: logsumexp(z), saved for backward
-    ey_ptr,  # (N,) fp32 out: E_p[z - z'], saved for backward
+    stats_ptr,  # (N, 4) fp32 out, saved for backward: m = max z, log s, m' = max z', log s'
     V,
     x_inner,
     x_s_outer,
@@ -144,14 +152,17 @@ def _full_kl_fwd_kernel(
         ok = offs < V
         z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
         q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
-        m, s, w = _online_kl_update(m, s, w, z, q)
-        mq, sq, unused = online_softmax_update(mq, sq, unused, tl.where(ok, q, float("-inf")), False)
+        q_for_max = tl.where(ok, q, float("-inf"))
+        m, s, w = _online_kl_update(m, s, w, mq, z, q, q_for_max)
+        mq, sq, unused = online_softmax_update(mq, sq, unused, q_for_max, False)
     log_s = tl.log(s)
-    ey = w / s
-    # (m - m') + (log s - log s'): the two large log-normalisers never meet as rounded sums
-    tl.store(kl_ptr + row, ey - ((m - mq) + (log_s - tl.log(sq))))
-    tl.store(lse_ptr + row, m + log_s)
-    tl.store(ey_ptr + row, ey)
+    log_sq = tl.log(sq)
+    # KL = E_p[(z - m) - (z' - m')] - (log s - log s')
+    tl.store(kl_ptr + row, w / s - (log_s - log_sq))
+    tl.store(stats_ptr + row * 4, m)
+    tl.store(stats_ptr + row * 4 + 1, log_s)
+    tl.store(stats_ptr + row * 4 + 2, mq)
+    tl.store(stats_ptr + row * 4 + 3, log_sq)
 
 
 @triton.jit
@@ -159,8 +170,8 @@ def _full_kl_bwd_kernel(
     x_ptr,  # (N, V) logits, rows as in the forward
     y_ptr,  # (N, V) ref_logits, rows as in the forward
     grad_ptr,  # (N, V) out, logits' dtype, rows at row_offset(r, g_inner, g_s_outer, g_s_inner)
-    lse_ptr,  # (N,) fp32
-    ey_ptr,  # (N,) fp32
+    kl_ptr,  # (N,) fp32, the forward's output
+    stats_ptr,  # (N, 4) fp32 from the forward
     g_ptr,  # (N,) fp32 upstream grad
     V,
     x_inner,
@@ -175,20 +186,25 @@ def _full_kl_bwd_kernel(
     inv_temp,
     BLOCK_V: tl.constexpr,
 ):
+    """grad_j = g / T * p_j (log p_j - log q_j - KL)."""
     row = tl.program_id(0)
     xp = x_ptr + row_offset(row, x_inner, x_s_outer, x_s_inner)
     yp = y_ptr + row_offset(row, y_inner, y_s_outer, y_s_inner)
     gp = grad_ptr + row_offset(row, g_inner, g_s_outer, g_s_inner)
-    lse = tl.load(lse_ptr + row)
-    ey = tl.load(ey_ptr + row)
+    kl = tl.load(kl_ptr + row)
+    m = tl.load(stats_ptr + row * 4)
+    log_s = tl.load(stats_ptr + row * 4 + 1)
+    mq = tl.load(stats_ptr + row * 4 + 2)
+    log_sq = tl.load(stats_ptr + row * 4 + 3)
     scale = tl.load(g_ptr + row) * inv_temp
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
         q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
-        p = tl.exp(z - lse)
-        g = scale * p * tl.where(p > 0, z - q - ey, 0.0)
+        logp = (z - m) - log_s
+        p = tl.exp(logp)
+        g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -235,44 +251,44 @@ def kl_penalty_bwd(logprobs, ref_logprobs, g, est: int, backend: str):
 
 
 def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str):
-    """Returns fp32 (kl, lse, ey), each (N,)."""
+    """Returns fp32 kl (N,) and the row statistics (N, 4) backward needs."""
     dev = x.data.device
     kl = torch.empty(x.n, dtype=torch.float32, device=dev)
-    lse, ey = torch.empty_like(kl), torch.empty_like(kl)
+    stats = torch.empty(x.n, 4, dtype=torch.float32, device=dev)
     if x.n == 0:
-        return kl, lse, ey
+        return kl, stats
     if backend == "triton":
         block = vocab_block(x.v)
         _full_kl_fwd_kernel[(x.n,)](
-            x.data, y.data, kl, lse, ey, x.v, *x.layout(), *y.layout(), inv_temp,
+            x.data, y.data, kl, stats, x.v, *x.layout(), *y.layout(), inv_temp,
             BLOCK_V=block, num_warps=num_warps_for(block),
         )
     elif backend == "cpu":
         codes = _backend.DTYPE_CODES
         _backend._C.full_kl_fwd(
             x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
-            x.n, x.v, inv_temp, kl.data_ptr(), lse.data_ptr(), ey.data_ptr(), _backend.num_threads(),
+            x.n, x.v, inv_temp, kl.data_ptr(), stats.data_ptr(), _backend.num_threads(),
         )
     else:
         raise ValueError(f"full_kl_fwd: unknown backend {backend!r}")
-    return kl, lse, ey
+    return kl, stats
 
 
-def full_kl_bwd(x: Rows, y: Rows, grad: Rows, lse, ey, g, inv_temp: float, backend: str):
+def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str):
     """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches)."""
     if x.n == 0:
         return
     if backend == "triton":
         block = vocab_block(x.v)
         _full_kl_bwd_kernel[(x.n,)](
-            x.data, y.data, grad.data, lse, ey, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
+            x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
             BLOCK_V=block, num_warps=num_warps_for(block),
         )
     elif backend == "cpu":
         codes = _backend.DTYPE_CODES
         _backend._C.full_kl_bwd(
             x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
-            grad.data.data_ptr(), *grad.layout(), x.n, x.v, inv_temp, lse.data_ptr(), ey.data_ptr(), g.data_ptr(),
+            grad.data.data_ptr(), *grad.layout(), x.n, x.v, inv_temp, kl.data_ptr(), stats.data_ptr(), g.data_ptr(),
             _backend.num_threads(),
         )
     else:
@@ -304,8 +320,8 @@ class FullKLFunction(torch.autograd.Function):
     def forward(ctx, logits, ref_logits, temperature, backend):
         x, y = as_rows(logits), as_rows(ref_logits)
         inv_temp = 1.0 / temperature
-        kl, lse, ey = full_kl_fwd(x, y, inv_temp, backend)
-        ctx.save_for_backward(x.data, y.data, lse, ey)
+        kl, stats = full_kl_fwd(x, y, inv_temp, backend)
+        ctx.save_for_backward(x.data, y.data, kl, stats)
         ctx.x = Rows(None, x.n, x.v, *x.layout())
         ctx.y = Rows(None, y.n, y.v, *y.layout())
         ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
@@ -313,12 +329,12 @@ class FullKLFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        xd, yd, lse, ey = ctx.saved_tensors
+        xd, yd, kl, stats = ctx.saved_tensors
         x = Rows(xd, ctx.x.n, ctx.x.v, *ctx.x.layout())
         y = Rows(yd, ctx.y.n, ctx.y.v, *ctx.y.layout())
         grad = torch.empty(ctx.shape, dtype=xd.dtype, device=xd.device)
         grad_rows = Rows(grad, x.n, x.v, max(x.n, 1), 0, x.v)
-        full_kl_bwd(x, y, grad_rows, lse, ey, g.reshape(-1).float().contiguous(), ctx.inv_temp, ctx.backend)
+        full_kl_bwd(x, y, grad_rows, kl, stats, g.reshape(-1).float().contiguous(), ctx.inv_temp, ctx.backend)
         return grad, None, None, None
 
 
