@@ -88,10 +88,10 @@ class RLConfig:
         for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
             _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
         _check(self, "clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)")
-        _check(self, "micro_batch_size", self.mini_batch_size % self.micro_batch_size == 0,
-               f"must divide mini_batch_size={self.mini_batch_size}")
         _check(self, "mini_batch_size", self.sequences_per_step % self.mini_batch_size == 0,
                f"must divide the {self.sequences_per_step} sequences sampled per step")
+        _check(self, "micro_batch_size", self.mini_batch_size % self.micro_batch_size == 0,
+               f"must divide mini_batch_size={self.mini_batch_size}")
 
     @property
     def sequences_per_step(self) -> int:

@@ -186,10 +186,14 @@ class PolicyValueModel(nn.Module):
         return self.policy.device
 
     def gradient_checkpointing_enable(self) -> None:
-        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        self.policy.gradient_checkpointing_enable(**kwargs)
-        if self.critic is not None:
-            self.critic.gradient_checkpointing_enable(**kwargs)
+        """Recompute each decoder layer's activations in backward (policy and critic trunks)."""
+        for m in (self.policy, self.critic):
+            if m is None:
+                continue
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids, attention_mask, response_start: int, *, with_values: bool = True):
         """One pass for the logits and values of the response positions.
