@@ -29,6 +29,39 @@ TRITON_KERNELS = [
       "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "V": "i32", "inner": "i64", "s_outer": "i64", "s_inner": "i64",
       "g_inner": "i64", "g_s_outer": "i64", "g_s_inner": "i64", "inv_temp": "fp32"},
      {"WITH_ENTROPY": True, "BLOCK_V": 4096}, 8),
+    # KL and advantages (rlhf_fast/ops/kl.py, rlhf_fast/ops/advantages_kernels.py)
+    ("rlhf_fast.ops.advantages_kernels", "_advantages_fwd_kernel",
+     {"scores_ptr": "*fp32", "logp_ptr": "*bf16", "ref_ptr": "*fp32", "rew_ptr": "*u8", "val_ptr": "*bf16",
+      "mask_ptr": "*u8", "rew_out_ptr": "*fp32", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "stats_ptr": "*fp32",
+      "B": "i32", "T": "i32", "s_logp": "i64", "s_ref": "i64", "s_rew": "i32", "s_val": "i64", "s_mask": "i64",
+      "kl_coef": "fp32", "gamma": "fp32", "gl": "fp32"},
+     {"EST": 3, "SHAPE": True, "GAE": True, "STATS": True, "BLOCK_B": 1, "BLOCK_T": 2048}, 8),
+    ("rlhf_fast.ops.advantages_kernels", "_advantages_fwd_kernel",
+     {"scores_ptr": "*u8", "logp_ptr": "*u8", "ref_ptr": "*u8", "rew_ptr": "*fp32", "val_ptr": "*fp32",
+      "mask_ptr": "*i64", "rew_out_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "stats_ptr": "*u8",
+      "B": "i32", "T": "i32", "s_logp": "i32", "s_ref": "i32", "s_rew": "i64", "s_val": "i64", "s_mask": "i64",
+      "kl_coef": "fp32", "gamma": "fp32", "gl": "fp32"},
+     {"EST": 0, "SHAPE": False, "GAE": True, "STATS": False, "BLOCK_B": 16, "BLOCK_T": 128}, 8),
+    ("rlhf_fast.ops.advantages_kernels", "_whiten_stats_kernel",
+     {"x_ptr": "*fp32", "mask_ptr": "*u8", "stats_ptr": "*fp32", "N": "i64"}, {"BLOCK": 4096}, 8),
+    ("rlhf_fast.ops.advantages_kernels", "_whiten_apply_kernel",
+     {"x_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i64", "P": "i32",
+      "eps": "fp32"}, {"SHIFT_MEAN": True, "BLOCK": 2048, "BLOCK_P": 1024}, 8),
+    ("rlhf_fast.ops.advantages_kernels", "_group_advantages_kernel",
+     {"scores_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "n_groups": "i32", "G": "i32",
+      "baseline_factor": "fp32", "eps": "fp32"}, {"SCALE": 1, "BLOCK_G": 128, "BLOCK_M": 16, "BLOCK_ALL": 4096}, 4),
+    ("rlhf_fast.ops.kl", "_kl_penalty_bwd_kernel",
+     {"logp_ptr": "*bf16", "ref_ptr": "*fp32", "g_ptr": "*fp32", "grad_ptr": "*bf16", "N": "i64"},
+     {"EST": 3, "BLOCK": 2048}, 4),
+    ("rlhf_fast.ops.kl", "_full_kl_fwd_kernel",
+     {"x_ptr": "*bf16", "y_ptr": "*bf16", "kl_ptr": "*fp32", "stats_ptr": "*fp32", "V": "i32", "x_inner": "i64",
+      "x_s_outer": "i64", "x_s_inner": "i64", "y_inner": "i64", "y_s_outer": "i64", "y_s_inner": "i64",
+      "inv_temp": "fp32"}, {"BLOCK_V": 4096}, 8),
+    ("rlhf_fast.ops.kl", "_full_kl_bwd_kernel",
+     {"x_ptr": "*bf16", "y_ptr": "*bf16", "grad_ptr": "*bf16", "kl_ptr": "*fp32", "stats_ptr": "*fp32", "g_ptr": "*fp32",
+      "V": "i32", "x_inner": "i64", "x_s_outer": "i64", "x_s_inner": "i64", "y_inner": "i64", "y_s_outer": "i64",
+      "y_s_inner": "i64", "g_inner": "i64", "g_s_outer": "i64", "g_s_inner": "i64", "inv_temp": "fp32"},
+     {"BLOCK_V": 4096}, 8),
 ]
 
 _COMPILE_SCRIPT = textwrap.dedent(
@@ -83,7 +116,7 @@ def test_cuda_sources_compile(tmp_path):
     out = tmp_path / "_cuda_kernels.so"
     build_cuda_library(str(out), archs=["90"])
     symbols = subprocess.run(["nm", "-D", str(out)], capture_output=True, text=True).stdout
-    for name in ("rlhf_logprobs_fwd", "rlhf_logprobs_bwd"):
+    for name in ("rlhf_logprobs_fwd", "rlhf_logprobs_bwd", "rlhf_gae"):
         assert f" T {name}" in symbols, f"{name} not exported"
 
 
