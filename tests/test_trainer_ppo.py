@@ -147,6 +147,7 @@ def test_reward_model_no_pad_token_grad_checkpointing_and_missing_eos_penalty(tm
                               micro_batch_size=2, max_new_tokens=3, missing_eos_penalty=2.0, gradient_checkpointing=True,
                               ppo_epochs=1, **QUIET),
                     model=seeded_model(), tokenizer=char_tokenizer(pad=False), reward_model=rm, prompts=PROMPTS)
+    assert getattr(tr.model.policy, "is_activation_checkpointing", None) or tr.model.policy.is_gradient_checkpointing
     batch = tr.sample(0)
     assert tr.pad_id == tr.eos_id == 2
     from rlhf_fast.trainer.rollout import reward_model_scores
@@ -171,3 +172,6 @@ def test_constructor_errors():
     with pytest.raises(ValueError, match="max_prompt_length"):
         PPOTrainer(PPOConfig(max_prompt_length=2, prompt_truncation="error", **QUIET), model=seeded_model(),
                    tokenizer=tok, prompts=PROMPTS, reward_fn=target_fraction)
+    with pytest.raises(ValueError, match="max_new_tokens=200 exceeds the model's max_position_embeddings=128"):
+        PPOTrainer(PPOConfig(max_new_tokens=200, **QUIET), model=seeded_model(), tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=target_fraction)

@@ -105,6 +105,12 @@ class RLTrainer:
         self.eos_id, self.pad_id = special_ids(tokenizer)
         self.prompts = list(prompts)
         self.prompt_ids = encode_prompts(tokenizer, self.prompts, cfg.max_prompt_length, cfg.prompt_truncation)
+        limit = getattr(model.policy.config.get_text_config(), "max_position_embeddings", None)
+        longest = max(len(p) for p in self.prompt_ids)
+        if limit is not None and longest + cfg.max_new_tokens > limit:
+            raise ValueError(f"the longest prompt ({longest} tokens, at most max_prompt_length="
+                             f"{cfg.max_prompt_length}) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
+                             f"max_position_embeddings={limit}")
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
@@ -200,15 +206,22 @@ class RLTrainer:
         if not bool(ok):
             what = "loss" if not bool(torch.isfinite(loss_sum)) else "gradient norm"
             self.optimizer.zero_grad(set_to_none=True)
-            latest = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.exists() else None
-            raise NonFiniteError(
-                f"step {step + 1}: non-finite {what} (loss {float(loss_sum)}, grad norm {float(grad_norm)}); "
-                f"stopped before the optimizer step. Last good checkpoint: "
-                f"{latest if latest is not None else 'none saved yet'}")
+            self.stop_non_finite(step + 1, f"non-finite {what} (loss {float(loss_sum)}, grad norm "
+                                           f"{float(grad_norm)}); stopped before the optimizer step")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()
+
+    def check_finite(self, name: str, x: torch.Tensor, step: int) -> None:
+        """Stops the run when a rollout quantity holds NaN/Inf (one host sync)."""
+        if not bool(torch.isfinite(x).all()):
+            self.stop_non_finite(step, f"{name} has {int((~torch.isfinite(x)).sum())} non-finite value(s)")
+
+    def stop_non_finite(self, step: int, what: str):
+        latest = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.exists() else None
+        raise NonFiniteError(f"step {step}: {what}. Nothing was saved for this step; the last good checkpoint is "
+                             f"{latest if latest is not None else 'none (no checkpoint saved yet)'}")
 
     @staticmethod
     def reduce_stats(stats: list[dict]) -> dict:

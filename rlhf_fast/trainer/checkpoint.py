@@ -82,7 +82,10 @@ def save_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """``model.save_pretrained(directory)`` when the model has it, else one safetensors file."""
     directory.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
+        from rlhf_fast.trainer.model import quiet_hf_progress
+
+        with quiet_hf_progress():
+            model.save_pretrained(directory)
     else:
         from safetensors.torch import save_model
 

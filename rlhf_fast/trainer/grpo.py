@@ -25,7 +25,7 @@ from rlhf_fast.ops.advantages import group_advantages
 from rlhf_fast.ops.policy_loss import ppo_policy_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.config import GRPOConfig
-from rlhf_fast.trainer.rollout import Rollout, finite_or_raise, rollout_logprobs
+from rlhf_fast.trainer.rollout import Rollout, rollout_logprobs
 
 
 class GRPOTrainer(RLTrainer):
@@ -67,10 +67,10 @@ class GRPOTrainer(RLTrainer):
         batch = self.sample(step, repeat=cfg.group_size)
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
         batch.logprobs, _ = rollout_logprobs(self.model, batch, **kw)
-        finite_or_raise("logprobs", batch.logprobs, step + 1)
+        self.check_finite("logprobs", batch.logprobs, step + 1)
         if cfg.beta > 0:
             batch.ref_logprobs, _ = rollout_logprobs(self.ref_model, batch, **kw)
-            finite_or_raise("ref_logprobs", batch.ref_logprobs, step + 1)
+            self.check_finite("ref_logprobs", batch.ref_logprobs, step + 1)
         return batch
 
     # ------------------------------------------------------------------ 2. advantages

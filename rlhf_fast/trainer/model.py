@@ -16,6 +16,7 @@ the policy) with ``value_head.safetensors``, ``value_model.json`` and, for a sep
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -35,6 +36,20 @@ def resolve_attn_implementation(requested: str, device) -> str:
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """No "Writing model shards" bars from transformers while saving (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -146,10 +161,14 @@ class PolicyValueModel(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """Policy as a HF safetensors checkpoint; value head and critic beside it."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        with quiet_hf_progress():
+            self._save_pretrained(path)
+
+    def _save_pretrained(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
         self.policy.save_pretrained(path, safe_serialization=True)
         meta = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
         (path / META_FILE).write_text(json.dumps(meta) + "\n")

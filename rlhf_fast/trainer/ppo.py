@@ -29,7 +29,7 @@ from rlhf_fast.ops.policy_loss import ppo_policy_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
-from rlhf_fast.trainer.rollout import Rollout, finite_or_raise, rollout_logprobs
+from rlhf_fast.trainer.rollout import Rollout, rollout_logprobs
 
 
 class PPOTrainer(RLTrainer):
@@ -84,7 +84,7 @@ class PPOTrainer(RLTrainer):
         batch.logprobs, batch.values = rollout_logprobs(self.model, batch, with_values=True, **kw)
         batch.ref_logprobs, _ = rollout_logprobs(self.ref_model, batch, **kw)
         for name in ("logprobs", "values", "ref_logprobs"):
-            finite_or_raise(name, getattr(batch, name), step + 1)
+            self.check_finite(name, getattr(batch, name), step + 1)
         return batch
 
     # ------------------------------------------------------------------ 2. advantages

@@ -231,10 +231,3 @@ def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch
         if with_values:
             values[s : s + len(mb)] = torch.where(mb.response_mask, v.float(), 0.0)
     return logps, values
-
-
-def finite_or_raise(name: str, x: torch.Tensor, step: int) -> None:
-    """A clear error when a rollout quantity is NaN/Inf (one host sync per call)."""
-    if not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x)).sum().item()
-        raise FloatingPointError(f"step {step}: {name} has {bad} non-finite value(s)")
