@@ -25,7 +25,7 @@ def _batch(vocab=19, P=5, R=4, seed=0):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_response_logits_match_full_forward_and_skip_prompt_positions(kind):
-    model = seeded_model(kind).eval()
+    model = _random_value_head(seeded_model(kind).eval())
     ids, mask, P = _batch()
     seen = []
     hook = model.policy.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(i[0].shape))
@@ -74,9 +74,8 @@ def test_model_generation_config_does_not_leak_into_sampling():
 
 @pytest.mark.parametrize("separate", [False, True])
 def test_save_pretrained_round_trip(tmp_path, separate):
-    model = seeded_model(separate_critic=separate)
+    model = _random_value_head(seeded_model(separate_critic=separate))
     with torch.no_grad():
-        model.value_head.bias.fill_(0.25)
         if separate:
             next(model.critic.parameters()).add_(0.1)
     model.save_pretrained(tmp_path)
@@ -100,8 +99,15 @@ def test_save_pretrained_round_trip(tmp_path, separate):
         seeded_model(separate_critic=not separate).load_weights(tmp_path)
 
 
+def _random_value_head(model):
+    with torch.no_grad():
+        model.value_head.weight.normal_()
+        model.value_head.bias.fill_(0.25)
+    return model
+
+
 def test_separate_critic_owns_the_values():
-    model = seeded_model(separate_critic=True).eval()
+    model = _random_value_head(seeded_model(separate_critic=True).eval())
     ids, mask, P = _batch()
     logits, values = model(ids, mask, P)
     with torch.no_grad():

@@ -126,6 +126,7 @@ def test_reward_model_scores_read_the_last_real_token():
         torch.testing.assert_close(got[b], alone, rtol=1e-5, atol=1e-5)
     # a trunk with a scalar head: a PolicyValueModel's value head at the last real token
     pv = seeded_model().eval()
+    torch.nn.init.normal_(pv.value_head.weight)
     ext_ids, ext_mask = torch.cat([ids, ids[:, :1]], 1), torch.cat([mask, mask[:, -1:]], 1)
     # forward's values at column 0 come from the state at position 5 = the last real token
     torch.testing.assert_close(pv.score_sequences(ids, mask), pv(ext_ids, ext_mask, 6)[1][:, 0])

@@ -106,8 +106,7 @@ class MetricsLogger:
                 self._tb.add_scalar(k, v, step)
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k.split("/")[-1] if k.count("/") else k: f"{values[k]:.4g}"
-                                   for k in self.progress_keys if k in values}, refresh=False)
+            self._bar.set_postfix({k: f"{values[k]:.4g}" for k in self.progress_keys if k in values}, refresh=False)
             self._bar.refresh()
         return values
 

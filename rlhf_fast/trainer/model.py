@@ -118,8 +118,10 @@ class PolicyValueModel(nn.Module):
         self.value_head = None
         if value_head:
             hidden = policy.config.get_text_config().hidden_size
+            # zero-initialised: V = 0 until the value loss has spoken, instead of noise of size ~1
+            # that would dominate the first advantages of small rewards
             self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=policy.device)
-            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden + 1) ** 0.5)
+            nn.init.zeros_(self.value_head.weight)
             nn.init.zeros_(self.value_head.bias)
 
     # ------------------------------------------------------------------ construction
