@@ -13,6 +13,10 @@
 namespace rlhf_fast {
 namespace {
 
+// Below this many elements a parallel region costs more than it saves (thread wake-up,
+// and on a loaded machine a worker that is not scheduled stalls the barrier).
+constexpr int64_t kParallelMin = 1 << 15;
+
 // Any dtype code as float; used where a loop is sequential anyway (the GAE recurrence).
 inline float load_any(uintptr_t base, int dtype, int64_t i) {
   switch (dtype) {
@@ -84,7 +88,7 @@ void advantages_fwd(uintptr_t scores_ptr, int scores_dtype, int64_t /*scores_str
   double* stats = reinterpret_cast<double*>(stats_ptr);
   const float coef = static_cast<float>(kl_coef), g = static_cast<float>(gamma);
   const float gl = static_cast<float>(gamma * lam);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (B * T >= kParallelMin)
   for (int64_t r = 0; r < B; ++r) {
     const float score = shape ? load_any(scores_ptr, scores_dtype, r) : 0.0f;
     bool seen = false;
@@ -128,33 +132,41 @@ void advantages_fwd(uintptr_t scores_ptr, int scores_dtype, int64_t /*scores_str
   }
 }
 
-// (count, mean, M2) of the valid elements of x (N,), written to stats (1, 3) double.
+// Per chunk of kWhitenChunk elements of x (N,): (count, mean, M2) of its valid elements, to
+// stats (ceil(N / kWhitenChunk), 3) double. One parallel pass; each chunk is re-read from cache.
+constexpr int64_t kWhitenChunk = 1 << 14;
+
 void whiten_stats(uintptr_t x_ptr, int x_dtype, uintptr_t mask_ptr, int mask_dtype, int64_t N, uintptr_t stats_ptr,
                   int nthreads) {
   double* stats = reinterpret_cast<double*>(stats_ptr);
+  const int64_t P = (N + kWhitenChunk - 1) / kWhitenChunk;
   dispatch_float(x_dtype, [&](auto* xt) {
     using X = std::remove_pointer_t<decltype(xt)>;
     dispatch_any(mask_dtype, [&](auto* mt) {
       using M = std::remove_pointer_t<decltype(mt)>;
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const M* m = reinterpret_cast<const M*>(mask_ptr);
-      double n = 0.0, sum = 0.0;
-#pragma omp parallel for simd reduction(+ : n, sum) num_threads(num_threads(nthreads))
-      for (int64_t i = 0; i < N; ++i) {
-        const bool ok = load_val(m, i) != 0.0f;
-        n += ok ? 1.0 : 0.0;
-        sum += ok ? static_cast<double>(load_f32(x, i)) : 0.0;
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (P > 1)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t lo = p * kWhitenChunk, hi = std::min(N, lo + kWhitenChunk);
+        double n = 0.0, sum = 0.0;
+#pragma omp simd reduction(+ : n, sum)
+        for (int64_t i = lo; i < hi; ++i) {
+          const bool ok = load_val(m, i) != 0.0f;
+          n += ok ? 1.0 : 0.0;
+          sum += ok ? static_cast<double>(load_f32(x, i)) : 0.0;
+        }
+        const double mean = n > 0.0 ? sum / n : 0.0;
+        double m2 = 0.0;
+#pragma omp simd reduction(+ : m2)
+        for (int64_t i = lo; i < hi; ++i) {
+          const double dv = static_cast<double>(load_f32(x, i)) - mean;
+          m2 += load_val(m, i) != 0.0f ? dv * dv : 0.0;
+        }
+        stats[3 * p] = n;
+        stats[3 * p + 1] = mean;
+        stats[3 * p + 2] = m2;
       }
-      const double mean = n > 0.0 ? sum / n : 0.0;
-      double m2 = 0.0;
-#pragma omp parallel for simd reduction(+ : m2) num_threads(num_threads(nthreads))
-      for (int64_t i = 0; i < N; ++i) {
-        const double dv = static_cast<double>(load_f32(x, i)) - mean;
-        m2 += load_val(m, i) != 0.0f ? dv * dv : 0.0;
-      }
-      stats[0] = n;
-      stats[1] = mean;
-      stats[2] = m2;
     });
   });
 }
@@ -185,7 +197,7 @@ void whiten_apply(uintptr_t x_ptr, int x_dtype, uintptr_t mask_ptr, int mask_dty
       using M = std::remove_pointer_t<decltype(mt)>;
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const M* m = reinterpret_cast<const M*>(mask_ptr);
-#pragma omp parallel for simd num_threads(num_threads(nthreads))
+#pragma omp parallel for simd num_threads(num_threads(nthreads)) if (N >= kParallelMin)
       for (int64_t i = 0; i < N; ++i) {
         const float y = (load_f32(x, i) - mu) * rstd + add;
         out[i] = load_val(m, i) != 0.0f ? y : 0.0f;
@@ -228,7 +240,7 @@ void register_advantages(py::module_& m) {
   m.def("advantages_fwd", &advantages_fwd, py::call_guard<py::gil_scoped_release>(),
         "per row: KL-shaped rewards -> GAE -> (count, mean, M2) of the advantages");
   m.def("whiten_stats", &whiten_stats, py::call_guard<py::gil_scoped_release>(),
-        "(count, mean, M2) of the masked elements, to a (1, 3) double buffer");
+        "per chunk of 16384 elements: (count, mean, M2) of the masked ones, to a (P, 3) double buffer");
   m.def("whiten_apply", &whiten_apply, py::call_guard<py::gil_scoped_release>(),
         "masked whitening from partial (count, mean, M2) statistics");
   m.def("group_advantages", &group_advantages, py::call_guard<py::gil_scoped_release>(),

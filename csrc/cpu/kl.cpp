@@ -50,7 +50,7 @@ void kl_penalty_fwd(uintptr_t a_ptr, int a_dtype, uintptr_t b_ptr, int b_dtype, 
         using B = std::remove_pointer_t<decltype(bt)>;
         const A* a = reinterpret_cast<const A*>(a_ptr);
         const B* b = reinterpret_cast<const B*>(b_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n > kElemChunk)
         for (int64_t c = 0; c < n; c += kElemChunk)
           kl_penalty_loop<decltype(e)::value>(a + c, b + c, out + c, std::min(kElemChunk, n - c));
       });
@@ -70,7 +70,7 @@ void kl_penalty_bwd(uintptr_t a_ptr, int a_dtype, uintptr_t b_ptr, int b_dtype, 
         const A* a = reinterpret_cast<const A*>(a_ptr);
         const B* b = reinterpret_cast<const B*>(b_ptr);
         A* ga = reinterpret_cast<A*>(ga_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n > kElemChunk)
         for (int64_t c = 0; c < n; c += kElemChunk)
           kl_penalty_grad_loop<decltype(e)::value>(a + c, b + c, g + c, ga + c, std::min(kElemChunk, n - c));
       });
@@ -165,7 +165,7 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       using Y = std::remove_pointer_t<decltype(yt)>;
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r) {
         const KLStats st = full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
         const float log_s = std::log(st.s), log_sq = std::log(st.sq);
@@ -195,7 +195,7 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
       X* gx = reinterpret_cast<X*>(gx_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r)
         full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r], stats + 4 * r,
                         g[r]);

@@ -344,7 +344,7 @@ def masked_whiten_fwd(backend, x, mask, *, shift_mean=True, eps=1e-8):
         if N:
             _whiten_stats_kernel[(stats.shape[0],)](x, mask, stats, N, BLOCK=block, num_warps=8)
     elif backend == "cpu":
-        stats = torch.empty(1, 3, dtype=torch.float64)
+        stats = torch.empty(triton.cdiv(N, 1 << 14), 3, dtype=torch.float64)  # kWhitenChunk in advantages.cpp
         _backend._C.whiten_stats(x.data_ptr(), _code(x), mask.data_ptr(), _code(mask), N, stats.data_ptr(),
                                  _backend.num_threads())
     else:
