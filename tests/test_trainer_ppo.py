@@ -74,6 +74,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         _trainer(tmp_path / "run", reward_fn=crashing, **opts).train()
     assert latest_checkpoint(tmp_path / "run" / "checkpoints").name == "step-000002"
+    with pytest.warns(UserWarning, match="changed config fields: learning_rate"):
+        _trainer(tmp_path / "run", resume_from="latest", **{**opts, "learning_rate": 1e-3})
     resumed = _trainer(tmp_path / "run", resume_from="latest", **opts)
     assert resumed.step == 2 and resumed.kl_ctl.value != 0.05  # adapted coefficient restored
     resumed.train()
@@ -174,4 +176,8 @@ def test_constructor_errors():
                    tokenizer=tok, prompts=PROMPTS, reward_fn=target_fraction)
     with pytest.raises(ValueError, match="max_new_tokens=200 exceeds the model's max_position_embeddings=128"):
         PPOTrainer(PPOConfig(max_new_tokens=200, **QUIET), model=seeded_model(), tokenizer=tok, prompts=PROMPTS,
+                   reward_fn=target_fraction)
+    model = seeded_model()
+    with pytest.raises(ValueError, match="ref_model is the policy itself"):
+        PPOTrainer(PPOConfig(**QUIET), model=model, ref_model=model.policy, tokenizer=tok, prompts=PROMPTS,
                    reward_fn=target_fraction)

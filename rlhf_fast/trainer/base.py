@@ -15,6 +15,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +26,11 @@ from rlhf_fast.trainer.config import RLConfig
 from rlhf_fast.trainer.metrics import MetricsLogger, is_main_process
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
 from rlhf_fast.trainer.rollout import Rollout, encode_prompts, sample_rollout, special_ids
+
+
+# fields a resumed run may change without a warning
+_FREE_ON_RESUME = {"resume_from", "total_steps", "output_dir", "save_steps", "keep_checkpoints", "progress_bar",
+                   "tensorboard", "plot", "device"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -89,6 +95,8 @@ class RLTrainer:
         # ... the frozen reference: the initial policy unless given
         if isinstance(ref_model, PolicyValueModel):
             ref_model = ref_model.policy
+        if ref_model is not None and ref_model is model.policy:
+            raise ValueError("ref_model is the policy itself; pass a frozen copy, or None to copy the initial policy")
         self.ref_model = self._frozen(ref_model if ref_model is not None else copy.deepcopy(model.policy))
         self.reward_model = self._frozen(reward_model) if reward_model is not None else None
         self.reward_fn = reward_fn
@@ -294,6 +302,12 @@ class RLTrainer:
                                      generators={"shuffle": self.generator}, map_location=self.device)
         self.step = int(state["step"])
         self.load_extra_state(state)
+        saved = state.get("config", {})
+        changed = sorted(k for k, v in self.config.to_dict().items()
+                         if k in saved and saved[k] != v and k not in _FREE_ON_RESUME)
+        if changed:
+            warnings.warn(f"resuming {path} with changed config fields: "
+                          + ", ".join(f"{k}={saved[k]!r} -> {getattr(self.config, k)!r}" for k in changed))
 
     def export(self, path=None) -> Path:
         """Writes the trained model (HF checkpoint + value head) and tokenizer to ``path``
