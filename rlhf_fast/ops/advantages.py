@@ -196,7 +196,8 @@ def gae(rewards, values, mask, *, gamma=1.0, lam=0.95):
         gamma, lam: in [0, 1].
 
     Returns:
-        (advantages, returns), each (B, T) fp32, 0 at masked positions.
+        (advantages, returns), each (B, T) fp32, 0 at masked positions; constants (no gradient
+        through the kernels). fp64 inputs run ``gae_ref`` in fp64.
     """
     check_bt("rewards", rewards)
     check_bt("values", values, rewards.shape)
@@ -223,7 +224,7 @@ def masked_whiten(x, mask, *, shift_mean=True, eps=1e-8):
         x: (...) fp32 / fp16 / bf16. mask: (...) same shape, 0/1. eps: >= 0.
 
     Returns:
-        (...) fp32.
+        (...) fp32, 0 where masked; a constant (no gradient through the kernels).
     """
     check_float("x", x, VALUE_DTYPES)
     check_mask("mask", mask, x.shape)
@@ -249,7 +250,8 @@ def ppo_advantages(scores, logprobs, ref_logprobs, values, mask, *, kl_coef, gam
         scores: (B,). logprobs, ref_logprobs, values: (B, T). mask: (B, T) 0/1.
 
     Returns:
-        (advantages, returns, rewards), each (B, T) fp32, 0 at masked positions.
+        (advantages, returns, rewards), each (B, T) fp32, 0 at masked positions (whitened
+        advantages too); constants (no gradient through the kernels).
     """
     _check_per_token(scores, logprobs, ref_logprobs, mask, values)
     kl_coef = check_finite("kl_coef", kl_coef)
