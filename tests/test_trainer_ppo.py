@@ -118,7 +118,9 @@ def test_loss_equals_reference_composition_on_a_captured_batch(tmp_path):
         torch.testing.assert_close(a[mask], b[mask], rtol=1e-5, atol=1e-5)
 
     mb = batch.select(torch.tensor([5, 0, 3]))
-    loss, _ = tr.compute_loss(mb)
+    loss, stats = tr.compute_loss(mb)
+    # before any update the loss's log-probs (trimmed micro-batch, same temperature) are the sampler's
+    assert abs(float(stats["policy/ratio_mean"]) - 1) < 1e-5 and float(stats["policy/approx_kl"]) < 1e-9
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
