@@ -9,9 +9,11 @@ from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref
 from rlhf_fast.ops import policy_loss as pl_mod
 from helpers import assert_close_to_ref
 
-# atol relative to the largest |reference| (fp32 math inside; a few ulps of the largest value)
-LOSS_ATOL = {torch.float32: 1e-6, torch.float16: 1e-6, torch.bfloat16: 1e-6}
-GRAD_ATOL = {torch.float32: 5e-7, torch.float16: 5e-7, torch.bfloat16: 5e-7}
+# atol relative to the largest |reference|. The kernels keep lse = m + log(s) in fp32, so logp = z_t - lse
+# and p = exp(z - lse) carry up to ~ulp(lse) ~ 1e-6 relative error for |lse| ~ 10 (torch's log_softmax,
+# (z - m) - log(s), is a little tighter): ~16 fp32 ulps of the largest value. A 1e-4 relative error fails.
+LOSS_ATOL = {torch.float32: 4e-6, torch.float16: 4e-6, torch.bfloat16: 4e-6}
+GRAD_ATOL = {torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
 STAT_ATOL = 2e-5
 
 
@@ -48,7 +50,7 @@ def _check(logits, targets, old, adv, mask, ref, name="", **kw):
     loss_t, _ = ppo_policy_loss_ref(xt, targets, old, adv, mask, ref_logprobs=ref, **kw)
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert torch.isfinite(loss), f"{name}: loss is {loss}"
-    scale = max(1.0, abs(float(loss64)))
+    scale = max(1.0, abs(float(loss64.detach())))
     assert_close_to_ref(loss, loss64, loss_t, atol=LOSS_ATOL[dtype] * scale, name=f"{name} loss")
     (loss * 1.7).backward()
     (loss64 * 1.7).backward()
