@@ -18,6 +18,7 @@ Others (entropy masks, vLLM importance-sampling correction, the entropy bonus, .
 from __future__ import annotations
 
 import argparse
+import os
 import string
 import tempfile
 
@@ -101,14 +102,15 @@ def build_trainer(steps=2, loss_type="dr_grpo", beta=0.0, num_iterations=1, outp
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.eos_token_id)
-    model_dir = tempfile.mkdtemp(prefix="tiny_llama_")
+    output_dir = output_dir or tempfile.mkdtemp(prefix="grpo_rlhf_fast_")
+    model_dir = os.path.join(output_dir, "tiny_llama")
     LlamaForCausalLM(config).save_pretrained(model_dir)  # a local path, so TRL can load a reference copy (beta > 0)
     dataset = Dataset.from_dict({"prompt": ["say a", "abc ", "hello", "aaa b", "the a", "zz a ", "a, a.", "b c d"]})
     args = GRPOConfig(
-        output_dir=output_dir or tempfile.mkdtemp(prefix="grpo_rlhf_fast_"), max_steps=steps, learning_rate=1e-3,
+        output_dir=output_dir, max_steps=steps, learning_rate=1e-3,
         per_device_train_batch_size=4, num_generations=4, max_completion_length=8, loss_type=loss_type,
-        beta=beta, use_bias_correction_kl=False, num_iterations=num_iterations, epsilon_high=0.28, temperature=1.0, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
+        beta=beta, use_bias_correction_kl=False, num_iterations=num_iterations, epsilon_high=0.28, temperature=1.0,
+        logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=seed, disable_tqdm=True,
     )
     return RlhfFastGRPOTrainer(model=model_dir, reward_funcs=count_a_reward, args=args, train_dataset=dataset,
                                processing_class=tokenizer)
@@ -125,7 +127,8 @@ def main():
     trainer.train()
     for row in trainer.state.log_history:
         if "loss" in row:
-            print({k: row[k] for k in ("step", "loss", "reward", "kl", "approx_kl", "clip_ratio/region_mean") if k in row})
+            keys = ("step", "loss", "reward", "kl", "approx_kl", "clip_ratio/region_mean")
+            print({k: row[k] for k in keys if k in row})
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     """DPO (sigmoid, with conservative label smoothing) or IPO loss on sequence log-probs::
 
         h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-        sigmoid: loss = (-F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing).mean()
+        sigmoid: loss = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
+                         - F.logsigmoid(-beta * h) * label_smoothing).mean()
         ipo:     loss = ((h - 1 / (2 * beta)) ** 2).mean()
         chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()   (rejected likewise)
 

@@ -22,7 +22,8 @@ def _inputs(B, T, V, dtype, device, *, per_seq=False, seed=0, scale=3.0):
     logits = (torch.randn(B, T, V, generator=g) * scale).to(device=device, dtype=dtype)
     targets = torch.randint(0, V, (B, T), generator=g).to(device)
     true_lp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
-    old = (true_lp + 0.3 * torch.randn(B, T, generator=g).to(device, torch.float64)).float()  # ratios around 1, some clipped
+    # ratios around 1, some of them clipped
+    old = (true_lp + 0.3 * torch.randn(B, T, generator=g).to(device, torch.float64)).float()
     ref = (true_lp + 0.2 * torch.randn(B, T, generator=g).to(device, torch.float64)).float()
     adv = torch.randn(B if per_seq else (B, T), generator=g).to(device)
     if not per_seq:
