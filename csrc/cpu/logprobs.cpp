@@ -48,11 +48,11 @@ void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
     for (int64_t r = 0; r < n_rows; ++r) {
       const T* row = x + lay.offset(r);
       RowStats st = ent ? logprobs_row<T, true>(row, V, inv_temp) : logprobs_row<T, false>(row, V, inv_temp);
-      const float lse = st.lse();
+      const float log_s = std::log(st.s);
       const int64_t t = load_index(t_ptr, t_dtype, r);
-      float lp = load_f32(row, t) * inv_temp - lse;
+      float lp = (load_f32(row, t) * inv_temp - st.m) - log_s;  // exact subtraction first
       logp[r] = lp > 0.0f ? 0.0f : lp;
-      lse_out[r] = lse;
+      lse_out[r] = st.m + log_s;
       if (ent) ent[r] = st.entropy();
     }
   });

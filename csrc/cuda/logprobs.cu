@@ -20,7 +20,7 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(
     const float log_s = logf(st.s);
     const float lse = st.m + log_s;
     const int64_t t = load_index(targets, t_dtype, r);
-    logp[r] = fminf(to_f32(row[t]) * inv_temp - lse, 0.f);
+    logp[r] = fminf((to_f32(row[t]) * inv_temp - st.m) - log_s, 0.f);  // exact subtraction first
     lse_out[r] = lse;
     if (ent) ent[r] = fmaxf(log_s - st.a / st.s, 0.f);
   }

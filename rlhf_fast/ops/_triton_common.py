@@ -59,7 +59,9 @@ def online_softmax_update(m, s, a, z, WITH_A: tl.constexpr):
 @triton.jit
 def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """One streaming pass over a row of V logits at row_ptr (unit stride).
-    Returns (lse, entropy) of softmax(row * inv_temp); entropy is 0 unless WITH_ENTROPY."""
+    Returns (m, log_s, entropy) of softmax(row * inv_temp): lse = m + log_s, and a log-prob is
+    best formed as (z - m) - log_s (exact subtraction first, as torch's log_softmax does);
+    entropy is 0 unless WITH_ENTROPY."""
     m = float("-inf")
     s = 0.0
     a = 0.0
@@ -68,11 +70,10 @@ def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V:
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
         m, s, a = online_softmax_update(m, s, a, z, WITH_ENTROPY)
     log_s = tl.log(s)
-    lse = m + log_s
     ent = 0.0
     if WITH_ENTROPY:
         ent = tl.maximum(log_s - a / s, 0.0)
-    return lse, ent
+    return m, log_s, ent
 
 
 @triton.jit

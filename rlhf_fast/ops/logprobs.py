@@ -53,11 +53,11 @@ def _logprobs_fwd_kernel(
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_offset(row, inner, s_outer, s_inner)
-    lse, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
+    m, log_s, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
     t = tl.load(targets_ptr + row).to(tl.int64)
     z_t = tl.load(row_ptr + t).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, tl.minimum(z_t - lse, 0.0))
-    tl.store(lse_ptr + row, lse)
+    tl.store(logp_ptr + row, tl.minimum((z_t - m) - log_s, 0.0))
+    tl.store(lse_ptr + row, m + log_s)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, ent)
 
