@@ -2,11 +2,18 @@
 LR schedule), prompt batches, mini/micro-batching with exact loss normalisation, the optimizer
 step with its non-finite guard, step metrics, checkpoints and resume.
 
-The training loops themselves live in ``ppo.py`` and ``grpo.py``. The pieces a distributed
-layer will wrap are separate functions/methods: ``sample`` (rollout generation),
-``compute_advantages`` (in each trainer), ``micro_batches`` (loss normalisation: the token /
-sequence counts of a mini-batch are what an all-reduce would sum) and ``reduce_stats``
-(metric reduction).
+The training loops themselves live in ``ppo.py`` and ``grpo.py``. Under torchrun
+(``WORLD_SIZE > 1``) the trainer joins the job and goes global at the separated steps
+(``distributed.py``): ``sample`` draws this rank's share of the step's prompts,
+``compute_advantages`` whitens / scales with all-reduced moments, ``mini_batches`` gives every
+rank its share of the same global mini-batches, ``micro_batches`` normalises by all-reduced
+token / sequence counts, and ``reduce_stats`` / ``rollout_metrics`` all-reduce what is logged.
+
+Mini-batches are stratified: a pass over a step's ``n`` sequences cuts them into
+``mini_batch_size`` consecutive slots of ``k = n / mini_batch_size`` sequences and draws, per
+slot, a random permutation saying which mini-batch gets which of its sequences. Every
+mini-batch takes one sequence of each slot, and a rank holding whole slots holds its share of
+every mini-batch without any data moving: the update does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -22,15 +29,16 @@ import torch
 from torch import nn
 
 from rlhf_fast.trainer import checkpoint as ckpt
+from rlhf_fast.trainer import distributed
 from rlhf_fast.trainer.config import RLConfig
-from rlhf_fast.trainer.metrics import MetricsLogger, is_main_process
+from rlhf_fast.trainer.metrics import MetricsLogger
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
-from rlhf_fast.trainer.rollout import Rollout, encode_prompts, sample_rollout, special_ids
+from rlhf_fast.trainer.rollout import Rollout, encode_prompts, rollout_logprobs, sample_rollout, special_ids
 
 
 # fields a resumed run may change without a warning
 _FREE_ON_RESUME = {"resume_from", "total_steps", "output_dir", "save_steps", "keep_checkpoints", "progress_bar",
-                   "tensorboard", "plot", "device"}
+                   "tensorboard", "plot", "device", "distributed_strategy", "frozen_model_sharding", "dist_timeout_s"}
 
 
 class NonFiniteError(FloatingPointError):
@@ -83,7 +91,10 @@ class RLTrainer:
         if tokenizer is None:
             raise ValueError("tokenizer is required (prompts are text; completions are decoded for reward_fn)")
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
+        distributed.init_distributed(cfg.device, cfg.dist_timeout_s)  # under torchrun: join the job
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        cfg.check_world_size(self.world_size)
+        self.device = distributed.rank_device(cfg.device) if distributed.is_distributed() else resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
 
@@ -97,17 +108,23 @@ class RLTrainer:
             ref_model = ref_model.policy
         if ref_model is not None and ref_model is model.policy:
             raise ValueError("ref_model is the policy itself; pass a frozen copy, or None to copy the initial policy")
-        self.ref_model = self._frozen(ref_model if ref_model is not None else copy.deepcopy(model.policy))
-        self.reward_model = self._frozen(reward_model) if reward_model is not None else None
-        self.reward_fn = reward_fn
+        ref_model = ref_model if ref_model is not None else copy.deepcopy(model.policy)
         attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
-        for m in (model.policy, model.critic, self.ref_model):
+        for m in (model.policy, model.critic, ref_model):
             if m is not None and hasattr(m, "set_attn_implementation") and m.config._attn_implementation != attn:
                 m.set_attn_implementation(attn)
+        self.ref_model = self._frozen(ref_model)
+        self.reward_model = self._frozen(reward_model) if reward_model is not None else None
+        self.reward_fn = reward_fn
         disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.model = model.to(self.device).train()
+        if model.value_head is not None and not self.uses_value_head:
+            model.value_head.requires_grad_(False)  # never in the loss (DDP refuses unused parameters)
+        # self.model: the PolicyValueModel (FSDP-sharded in place); self.train_model: what the
+        # loss's forward goes through (self.model, or its DDP wrapper)
+        self.model, self.train_model = distributed.prepare_trainable(model.train(), cfg.distributed_strategy,
+                                                                     self.device)
 
         self.tokenizer = tokenizer
         self.eos_id, self.pad_id = special_ids(tokenizer)
@@ -141,7 +158,8 @@ class RLTrainer:
 
     def _frozen(self, m: nn.Module) -> nn.Module:
         disable_dropout(m)
-        return m.to(self.device).eval().requires_grad_(False)
+        m = m.eval().requires_grad_(False)
+        return distributed.prepare_frozen(m, self.config.frozen_model_sharding, self.device)
 
     # ------------------------------------------------------------------ precision
     def autocast(self):
@@ -171,26 +189,46 @@ class RLTrainer:
         return cache[epoch]
 
     def sample(self, step: int, repeat: int = 1) -> Rollout:
-        """Samples ``repeat`` completions for each of the step's prompts (copies consecutive) and scores them."""
+        """Samples ``repeat`` completions for each of this rank's prompts of the step (the r-th of
+        ``world_size`` contiguous shares; copies consecutive, so a group stays on its rank) and
+        scores them."""
         cfg = self.config
-        idx = [i for i in self.prompt_indices(step) for _ in range(repeat)]
-        return sample_rollout(self.model.policy, self.tokenizer, [self.prompts[i] for i in idx],
-                              [self.prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
-                              temperature=cfg.temperature, device=self.device, reward_fn=self.reward_fn,
-                              reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
-                              autocast=self.autocast)
+        share = cfg.rollout_batch_size // self.world_size
+        mine = self.prompt_indices(step)[self.rank * share : (self.rank + 1) * share]
+        idx = [i for i in mine for _ in range(repeat)]
+        if self.world_size > 1:  # a sampling stream per (step, rank), whatever happened before
+            torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank) % 2**63)
+        with (distributed.gathered(self.model, within=self.model.policy),
+              distributed.gathered(self.reward_model, full=False)):
+            return sample_rollout(self.model.policy, self.tokenizer, [self.prompts[i] for i in idx],
+                                  [self.prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
+                                  temperature=cfg.temperature, device=self.device, reward_fn=self.reward_fn,
+                                  reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
+                                  autocast=self.autocast)
+
+    def frozen_logprobs(self, batch: Rollout) -> torch.Tensor:
+        """(B, R) log-probs of the frozen reference at the sampling temperature."""
+        cfg = self.config
+        with distributed.gathered(self.ref_model, full=False):
+            return rollout_logprobs(self.ref_model, batch, temperature=cfg.temperature,
+                                    micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)[0]
 
     # ------------------------------------------------------------------ batching
-    def mini_batches(self, n: int):
-        """Shuffled index sets of mini_batch_size sequences covering range(n) once."""
-        perm = torch.randperm(n, generator=self.generator).to(self.device)
-        return perm.split(self.config.mini_batch_size)
+    def mini_batches(self, n: int) -> list[torch.Tensor]:
+        """This rank's rows (of its ``n``) in each mini-batch of one shuffled pass over the step's
+        sequences (stratified, see the module docstring; the same on every rank)."""
+        return [m.to(self.device) for m in mini_batch_indices(n, self.config.mini_batch_size, self.generator,
+                                                              self.rank, self.world_size)]
 
     def micro_batches(self, batch: Rollout, mini: torch.Tensor):
         """Yields (micro_batch, scale): summing ``scale * loss(micro_batch)`` over the micro-batches
         gives exactly ``loss(mini-batch)`` for the configured ``loss_agg`` (token-mean weighs each
         micro-batch by its share of the valid tokens, the sequence means by its share of the
-        sequences that have tokens, the "-norm" sum by its share of sequences)."""
+        sequences that have tokens, the "-norm" sum by its share of sequences).
+
+        Under ``world`` ranks the shares are of the global mini-batch (the totals are
+        all-reduced) and scaled by ``world``, since DDP / FSDP average the ranks' gradients:
+        ``mean_r(sum_m scale * grad loss(micro))`` is the gradient of the global mini-batch loss."""
         agg = self.config.loss_agg
         mask = batch.response_mask[mini]
         if agg == "token-mean":
@@ -199,17 +237,37 @@ class RLTrainer:
             per_row = torch.ones(mask.shape[0], device=mask.device)
         else:
             per_row = mask.any(-1).float()
-        total = per_row.sum().clamp(min=1)
+        total = distributed.all_reduce(per_row.sum()).clamp(min=1)
+        world = distributed.world_size()
         for part, rows in zip(mini.split(self.config.micro_batch_size),
                               per_row.split(self.config.micro_batch_size)):
-            yield batch.select(part), rows.sum() / total
+            yield batch.select(part), rows.sum() * world / total
 
     # ------------------------------------------------------------------ optimisation
+    def optimize_mini_batch(self, batch: Rollout, mini: torch.Tensor, step: int):
+        """One optimizer step on mini-batch ``mini``: forward/backward per micro-batch (gradients
+        accumulate; DDP all-reduces at the last one only), then ``optimizer_step``. Returns
+        (per-micro-batch stats, grad norm)."""
+        micros = list(self.micro_batches(batch, mini))
+        loss_sum = torch.zeros((), device=self.device)
+        stats = []
+        for i, (micro, scale) in enumerate(micros):
+            with distributed.no_sync(self.train_model, skip=i < len(micros) - 1):
+                loss, s = self.compute_loss(micro)
+                (loss * scale).backward()
+            loss_sum = loss_sum + loss.detach() * scale
+            stats.append(s)
+        return stats, self.optimizer_step(step, loss_sum)
+
     def optimizer_step(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
-        """Clips, checks loss and gradient norm are finite (one host sync), steps optimizer and LR."""
+        """Clips, checks loss and gradient norm are finite (one host sync), steps optimizer and LR.
+        ``loss_sum``: this rank's sum of ``scale * loss(micro)`` (all-reduced here, so every rank
+        takes the same decision)."""
         cfg = self.config
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = distributed.local_tensor(grad_norm)  # FSDP: the global norm, as a replicated DTensor
+        loss_sum = distributed.all_reduce(loss_sum) / self.world_size
         ok = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
         if not bool(ok):
             what = "loss" if not bool(torch.isfinite(loss_sum)) else "gradient norm"
@@ -222,9 +280,10 @@ class RLTrainer:
         return grad_norm.detach()
 
     def check_finite(self, name: str, x: torch.Tensor, step: int) -> None:
-        """Stops the run when a rollout quantity holds NaN/Inf (one host sync)."""
-        if not bool(torch.isfinite(x).all()):
-            self.stop_non_finite(step, f"{name} has {int((~torch.isfinite(x)).sum())} non-finite value(s)")
+        """Stops the run (every rank) when a rollout quantity holds NaN/Inf on any rank (one host sync)."""
+        bad = int(distributed.all_reduce((~torch.isfinite(x)).sum()))
+        if bad:
+            self.stop_non_finite(step, f"{name} has {bad} non-finite value(s)")
 
     def stop_non_finite(self, step: int, what: str):
         latest = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.exists() else None
@@ -233,30 +292,40 @@ class RLTrainer:
 
     @staticmethod
     def reduce_stats(stats: list[dict]) -> dict:
-        """Means of per-micro-batch 0-d tensor stats, converted with one host sync."""
+        """Means of per-micro-batch 0-d tensor stats over every rank's micro-batches (ranks run
+        equally many), converted with one host sync."""
         if not stats:
             return {}
         keys = list(stats[0])
         means = torch.stack([torch.stack([s[k].detach().float() for s in stats]).mean() for k in keys])
+        means = distributed.all_reduce(means) / distributed.world_size()
         return dict(zip(keys, means.tolist()))
 
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
-        """Batch-level metrics of a step (one host sync)."""
-        mask = batch.response_mask
-        m = mask.float()
+        """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
+        the reward std from global moments, times of the slowest rank)."""
+        m = batch.response_mask.float()
         lengths = m.sum(-1)
-        out = {"reward/mean": batch.scores.mean(), "reward/std": batch.scores.std() if len(batch) > 1 else
-               torch.zeros(()), "response/length": lengths.mean(), "response/eos_frac": batch.has_eos.float().mean()}
+        sums = [torch.tensor(float(len(batch)), device=self.device), batch.scores.float().sum(), lengths.sum(),
+                batch.has_eos.float().sum()]
         if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            out["kl/ref"] = ((batch.logprobs - batch.ref_logprobs) * m).sum(-1).mean()
-        out = dict(zip(out, torch.stack([v.float().cpu() for v in out.values()]).tolist()))
-        n_tokens = float(out["response/length"]) * len(batch)
-        out.update({"time/rollout_s": t_rollout, "time/update_s": t_update,
-                    "perf/tokens_per_s": n_tokens / max(t_rollout + t_update, 1e-9),
+            sums.append(((batch.logprobs - batch.ref_logprobs) * m).sum(-1).sum())
+        sums = distributed.all_reduce(torch.stack(sums).double())
+        std = distributed.global_moments(batch.scores)[2].sqrt()
+        n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
+        out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}
+        if kl:
+            out["kl/ref"] = kl[0]
+        times = [t_rollout, t_update]
+        if self.device.type == "cuda":
+            times.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        times = distributed.all_reduce(torch.tensor(times, dtype=torch.float64, device=self.device), "max").tolist()
+        out.update({"time/rollout_s": times[0], "time/update_s": times[1],
+                    "perf/tokens_per_s": float(sums[2]) / max(times[0] + times[1], 1e-9),
                     "lr": self.scheduler.get_last_lr()[0]})
         if self.device.type == "cuda":
-            out["perf/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.device)
+            out["perf/peak_mem_gib"] = times[2]
         return out
 
     @staticmethod
@@ -279,13 +348,13 @@ class RLTrainer:
         pass
 
     def save(self) -> Path | None:
-        """Checkpoint at the current step (rank 0 only); returns its path."""
-        if not is_main_process():
-            return None
-        state = {"config": self.config.to_dict(), **self.extra_state()}
-        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, state=state, generators={"shuffle": self.generator},
-                                    keep_last=self.config.keep_checkpoints)
+        """Checkpoint at the current step (every rank calls it; rank 0 writes the gathered full
+        state and gets its path, the others None)."""
+        state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
+        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, state=state,
+                                           generators={"shuffle": self.generator},
+                                           keep_last=self.config.keep_checkpoints)
 
     def maybe_save(self) -> None:
         cfg = self.config
@@ -295,11 +364,15 @@ class RLTrainer:
     def resume(self, where: str) -> None:
         """Restores a checkpoint: ``where`` is "latest" (this run's newest; a fresh start when there
         is none) or a checkpoint folder."""
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        path = None
+        if self.rank == 0:  # rank 0 alone needs to see the files
+            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        path = distributed.broadcast_object(path)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     generators={"shuffle": self.generator}, map_location=self.device)
+        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
+                                            map_location=self.device)
         self.step = int(state["step"])
         self.load_extra_state(state)
         saved = state.get("config", {})
@@ -313,11 +386,28 @@ class RLTrainer:
         """Writes the trained model (HF checkpoint + value head) and tokenizer to ``path``
         (default ``output_dir/final``)."""
         path = Path(path) if path is not None else self.output_dir / "final"
-        if is_main_process():
-            self.model.save_pretrained(path)
-            if hasattr(self.tokenizer, "save_pretrained"):
-                self.tokenizer.save_pretrained(path)
-        return path
+        return distributed.export_pretrained(self.model, path, self.tokenizer)  # rank 0 writes
+
+
+def mini_batch_indices(n: int, mini_batch_size: int, generator: torch.Generator, rank: int = 0,
+                       world: int = 1) -> list[torch.Tensor]:
+    """Rows of rank ``rank``'s ``n`` sequences (global rows ``rank*n .. (rank+1)*n - 1`` of
+    ``world*n``) in each of the ``k = world*n / mini_batch_size`` stratified mini-batches:
+
+        order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)  # a permutation per slot
+        mini_batch[j] = [s * k + order[s, j] for s in range(mini_batch_size)]     # one row of each slot
+
+    (the global rows; each rank keeps those of its ``mini_batch_size / world`` slots, shifted
+    to its own rows). The same draw on every rank, so the union over ranks is the
+    single-process mini-batch."""
+    total = n * world
+    if total % mini_batch_size or mini_batch_size % world:
+        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the {total} sequences and be divisible by "
+                         f"the world size {world}")
+    k, per_rank = total // mini_batch_size, mini_batch_size // world
+    order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)
+    local = torch.arange(per_rank)[:, None] * k + order[rank * per_rank : (rank + 1) * per_rank]
+    return list(local.t().unbind())
 
 
 def seed_everything(seed: int) -> None:

@@ -28,7 +28,9 @@ Usage (any trainer)::
 ``PreTrainedModel`` (``save_pretrained``), or any ``nn.Module`` (one safetensors file).
 RNG states (python, numpy, torch CPU and CUDA) are saved and restored by default; pass extra
 ``torch.Generator`` objects through ``generators={"name": gen}`` to save and restore them too.
-Only the main process (rank 0) should call ``save_checkpoint`` once distribution lands.
+Under torch.distributed, ``rlhf_fast.trainer.distributed.save_checkpoint`` / ``load_checkpoint``
+gather a sharded model's state to rank 0 and write it through these functions (same files), and
+broadcast it back on load.
 """
 from __future__ import annotations
 
@@ -78,9 +80,20 @@ def set_rng_state(state: dict, generators: dict | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- model weights
-def save_model_weights(model: torch.nn.Module, directory: Path) -> None:
-    """``model.save_pretrained(directory)`` when the model has it, else one safetensors file."""
+def save_model_weights(model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
+    """``model.save_pretrained(directory)`` when the model has it, else one safetensors file.
+
+    ``state_dict``: the weights to write instead of the model's own (keys as
+    ``model.state_dict()``), e.g. the full state gathered from a sharded model; written in the
+    same layout (see :func:`_save_state_dict`)."""
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        from rlhf_fast.trainer.model import quiet_hf_progress
+
+        with quiet_hf_progress():
+            _save_state_dict(model, state_dict, directory)
+        return
     if hasattr(model, "save_pretrained"):
         from rlhf_fast.trainer.model import quiet_hf_progress
 
@@ -105,6 +118,87 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
         model.load_weights(directory)
         return
     load_state_dict_files(model, directory)
+
+
+def _sub(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _save_state_dict(model: torch.nn.Module, sd: dict, directory: Path) -> None:
+    """Writes ``sd`` where ``save_model_weights(model, directory)`` would write the model's own
+    weights: a PolicyValueModel as its HF policy checkpoint + value head + critic, a Hugging Face
+    model through ``save_pretrained(state_dict=...)``, anything else as model.safetensors."""
+    from rlhf_fast.trainer.model import META_FILE, VALUE_HEAD_FILE, PolicyValueModel
+
+    if isinstance(model, PolicyValueModel):
+        from safetensors.torch import save_file
+
+        model.policy.save_pretrained(directory, state_dict=_sub(sd, "policy."), safe_serialization=True)
+        meta = {"value_head": model.value_head is not None, "separate_critic": model.critic is not None}
+        (directory / META_FILE).write_text(json.dumps(meta) + "\n")
+        if model.value_head is not None:
+            save_file({k: v.contiguous() for k, v in _sub(sd, "value_head.").items()}, str(directory / VALUE_HEAD_FILE))
+        if model.critic is not None:
+            model.critic.save_pretrained(directory / "critic", state_dict=_sub(sd, "critic."), safe_serialization=True)
+    elif hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory, state_dict=sd, safe_serialization=True)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(_untied(model, sd), str(directory / "model.safetensors"))
+
+
+def _untied(model: torch.nn.Module, sd: dict) -> dict:
+    """``sd`` with one key per tied parameter (safetensors refuses shared tensors)."""
+    first = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    dup = {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+    return {k: v.contiguous() for k, v in sd.items() if k not in dup}
+
+
+def read_model_weights(model: torch.nn.Module, directory: Path) -> dict:
+    """The full state dict (keys as ``model.state_dict()``, CPU tensors) that
+    :func:`save_model_weights` wrote to ``directory``, for loading into a model that cannot read
+    the files in place (a sharded one). Tied parameters saved once are filled in under every
+    name."""
+    from safetensors.torch import load_file
+
+    from rlhf_fast.trainer.model import META_FILE, VALUE_HEAD_FILE, PolicyValueModel
+
+    directory = Path(directory)
+
+    def files(d: Path, prefix: str = "") -> dict:
+        found = sorted(d.glob("model*.safetensors"))
+        if not found:
+            raise FileNotFoundError(f"no model*.safetensors weights in {d}")
+        return {prefix + k: v for f in found for k, v in load_file(str(f)).items()}
+
+    if isinstance(model, PolicyValueModel):
+        meta = json.loads((directory / META_FILE).read_text())
+        mine = {"value_head": model.value_head is not None, "separate_critic": model.critic is not None}
+        if meta != mine:
+            raise ValueError(f"{directory} holds a model with {meta}, this one has {mine}")
+        sd = files(directory, "policy.")
+        if model.value_head is not None:
+            sd.update({"value_head." + k: v for k, v in load_file(str(directory / VALUE_HEAD_FILE)).items()})
+        if model.critic is not None:
+            sd.update(files(directory / "critic", "critic."))
+    else:
+        sd = files(directory)
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    for names in aliases.values():
+        have = [n for n in names if n in sd]
+        for n in names:
+            if n not in sd and have:
+                sd[n] = sd[have[0]]
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:
+        raise KeyError(f"{directory}: weights missing for {missing[:5]}, unknown weights {unexpected[:5]}")
+    return sd
 
 
 def load_state_dict_files(model: torch.nn.Module, directory: Path, pattern: str = "model*.safetensors") -> None:
@@ -189,7 +283,8 @@ def latest_checkpoint(root) -> Path | None:
 
 
 def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=None, state: dict | None = None,
-                    generators: dict | None = None, keep_last: int | None = 2) -> Path:
+                    generators: dict | None = None, keep_last: int | None = 2, model_state_dict: dict | None = None,
+                    optimizer_state_dict: dict | None = None) -> Path:
     """Writes checkpoint ``root/step-{step:06d}`` atomically and points ``root/latest`` at it.
 
     Args:
@@ -200,6 +295,8 @@ def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=No
         state: extra picklable trainer state (e.g. a KL controller's ``state_dict()``).
         generators: named ``torch.Generator`` objects whose states are saved with the global RNGs.
         keep_last: delete all but the newest ``keep_last`` checkpoints (None keeps all).
+        model_state_dict, optimizer_state_dict: states to write instead of ``model``'s and
+            ``optimizer.state_dict()`` (e.g. gathered from a sharded model; same layout on disk).
     Returns the checkpoint's path.
     """
     if not isinstance(step, int) or step < 0:
@@ -214,9 +311,10 @@ def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=No
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     if model is not None:
-        save_model_weights(model, tmp / "model")
-    if optimizer is not None:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_model_weights(model, tmp / "model", state_dict=model_state_dict)
+    if optimizer is not None or optimizer_state_dict is not None:
+        torch.save(optimizer_state_dict if optimizer_state_dict is not None else optimizer.state_dict(),
+                   tmp / "optimizer.pt")
     full = dict(state or {})
     full.update(step=step, rng=rng_state(generators))
     if scheduler is not None:

@@ -7,6 +7,11 @@ prompts per step (GRPO samples ``group_size`` completions for each); ``mini_batc
 counts sequences per optimizer step; ``micro_batch_size`` counts sequences per
 forward/backward (gradient accumulation = mini_batch_size // micro_batch_size);
 ``warmup_steps`` counts optimizer steps.
+
+Under torchrun with ``world`` ranks the batch sizes stay global: each rank samples
+``rollout_batch_size / world`` prompts and holds ``mini_batch_size / world`` sequences of each
+mini-batch, in forwards of ``micro_batch_size`` sequences (so both must divide by ``world``,
+and ``micro_batch_size`` must divide ``mini_batch_size / world``; the trainer checks).
 """
 from __future__ import annotations
 
@@ -65,6 +70,10 @@ class RLConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     plot: bool = True
+    # distribution: used when torchrun launches the run (WORLD_SIZE > 1), ignored otherwise
+    distributed_strategy: str = "fsdp"  # the trained model: "fsdp" (FSDP2 fully_shard per block) | "ddp"
+    frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
+    dist_timeout_s: float = 1800.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self):
         _check_types(self)
@@ -81,6 +90,9 @@ class RLConfig:
         _choice(self, "loss_agg", LOSS_AGGS)
         _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
         _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "distributed_strategy", ("fsdp", "ddp"))
+        _choice(self, "frozen_model_sharding", ("shard", "replicate"))
+        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
         _check(self, "temperature", self.temperature > 0, "must be > 0")
         _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
         for name in ("weight_decay", "max_grad_norm", "missing_eos_penalty", "entropy_coef", "adam_eps"):
@@ -96,6 +108,15 @@ class RLConfig:
     @property
     def sequences_per_step(self) -> int:
         return self.rollout_batch_size
+
+    def check_world_size(self, world: int) -> None:
+        """The batch sizes split evenly over ``world`` ranks (module docstring)."""
+        for name in ("rollout_batch_size", "mini_batch_size"):
+            _check(self, name, getattr(self, name) % world == 0,
+                   f"must be divisible by the world size {world} (each rank takes an equal share)")
+        local = self.mini_batch_size // world
+        _check(self, "micro_batch_size", local % self.micro_batch_size == 0,
+               f"must divide the {local} sequences of a mini-batch each of the {world} ranks holds")
 
     @property
     def grad_accumulation(self) -> int:

@@ -14,8 +14,11 @@ Each step:
      entropy bonus, aggregated as TRL's ``loss_type`` ("grpo", "bnpo", "dr_grpo", "dapo").
   4. metrics and, every ``save_steps``, an atomic checkpoint.
 
+Under torchrun each rank samples whole groups for its share of the prompts; ``scale="batch"``
+takes the std over the global batch, and the loss normalisation and metrics are global.
+
 Left out: reward-function weighting of several rewards, dynamic sampling (DAPO's filtering of
-all-equal groups), overlong reward shaping, and distribution.
+all-equal groups), overlong reward shaping.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import torch
 
 from rlhf_fast.ops.advantages import group_advantages
 from rlhf_fast.ops.policy_loss import ppo_policy_loss
+from rlhf_fast.trainer import distributed
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.config import GRPOConfig
 from rlhf_fast.trainer.rollout import Rollout, rollout_logprobs
@@ -62,34 +66,39 @@ class GRPOTrainer(RLTrainer):
         self.export()
 
     # ------------------------------------------------------------------ 1. rollout
-    def make_experience(self, step: int) -> Rollout:
+    def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
+        """Samples this rank's groups (or takes ``batch``, already sampled and scored) and adds the
+        old log-probs and, when ``beta > 0``, the reference's."""
         cfg = self.config
-        batch = self.sample(step, repeat=cfg.group_size)
+        batch = self.sample(step, repeat=cfg.group_size) if batch is None else batch
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
         batch.logprobs, _ = rollout_logprobs(self.model, batch, **kw)
         self.check_finite("logprobs", batch.logprobs, step + 1)
         if cfg.beta > 0:
-            batch.ref_logprobs, _ = rollout_logprobs(self.ref_model, batch, **kw)
+            batch.ref_logprobs = self.frozen_logprobs(batch)
             self.check_finite("ref_logprobs", batch.ref_logprobs, step + 1)
         return batch
 
     # ------------------------------------------------------------------ 2. advantages
     def compute_advantages(self, batch: Rollout) -> None:
+        """Group-relative advantages (a group lives on one rank); ``scale="batch"`` divides by
+        the std of every rank's scores."""
         cfg = self.config
-        batch.advantages = group_advantages(batch.scores, cfg.group_size, baseline=cfg.baseline, scale=cfg.scale)
+        if cfg.scale == "batch" and self.world_size > 1:
+            adv = group_advantages(batch.scores, cfg.group_size, baseline=cfg.baseline, scale="none")
+            std = distributed.global_moments(batch.scores)[2].sqrt()
+            batch.advantages = (adv / (std + 1e-6)).to(adv.dtype)  # group_advantages' eps
+        else:
+            batch.advantages = group_advantages(batch.scores, cfg.group_size, baseline=cfg.baseline, scale=cfg.scale)
 
     # ------------------------------------------------------------------ 3. update
     def update(self, batch: Rollout, step: int) -> dict:
         stats, grad_norms = [], []
         for _ in range(self.config.num_iterations):
             for mini in self.mini_batches(len(batch)):
-                loss_sum = torch.zeros((), device=self.device)
-                for micro, scale in self.micro_batches(batch, mini):
-                    loss, s = self.compute_loss(micro)
-                    (loss * scale).backward()
-                    loss_sum = loss_sum + loss.detach() * scale
-                    stats.append(s)
-                grad_norms.append(self.optimizer_step(step, loss_sum))
+                s, grad_norm = self.optimize_mini_batch(batch, mini, step)
+                stats += s
+                grad_norms.append(grad_norm)
         out = self.reduce_stats(stats)
         out["grad_norm"] = torch.stack(grad_norms).mean().item()
         return out
@@ -99,7 +108,7 @@ class GRPOTrainer(RLTrainer):
         with per-sequence advantages and ``beta`` * k3 KL to the reference."""
         cfg = self.config
         with self.autocast():
-            logits, _ = self.model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=False)
+            logits, _ = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=False)
         loss, pg = ppo_policy_loss(
             logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
             clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,

@@ -16,8 +16,11 @@ Each step:
 Logits are computed for response positions only and go straight into the fused ops, so no
 step materialises a log-softmax over the vocabulary.
 
+Under torchrun each rank samples its share of the prompts; the whitening, loss normalisation,
+KL controller input and metrics are global (``base.py``, ``distributed.py``).
+
 Left out: reward normalisation/clipping, value-head pretraining, early stopping on approx KL,
-multiple rollouts per step, and distribution (the pieces it would wrap are separate methods).
+multiple rollouts per step.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import torch
 from rlhf_fast.losses import value_loss
 from rlhf_fast.ops.advantages import ppo_advantages
 from rlhf_fast.ops.policy_loss import ppo_policy_loss
+from rlhf_fast.trainer import distributed
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
@@ -70,43 +74,46 @@ class PPOTrainer(RLTrainer):
                 t2 = self.timer()
                 metrics = self.rollout_metrics(batch, t1 - t0, t2 - t1)
                 metrics["kl/coef"] = self.kl_ctl.value
-                self.kl_ctl.update(metrics["kl/ref"], len(batch))
+                self.kl_ctl.update(metrics["kl/ref"], len(batch) * self.world_size)
                 self.step = step + 1
                 log.log(self.step, {**metrics, **stats})
                 self.maybe_save()
         self.export()
 
     # ------------------------------------------------------------------ 1. rollout
-    def make_experience(self, step: int) -> Rollout:
+    def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
+        """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds
+        the old log-probs, values and reference log-probs."""
         cfg = self.config
-        batch = self.sample(step)
+        batch = self.sample(step) if batch is None else batch
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
         batch.logprobs, batch.values = rollout_logprobs(self.model, batch, with_values=True, **kw)
-        batch.ref_logprobs, _ = rollout_logprobs(self.ref_model, batch, **kw)
+        batch.ref_logprobs = self.frozen_logprobs(batch)
         for name in ("logprobs", "values", "ref_logprobs"):
             self.check_finite(name, getattr(batch, name), step + 1)
         return batch
 
     # ------------------------------------------------------------------ 2. advantages
     def compute_advantages(self, batch: Rollout) -> None:
+        """KL-shaped rewards and GAE per sequence; the whitening's mean and variance over the
+        global batch (all ranks)."""
         cfg = self.config
+        local_whiten = cfg.whiten_advantages and self.world_size == 1
         batch.advantages, batch.returns, batch.rewards = ppo_advantages(
             batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, batch.response_mask,
             kl_coef=self.kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator,
-            whiten=cfg.whiten_advantages)
+            whiten=local_whiten)
+        if cfg.whiten_advantages and not local_whiten:
+            batch.advantages = distributed.masked_whiten(batch.advantages, batch.response_mask)
 
     # ------------------------------------------------------------------ 3. update
     def update(self, batch: Rollout, step: int) -> dict:
         stats, grad_norms = [], []
         for _ in range(self.config.ppo_epochs):
             for mini in self.mini_batches(len(batch)):
-                loss_sum = torch.zeros((), device=self.device)
-                for micro, scale in self.micro_batches(batch, mini):
-                    loss, s = self.compute_loss(micro)
-                    (loss * scale).backward()
-                    loss_sum = loss_sum + loss.detach() * scale
-                    stats.append(s)
-                grad_norms.append(self.optimizer_step(step, loss_sum))
+                s, grad_norm = self.optimize_mini_batch(batch, mini, step)
+                stats += s
+                grad_norms.append(grad_norm)
         out = self.reduce_stats(stats)
         out["grad_norm"] = torch.stack(grad_norms).mean().item()
         out["value/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
@@ -117,7 +124,7 @@ class PPOTrainer(RLTrainer):
         plus ``vf_coef`` times the clipped value loss."""
         cfg = self.config
         with self.autocast():
-            logits, values = self.model(mb.input_ids, mb.attention_mask, mb.response_start)
+            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start)
         pg_loss, pg = ppo_policy_loss(
             logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
             temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
@@ -144,11 +151,10 @@ class PPOTrainer(RLTrainer):
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout (the value
-    head's fit before the update)."""
-    valid = mask != 0
-    r, v = returns[valid].double(), values[valid].double()
-    var_r = r.var(unbiased=False)
+    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks
+    (the value head's fit before the update)."""
+    var_r = distributed.global_moments(returns, mask, unbiased=False)[2]
+    var_e = distributed.global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
     if var_r == 0:
         return float("nan")
-    return float(1 - (r - v).var(unbiased=False) / var_r)
+    return float(1 - var_e / var_r)

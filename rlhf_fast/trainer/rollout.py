@@ -2,8 +2,8 @@
 scores (a ``reward_fn`` or a reward model) -> the per-token log-probs and values the update
 treats as "old".
 
-Every function here works on the local batch only; a distributed layer gathers or reduces
-around them.
+Every function here works on this rank's batch only; the trainers reduce around them
+(``distributed.py``).
 """
 from __future__ import annotations
 
@@ -77,7 +77,10 @@ def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int
     saved = policy.generation_config
     policy.generation_config = GenerationConfig()  # the model's own defaults must not leak in
     try:
-        seq = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen)
+        # synced_gpus=False: under FSDP the trainer gathers the whole policy first (distributed.gathered),
+        # so no rank waits for another's tokens
+        seq = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
+                              synced_gpus=False)
     finally:
         policy.generation_config = saved
     return seq[:, input_ids.shape[1]:]

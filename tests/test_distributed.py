@@ -1,0 +1,172 @@
+"""Distribution on CPU: 2 gloo ranks under torchrun (tests/dist_worker.py) against one process.
+
+- one PPO / GRPO update on a fixed global batch (FSDP2 and DDP, every loss_agg, reference
+  sharded and replicated) gives the parameters, advantages, stats and metrics of one process;
+- GRPO groups stay on the rank that owns the prompt, and the ranks' prompts are the step's;
+- a 1-process checkpoint resumes on 2 ranks, a 2-rank checkpoint on 1; the export is a plain
+  HF checkpoint; only rank 0 writes metrics;
+- a rank that raises makes the job exit non-zero, its traceback shown, without hanging.
+Plus the world-size-free parts in one process: stratified mini-batches, config checks, global
+moments / whitening, state-dict checkpoint writing.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import dist_worker as W
+from rl_utils import one_thread, seeded_model
+from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten_ref
+from rlhf_fast.trainer import checkpoint as ckpt
+from rlhf_fast.trainer import distributed
+from rlhf_fast.trainer.base import mini_batch_indices
+from rlhf_fast.trainer.config import ConfigError
+from rlhf_fast.trainer.metrics import read_jsonl
+
+_one_thread = pytest.fixture(autouse=True)(one_thread)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torchrun(*args, timeout: float):
+    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py args`` -> (returncode, output,
+    seconds); the whole process group is killed if it outlives ``timeout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "dist_worker.py"), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"torchrun {args[0]} still running after {timeout}s:\n{out[-4000:]}")
+    return proc.returncode, out, time.perf_counter() - t0
+
+
+RESUME_KW = dict(rollout_batch_size=4, mini_batch_size=4, micro_batch_size=2, ppo_epochs=1)
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """Runs the 2-rank job once: equivalence cases, GRPO sampling, a 1-process checkpoint
+    resumed on 2 ranks for one more step (checkpoint + export)."""
+    out = tmp_path_factory.mktemp("dist")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        W.trainer("ppo", out / "one", total_steps=1, save_steps=1, **RESUME_KW).train()
+    finally:
+        torch.set_num_threads(before)
+    code, log, _ = torchrun("main", out / "dist", out / "one" / "checkpoints" / "step-000001", timeout=300)
+    assert code == 0, log[-8000:]
+    return out, torch.load(out / "dist" / "equivalence.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("case", list(W.CASES))
+def test_one_update_on_two_ranks_equals_one_process(job, tmp_path, case):
+    _, results = job
+    got = results[case]
+    _, want = W.run_case(case, tmp_path)
+    torch.testing.assert_close(torch.cat(got["advantages"]), torch.cat(want["advantages"]), rtol=1e-5, atol=1e-6)
+    assert got["params"].keys() == want["params"].keys()
+    init = seeded_model(value_head=case.startswith("ppo")).state_dict()
+    for name, p in want["params"].items():
+        torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert sum(not torch.equal(p, init[k]) for k, p in want["params"].items()) > 10  # the update moved the model
+    for kind in ("stats", "metrics"):
+        assert got[kind].keys() == want[kind].keys(), kind
+        for k, v in want[kind].items():
+            assert got[kind][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (kind, k)
+
+
+def test_two_rank_checkpoint_resumes_on_one_process(job, tmp_path):
+    out, _ = job
+    run = out / "dist" / "resumed"
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl")] == [2]  # rank 0 alone logged
+    saved = run / "checkpoints" / "step-000002"
+    final = AutoModelForCausalLM.from_pretrained(run / "final")  # the 2-rank export is a plain HF checkpoint
+    tr = W.trainer("ppo", tmp_path, total_steps=3, save_steps=1, resume_from=str(saved), **RESUME_KW)
+    assert tr.step == 2 and tr.world_size == 1
+    files = ckpt.read_model_weights(tr.model, saved / "model")
+    for name, p in tr.model.state_dict().items():
+        assert torch.equal(p, files[name]), name
+    for name, p in final.state_dict().items():
+        assert torch.equal(p, files["policy." + name]), name
+    opt = torch.load(saved / "optimizer.pt", weights_only=False)["state"]
+    assert all(torch.equal(opt[i]["exp_avg"], s["exp_avg"]) for i, s in tr.optimizer.state_dict()["state"].items())
+    tr.train()
+    assert ckpt.latest_checkpoint(tmp_path / "checkpoints").name == "step-000003"
+
+
+def test_a_failing_rank_fails_the_job_with_its_traceback(tmp_path):
+    code, log, seconds = torchrun("fail", tmp_path, timeout=180)
+    assert code != 0
+    assert "[rank 1/2] failed" in log and "RuntimeError: reward server unreachable on rank 1" in log, log[-6000:]
+    assert seconds < 180
+
+
+# ---------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("n, mini", [(8, 4), (16, 8), (12, 4), (8, 8)])
+def test_stratified_mini_batches_do_not_depend_on_the_world_size(n, mini):
+    single = mini_batch_indices(n, mini, torch.Generator().manual_seed(5))
+    assert sorted(torch.cat(single).tolist()) == list(range(n)) and all(len(m) == mini for m in single)
+    for world in (2, 4):
+        if mini % world:
+            continue
+        parts = [mini_batch_indices(n // world, mini, torch.Generator().manual_seed(5), r, world) for r in range(world)]
+        for j, m in enumerate(single):
+            union = torch.cat([parts[r][j] + r * (n // world) for r in range(world)])
+            assert union.tolist() == m.tolist(), (world, j)
+    with pytest.raises(ValueError, match="mini_batch_size=3"):
+        mini_batch_indices(4, 3, torch.Generator(), 0, 2)
+
+
+def test_config_world_size_checks_and_new_fields():
+    PPOConfig(rollout_batch_size=8, mini_batch_size=4, micro_batch_size=2).check_world_size(2)
+    with pytest.raises(ConfigError, match=r"PPOConfig.rollout_batch_size=6: must be divisible by the world size 4"):
+        PPOConfig(rollout_batch_size=6, mini_batch_size=6, micro_batch_size=2).check_world_size(4)
+    with pytest.raises(ConfigError, match=r"GRPOConfig.micro_batch_size=4: must divide the 2 sequences"):
+        GRPOConfig(rollout_batch_size=2, group_size=4, mini_batch_size=4, micro_batch_size=4).check_world_size(2)
+    with pytest.raises(ConfigError, match="PPOConfig.distributed_strategy"):
+        PPOConfig(distributed_strategy="zero3")
+    with pytest.raises(ConfigError, match="GRPOConfig.frozen_model_sharding"):
+        GRPOConfig(frozen_model_sharding="offload")
+    with pytest.raises(ConfigError, match="PPOConfig.dist_timeout_s"):
+        PPOConfig(dist_timeout_s=0)
+
+
+def test_global_moments_and_whitening_in_one_process_match_the_ops():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 7, generator=g) * 3 + 1
+    mask = torch.rand(5, 7, generator=g) > 0.4
+    n, mean, var = distributed.global_moments(x, mask)
+    assert int(n) == int(mask.sum())
+    torch.testing.assert_close(mean.float(), x[mask].mean())
+    torch.testing.assert_close(var.float(), x[mask].var())
+    assert distributed.global_moments(x[:1, :1])[2] == 0  # one element: var 0
+    torch.testing.assert_close(distributed.masked_whiten(x, mask), masked_whiten_ref(x, mask), rtol=1e-6, atol=1e-6)
+    assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.all_reduce(x) is x
+
+
+@pytest.mark.parametrize("separate_critic", [False, True])
+def test_checkpoint_from_a_state_dict_round_trips(tmp_path, separate_critic):
+    """What a sharded run writes (a full state dict, tied embeddings included) reads back."""
+    model = seeded_model(separate_critic=separate_critic)
+    sd = {k: v + 1 for k, v in model.state_dict().items()}  # distinct from the model's own weights
+    ckpt.save_model_weights(model, tmp_path / "m", state_dict=sd)
+    back = ckpt.read_model_weights(model, tmp_path / "m")
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    other = seeded_model(seed=1, separate_critic=separate_critic)
+    ckpt.load_model_weights(other, tmp_path / "m")  # the single-process loader reads it too
+    assert all(torch.equal(other.state_dict()[k], sd[k]) for k in sd)
+    lin = torch.nn.Linear(3, 2)
+    ckpt.save_model_weights(lin, tmp_path / "lin", state_dict={"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
+    assert torch.equal(ckpt.read_model_weights(lin, tmp_path / "lin")["weight"], torch.ones(2, 3))
