@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    copy_bandwidth, default_device, env_quick, metadata, peak_extra_bytes, print_table, time_ms, write_json,
+    copy_bandwidth, default_device, env_quick, fixed_mmap_threshold, metadata, peak_extra_bytes, print_table,
+    time_ms, write_json,
 )
 
 from rlhf_fast import token_logprobs, token_logprobs_ref  # noqa: E402
@@ -114,6 +115,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", default=env_quick())
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
     args = p.parse_args(argv)
+    fixed_mmap_threshold()  # before allocating, so peak_extra_bytes counts every block
     gpu = torch.device(args.device).type == "cuda"
     n = args.n or (1024 if args.quick else (16384 if gpu else 4096))
     v = args.v or (8192 if args.quick else (151936 if gpu else 32000))

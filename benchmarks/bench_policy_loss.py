@@ -11,7 +11,7 @@ beta 0.04, token-mean) on (B, T, V) logits and the gradient w.r.t. them:
 Floor: forward + backward must read the logits twice and write grad_logits once:
 bytes = 3 * N * V * sizeof(dtype), floor_ms = bytes / measured copy bandwidth (N = B * T).
 Peak extra memory is what the op allocates above its inputs (grad_logits included); on CPU it
-is the resident-set high-water mark (see peak_extra_mb).
+is the resident-set high-water mark (see _common.peak_extra_bytes).
 
     python benchmarks/bench_policy_loss.py              # CPU: fp32, N=4096 at V=32000, N=1024 at the larger V
     python benchmarks/bench_policy_loss.py --quick      # small sizes (smoke)
@@ -20,55 +20,23 @@ is the resident-set high-water mark (see peak_extra_mb).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
-import re
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    copy_bandwidth, default_device, env_quick, metadata, peak_extra_bytes, print_table, time_ms, write_json,
+    copy_bandwidth, default_device, env_quick, fixed_mmap_threshold, metadata, peak_extra_bytes, print_table,
+    time_ms, write_json,
 )
 
 from rlhf_fast import _backend, ppo_policy_loss, ppo_policy_loss_ref  # noqa: E402
 
 OPTS = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", loss_agg="token-mean")
 VOCABS = (32000, 128256, 151936)
-
-
-def _fixed_mmap_threshold():
-    """glibc: serve every block >= 128 KiB by mmap (no dynamic threshold), so that freed tensors leave
-    the resident set and the high-water mark counts each allocation. Call before allocating."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def peak_extra_mb(fn, device):
-    """Peak extra memory of fn() in MiB. CPU on Linux: the process's resident high-water mark, reset
-    through /proc/self/clear_refs (the profiler replay in _common.peak_extra_bytes orders events by
-    start time and misses overlapping lifetimes in autograd's backward: it reports 2 N*V where the
-    torch reference really holds 3 N*V). Elsewhere: _common.peak_extra_bytes."""
-    status = Path("/proc/self/status")
-    if torch.device(device).type != "cpu" or not status.exists():
-        return peak_extra_bytes(fn, device) / 2**20
-    try:
-        _fixed_mmap_threshold()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return peak_extra_bytes(fn, device) / 2**20
-    before = int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1))
-    out = fn()
-    peak = int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1))
-    del out
-    return (peak - before) / 1024
 
 
 def make_inputs(n, v, dtype, device, seq_len=512):
@@ -136,7 +104,7 @@ def run(n, v, dtype, device, bw, names=None, reps=5):
             if name != "liger":
                 del inp["full"]  # only the (B, T, V) copy stays live
             fn()
-            row["peak_extra_MB"] = peak_extra_mb(fn, device)
+            row["peak_extra_MB"] = peak_extra_bytes(fn, device) / 2**20
             fns[name] = fn
         except Exception as e:  # a provider that cannot run here is reported, not hidden
             row["error"] = f"{type(e).__name__}: {str(e)[:120]}"
@@ -176,7 +144,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", default=env_quick())
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
     args = p.parse_args(argv)
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()  # before allocating, so peak_extra_bytes counts every block
     gpu = torch.device(args.device).type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     vocabs = args.v or ([8192] if args.quick else list(VOCABS))
