@@ -17,11 +17,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before r
 
 import torch  # noqa: E402
 
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction  # noqa: E402
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tiny_config  # noqa: E402
 from rlhf_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer  # noqa: E402
 from rlhf_fast.trainer import checkpoint as ckpt  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
-from rlhf_fast.trainer.rollout import Rollout  # noqa: E402
+from rlhf_fast.trainer.rollout import Rollout, reward_model_scores  # noqa: E402
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
 # adam_eps=1e-4: Adam turns a gradient entry g into ~ lr * g / (|g| + eps), so with eps=1e-8 an
@@ -43,16 +43,28 @@ CASES = {
                               frozen_model_sharding="replicate")),
     "grpo_bnpo_fsdp": ("grpo", dict(loss_type="bnpo", scale="group", distributed_strategy="fsdp",
                                     frozen_model_sharding="replicate")),
+    "ppo_critic_fsdp": ("ppo", dict(loss_agg="seq-mean-token-mean", distributed_strategy="fsdp",
+                                    gradient_checkpointing=True, separate_critic=True)),
 }
 
 
-def trainer(algo, out, **kw):
+def trainer(algo, out, separate_critic=False, reward_model=None, **kw):
+    scoring = dict(reward_fn=target_fraction) if reward_model is None else dict(reward_model=reward_model)
     if algo == "ppo":
-        return PPOTrainer(PPOConfig(output_dir=str(out), **{**QUIET, **PPO_KW, **kw}), model=seeded_model(),
-                          tokenizer=char_tokenizer(), reward_fn=target_fraction, prompts=PROMPTS)
+        return PPOTrainer(PPOConfig(output_dir=str(out), **{**QUIET, **PPO_KW, **kw}),
+                          model=seeded_model(separate_critic=separate_critic), tokenizer=char_tokenizer(),
+                          prompts=PROMPTS, **scoring)
     return GRPOTrainer(GRPOConfig(output_dir=str(out), **{**QUIET, **GRPO_KW, **kw}),
-                       model=seeded_model(value_head=False), tokenizer=char_tokenizer(), reward_fn=target_fraction,
-                       prompts=PROMPTS)
+                       model=seeded_model(value_head=False), tokenizer=char_tokenizer(), prompts=PROMPTS, **scoring)
+
+
+def reward_model():
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = tiny_config()
+    cfg.num_labels = 1
+    torch.manual_seed(3)
+    return AutoModelForSequenceClassification.from_config(cfg)
 
 
 def fixed_batch(n_prompts: int, group_size: int = 1, P: int = 5, R: int = 6, V: int = 19) -> Rollout:
@@ -95,11 +107,17 @@ def run_case(name, out):
 
 
 def main(out, ckpt_1proc):
-    results = {}
+    with distributed.distributed_run("cpu"):  # shutdown: barrier + destroy_process_group
+        _main(out, ckpt_1proc)
+
+
+def _main(out, ckpt_1proc):
+    results, trainers = {}, {}
     for name in CASES:  # the first trainer joins the torchrun job
-        tr, results[name] = run_case(name, os.path.join(out, name))
+        trainers[name], results[name] = run_case(name, os.path.join(out, name))
     rank = distributed.rank()
     # GRPO: each rank samples whole groups of its contiguous share of the step's prompts
+    tr = trainers["grpo_fsdp"]
     G = tr.config.group_size
     local = tr.sample(0, repeat=G).prompts
     every = [None] * tr.world_size
@@ -109,6 +127,10 @@ def main(out, ckpt_1proc):
     assert (rank == 0) == tr.metrics_logger().enabled  # only rank 0 logs
     if rank == 0:
         torch.save(results, os.path.join(out, "equivalence.pt"))
+    # a sharded reward model scores what a full copy scores
+    tr = trainer("grpo", os.path.join(out, "rm"), reward_model=reward_model(), frozen_model_sharding="shard")
+    batch = tr.sample(0, repeat=G)
+    torch.testing.assert_close(batch.scores, reward_model_scores(reward_model(), batch.input_ids, batch.attention_mask))
 
     # a 1-process checkpoint resumes on 2 ranks, trains on, is saved and exported
     tr = trainer("ppo", os.path.join(out, "resumed"), total_steps=2, save_steps=1, resume_from=ckpt_1proc,

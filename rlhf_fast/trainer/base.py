@@ -378,7 +378,7 @@ class RLTrainer:
         saved = state.get("config", {})
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k in saved and saved[k] != v and k not in _FREE_ON_RESUME)
-        if changed:
+        if changed and self.rank == 0:
             warnings.warn(f"resuming {path} with changed config fields: "
                           + ", ".join(f"{k}={saved[k]!r} -> {getattr(self.config, k)!r}" for k in changed))
 

@@ -301,14 +301,15 @@ def prepare_trainable(model: nn.Module, strategy: str, device: torch.device, *, 
     moved to ``device``, twice. ``"fsdp"``: ``fully_shard`` on each block and the root, in place
     (parameters become DTensor shards on ``device``), forward_module is the model itself;
     ``"ddp"``: the model on ``device`` and its ``DistributedDataParallel`` wrapper, which the
-    loss's forward must go through. Rank 0's weights are broadcast to all ranks first."""
+    loss's forward must go through. Every rank starts from rank 0's weights (DDP broadcasts them
+    itself)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not is_distributed():
         model = model.to(device)
         return model, model
-    sync_module_states(model, device)
     if strategy == "fsdp":
+        sync_module_states(model, device)
         model = _fully_shard(model, device)
         return model, model
     from torch.nn.parallel import DistributedDataParallel as DDP
