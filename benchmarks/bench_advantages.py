@@ -172,7 +172,8 @@ def main(argv=None):
               "measured on CPU: run this script on a GPU.")
     if not args.quick or args.out:
         name = args.out or f"advantages_{'cuda' if gpu else 'cpu'}.json"
-        write_json(name, {"benchmark": "advantages", "meta": metadata(args.device), **res})
+        write_json(name, {"benchmark": "advantages", "meta": metadata(args.device),
+                          "load_average_1_5_15min": os.getloadavg(), **res})
     return res
 
 

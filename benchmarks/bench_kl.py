@@ -114,6 +114,7 @@ def main(argv=None):
     if not args.quick or args.out:
         name = args.out or f"kl_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "kl", "meta": metadata(args.device), "bandwidth_GBps": bw / 1e9,
+                          "load_average_1_5_15min": os.getloadavg(),
                           "full_kl": fk, "kl_penalty": kp})
     return fk, kp
 

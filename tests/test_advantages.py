@@ -101,6 +101,7 @@ MASK_DTYPES = [torch.bool, torch.int64, torch.float32]
     (6, 1, torch.float32, 1.0, 0.95), (6, 1, torch.bfloat16, 0.9, 0.0),
     (7, 37, torch.float32, 1.0, 0.95), (7, 37, torch.float16, 0.9, 0.0), (7, 37, torch.bfloat16, 0.99, 1.0),
     (5, 300, torch.float32, 0.99, 0.95), (5, 300, torch.bfloat16, 1.0, 1.0),
+    (19, 45, torch.float32, 0.97, 0.9),  # C++: full 8-row groups (register transposes) + a partial one
 ])
 def test_gae_matches_loop(backend, device, B, T, dtype, gamma, lam):
     torch.manual_seed(B * 1000 + T)
@@ -153,8 +154,8 @@ def test_gae_masked_garbage_does_not_leak(backend, device):
 
 
 def test_gae_sliced_inputs(backend, device):
-    full_r, full_v = randn(4, 65, device=device), randn(4, 66, device=device)
-    mask = make_mask(4, 64, torch.float32, device, seed=4)
+    full_r, full_v = randn(9, 65, device=device), randn(9, 66, device=device)
+    mask = make_mask(9, 64, torch.float32, device, seed=4)
     r, v = full_r[:, 1:], full_v[:, 1:-1]  # unit stride along T, row strides 65 / 66
     adv, ret = gae(r, v, mask, gamma=0.95, lam=0.9)
     ref_a, ref_r = loop_gae(r.cpu().double(), v.cpu().double(), mask.cpu(), 0.95, 0.9)
@@ -195,7 +196,7 @@ def test_kl_shaped_rewards_last_token_across_blocks(backend, device):
 
 # ---------------------------------------------------------------------------- ppo_advantages
 @pytest.mark.parametrize("whiten", [True, False])
-@pytest.mark.parametrize("B,T", [(5, 1), (6, 77)])
+@pytest.mark.parametrize("B,T", [(5, 1), (6, 77), (17, 33)])
 def test_ppo_advantages_is_the_composition(backend, device, whiten, B, T):
     needs(backend, "triton", "cpu")
     torch.manual_seed(B + T)

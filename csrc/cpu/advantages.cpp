@@ -10,12 +10,17 @@
 #include "common.h"
 #include "kl_estimators.h"
 
+// VecF below is a GCC vector type; it never crosses a non-inlined call, so the AVX ABI note is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace rlhf_fast {
 namespace {
 
 // Below this many elements a parallel region costs more than it saves (thread wake-up,
 // and on a loaded machine a worker that is not scheduled stalls the barrier).
 constexpr int64_t kParallelMin = 1 << 15;
+
+#define RLHF_FAST_ROW_FN __attribute__((target_clones("avx512f", "avx2", "default"), flatten, noinline))
 
 // Any dtype code as float; used where a loop is sequential anyway (the GAE recurrence).
 inline float load_any(uintptr_t base, int dtype, int64_t i) {
@@ -58,12 +63,188 @@ inline void check_code(uintptr_t ptr, int dtype) {  // before a parallel region:
     throw std::invalid_argument("rlhf_fast._C: unsupported dtype code " + std::to_string(dtype));
 }
 
-struct Tensor2 {  // a (B, T) input: base address, dtype code, row stride (elements), unit stride along T
-  uintptr_t ptr;
-  int dtype;
-  int64_t stride;
-  float at(int64_t r, int64_t t) const { return load_any(ptr, dtype, r * stride + t); }
+// ---- advantages_fwd -----------------------------------------------------------
+// kRows rows run side by side: a time tile of each is loaded into fp32 arrays laid out [t][row]
+// (any input dtype), so the backward recurrence advances kRows independent rows per step as one
+// SIMD vector instead of waiting on one row's dependency chain.
+constexpr int kRows = 8;
+constexpr int64_t kTile = 1024;  // 4 tile arrays of kTile * kRows floats: 128 KB of stack
+typedef float VecF __attribute__((vector_size(kRows * sizeof(float))));  // one step of kRows rows
+typedef int32_t VecI __attribute__((vector_size(kRows * sizeof(int32_t))));
+
+inline VecF splat(float x) { return VecF{} + x; }
+inline VecF load_vec(const float* p) {
+  VecF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store_vec(float* p, VecF v) { std::memcpy(p, &v, sizeof(v)); }
+
+struct AdvArgs {
+  uintptr_t scores, lp, ref, rew, val, mask;
+  int scores_dt, lp_dt, ref_dt, rew_dt, val_dt, mask_dt;
+  int64_t lp_s, ref_s, rew_s, val_s, mask_s;
+  int64_t B, T;
+  float coef, g, gl;
+  int est;
+  float *rew_out, *adv, *ret;
+  double* stats;
 };
+
+// dst[i * kRows + k] = src[off + i] as float, for i < len
+inline void load_column(uintptr_t base, int dtype, int64_t off, int64_t len, float* dst, int k) {
+  dispatch_any(dtype, [&](auto* tag) {
+    using X = std::remove_pointer_t<decltype(tag)>;
+    const X* p = reinterpret_cast<const X*>(base) + off;
+    for (int64_t i = 0; i < len; ++i) dst[i * kRows + k] = load_val(p, i);
+  });
+}
+
+// In-place 8 x 8 transpose of r[0..8) (r[j][k] <- r[k][j]) with three rounds of shuffles.
+inline void transpose8(VecF* r) {
+  VecF t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = __builtin_shuffle(r[2 * i], r[2 * i + 1], VecI{0, 8, 1, 9, 4, 12, 5, 13});
+    t[2 * i + 1] = __builtin_shuffle(r[2 * i], r[2 * i + 1], VecI{2, 10, 3, 11, 6, 14, 7, 15});
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = __builtin_shuffle(t[4 * i], t[4 * i + 2], VecI{0, 1, 8, 9, 4, 5, 12, 13});
+    u[4 * i + 1] = __builtin_shuffle(t[4 * i], t[4 * i + 2], VecI{2, 3, 10, 11, 6, 7, 14, 15});
+    u[4 * i + 2] = __builtin_shuffle(t[4 * i + 1], t[4 * i + 3], VecI{0, 1, 8, 9, 4, 5, 12, 13});
+    u[4 * i + 3] = __builtin_shuffle(t[4 * i + 1], t[4 * i + 3], VecI{2, 3, 10, 11, 6, 7, 14, 15});
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = __builtin_shuffle(u[i], u[i + 4], VecI{0, 1, 2, 3, 8, 9, 10, 11});
+    r[i + 4] = __builtin_shuffle(u[i], u[i + 4], VecI{4, 5, 6, 7, 12, 13, 14, 15});
+  }
+}
+
+// Loads rows r0..r0+nr of a (B, T) input, positions [lo, lo + len), into dst laid out [t][row]:
+// fp32 with a full group by 8 x 8 register transposes, anything else column by column.
+inline void load_rows(uintptr_t base, int dtype, int64_t stride, int64_t r0, int nr, int64_t lo, int64_t len,
+                      float* dst) {
+  if (dtype == kFloat32 && nr == kRows) {
+    const float* p = reinterpret_cast<const float*>(base) + r0 * stride + lo;
+    int64_t i = 0;
+    for (; i + kRows <= len; i += kRows) {
+      VecF r[kRows];
+      for (int k = 0; k < kRows; ++k) r[k] = load_vec(p + k * stride + i);
+      transpose8(r);
+      for (int j = 0; j < kRows; ++j) store_vec(dst + (i + j) * kRows, r[j]);
+    }
+    for (; i < len; ++i)
+      for (int k = 0; k < kRows; ++k) dst[i * kRows + k] = p[k * stride + i];
+    return;
+  }
+  for (int k = 0; k < nr; ++k) load_column(base, dtype, (r0 + k) * stride + lo, len, dst, k);
+}
+
+// The inverse: src [t][row] -> rows r0..r0+nr of a contiguous (B, T) fp32 output.
+inline void store_rows(float* out, int64_t T, int64_t r0, int nr, int64_t lo, int64_t len, const float* src) {
+  float* p = out + r0 * T + lo;
+  int64_t i = 0;
+  if (nr == kRows) {
+    for (; i + kRows <= len; i += kRows) {
+      VecF r[kRows];
+      for (int j = 0; j < kRows; ++j) r[j] = load_vec(src + (i + j) * kRows);
+      transpose8(r);
+      for (int k = 0; k < kRows; ++k) store_vec(p + k * T + i, r[k]);
+    }
+  }
+  for (int k = 0; k < nr; ++k)
+    for (int64_t j = i; j < len; ++j) p[k * T + j] = src[j * kRows + k];
+}
+
+template <int kEst>
+inline void kl_tile(float* d, int64_t n) {  // d = logp - ref_logp -> estimator, in place
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = kl_est_value(d[i], kEst);
+}
+
+template <bool kShape, bool kGae>
+RLHF_FAST_ROW_FN void advantages_rows(const AdvArgs& A, int64_t r0) {
+  const int nr = static_cast<int>(std::min<int64_t>(kRows, A.B - r0));
+  alignas(64) float mk[kTile * kRows], rr[kTile * kRows], vv[kTile * kRows], aa[kTile * kRows];
+  const VecF zero = splat(0.0f), one = splat(1.0f), coef = splat(A.coef), g = splat(A.g), gl = splat(A.gl);
+  VecF na = zero, nv = zero, seen = zero, score = zero;
+  double n[kRows] = {}, mean[kRows] = {}, m2[kRows] = {};
+  if (kShape)
+    for (int k = 0; k < nr; ++k) score[k] = load_any(A.scores, A.scores_dt, r0 + k);
+  for (int64_t hi = A.T; hi > 0; hi -= kTile) {
+    const int64_t lo = hi > kTile ? hi - kTile : 0, len = hi - lo;
+    for (int k = nr; k < kRows; ++k)  // padding rows: all masked
+      for (int64_t i = 0; i < len; ++i) mk[i * kRows + k] = rr[i * kRows + k] = vv[i * kRows + k] = aa[i * kRows + k] = 0.0f;
+    load_rows(A.mask, A.mask_dt, A.mask_s, r0, nr, lo, len, mk);
+    if (kShape) {
+      load_rows(A.lp, A.lp_dt, A.lp_s, r0, nr, lo, len, rr);
+      load_rows(A.ref, A.ref_dt, A.ref_s, r0, nr, lo, len, aa);
+    } else {
+      load_rows(A.rew, A.rew_dt, A.rew_s, r0, nr, lo, len, rr);
+    }
+    if (kGae) load_rows(A.val, A.val_dt, A.val_s, r0, nr, lo, len, vv);
+    const int64_t n_el = len * kRows;
+    if (kShape) {
+#pragma omp simd
+      for (int64_t i = 0; i < n_el; ++i) rr[i] -= aa[i];
+      switch (A.est) {
+        case 0: kl_tile<0>(rr, n_el); break;
+        case 1: kl_tile<1>(rr, n_el); break;
+        case 2: kl_tile<2>(rr, n_el); break;
+        default: kl_tile<3>(rr, n_el); break;
+      }
+    }
+    for (int64_t t = len - 1; t >= 0; --t) {  // the state lives in vector registers
+      const int64_t o = t * kRows;
+      const VecI ok = load_vec(mk + o) != 0.0f;
+      VecF rw = load_vec(rr + o);
+      if (kShape) {  // -coef * kl, plus the score at the row's last valid position
+        rw = ok ? -coef * rw + (seen == 0.0f ? score : zero) : zero;
+        seen = ok ? one : seen;
+        store_vec(rr + o, rw);
+      }
+      if (kGae) {
+        const VecF v = load_vec(vv + o);
+        const VecF x = gl * na + (rw - v + g * nv);
+        na = ok ? x : na;
+        nv = ok ? v : nv;
+        store_vec(aa + o, ok ? x : zero);
+        store_vec(vv + o, ok ? x + v : zero);  // returns
+      }
+    }
+    if (kShape) store_rows(A.rew_out, A.T, r0, nr, lo, len, rr);
+    if (kGae) {
+      store_rows(A.adv, A.T, r0, nr, lo, len, aa);
+      store_rows(A.ret, A.T, r0, nr, lo, len, vv);
+    }
+    for (int k = 0; k < nr; ++k) {
+      if (kGae && A.stats) {  // the tile's (count, mean, M2), merged into the row's (Chan et al.)
+        double cnt = 0.0, sum = 0.0;
+        for (int64_t i = 0; i < len; ++i) {
+          const bool ok = mk[i * kRows + k] != 0.0f;
+          cnt += ok ? 1.0 : 0.0;
+          sum += aa[i * kRows + k];  // 0 where masked
+        }
+        if (cnt == 0.0) continue;
+        const double tm = sum / cnt;
+        double tm2 = 0.0;
+        for (int64_t i = 0; i < len; ++i) {
+          const double dv = aa[i * kRows + k] - tm;
+          tm2 += mk[i * kRows + k] != 0.0f ? dv * dv : 0.0;
+        }
+        const double tot = n[k] + cnt, delta = tm - mean[k];
+        mean[k] += delta * cnt / tot;
+        m2[k] += tm2 + delta * delta * n[k] * cnt / tot;
+        n[k] = tot;
+      }
+    }
+  }
+  if (kGae && A.stats)
+    for (int k = 0; k < nr; ++k) {
+      A.stats[3 * (r0 + k)] = n[k];
+      A.stats[3 * (r0 + k) + 1] = mean[k];
+      A.stats[3 * (r0 + k) + 2] = m2[k];
+    }
+}
 
 // Outputs (fp32, contiguous (B, T)) may be null: rew_out unless shaping, adv/ret unless GAE,
 // stats ((B, 3) double: count, mean, M2 of the row's advantages) unless whitening follows.
@@ -75,60 +256,22 @@ void advantages_fwd(uintptr_t scores_ptr, int scores_dtype, int64_t /*scores_str
                     uintptr_t mask_ptr, int mask_dtype, int64_t mask_stride,
                     int64_t B, int64_t T, double kl_coef, double gamma, double lam, int est,
                     uintptr_t rew_out_ptr, uintptr_t adv_ptr, uintptr_t ret_ptr, uintptr_t stats_ptr, int nthreads) {
-  const bool shape = scores_ptr != 0, with_gae = val_ptr != 0;
   for (auto [p, c] : {std::pair{scores_ptr, scores_dtype}, {lp_ptr, lp_dtype}, {ref_ptr, ref_dtype},
                       {rew_ptr, rew_dtype}, {val_ptr, val_dtype}, {mask_ptr, mask_dtype}})
     check_code(p, c);
-  const Tensor2 lp{lp_ptr, lp_dtype, lp_stride}, ref{ref_ptr, ref_dtype, ref_stride};
-  const Tensor2 rew{rew_ptr, rew_dtype, rew_stride}, val{val_ptr, val_dtype, val_stride};
-  const Tensor2 mask{mask_ptr, mask_dtype, mask_stride};
-  float* rew_out = reinterpret_cast<float*>(rew_out_ptr);
-  float* adv = reinterpret_cast<float*>(adv_ptr);
-  float* ret = reinterpret_cast<float*>(ret_ptr);
-  double* stats = reinterpret_cast<double*>(stats_ptr);
-  const float coef = static_cast<float>(kl_coef), g = static_cast<float>(gamma);
-  const float gl = static_cast<float>(gamma * lam);
+  const AdvArgs A{scores_ptr, lp_ptr, ref_ptr, rew_ptr, val_ptr, mask_ptr,
+                  scores_dtype, lp_dtype, ref_dtype, rew_dtype, val_dtype, mask_dtype,
+                  lp_stride, ref_stride, rew_stride, val_stride, mask_stride, B, T,
+                  static_cast<float>(kl_coef), static_cast<float>(gamma), static_cast<float>(gamma * lam), est,
+                  reinterpret_cast<float*>(rew_out_ptr), reinterpret_cast<float*>(adv_ptr),
+                  reinterpret_cast<float*>(ret_ptr), reinterpret_cast<double*>(stats_ptr)};
+  const bool shape = scores_ptr != 0, with_gae = val_ptr != 0;
+  const int64_t groups = (B + kRows - 1) / kRows;
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (B * T >= kParallelMin)
-  for (int64_t r = 0; r < B; ++r) {
-    const float score = shape ? load_any(scores_ptr, scores_dtype, r) : 0.0f;
-    bool seen = false;
-    float next_a = 0.0f, next_v = 0.0f;
-    double n = 0.0, mean = 0.0, m2 = 0.0;  // Welford over the row's advantages
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const int64_t o = r * T + t;
-      if (mask.at(r, t) == 0.0f) {
-        if (shape) rew_out[o] = 0.0f;
-        if (with_gae) adv[o] = ret[o] = 0.0f;
-        continue;
-      }
-      float rw;
-      if (shape) {
-        rw = -coef * kl_est_value(lp.at(r, t) - ref.at(r, t), est);
-        if (!seen) rw += score;  // the row's last valid position
-        seen = true;
-        rew_out[o] = rw;
-      } else {
-        rw = rew.at(r, t);
-      }
-      if (!with_gae) continue;
-      const float v = val.at(r, t);
-      const float a = rw + g * next_v - v + gl * next_a;
-      adv[o] = a;
-      ret[o] = a + v;
-      next_a = a;
-      next_v = v;
-      if (stats) {
-        n += 1.0;
-        const double dlt = a - mean;
-        mean += dlt / n;
-        m2 += dlt * (a - mean);
-      }
-    }
-    if (stats) {
-      stats[3 * r] = n;
-      stats[3 * r + 1] = mean;
-      stats[3 * r + 2] = m2;
-    }
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    if (shape && with_gae) advantages_rows<true, true>(A, gi * kRows);
+    else if (shape) advantages_rows<true, false>(A, gi * kRows);
+    else advantages_rows<false, true>(A, gi * kRows);
   }
 }
 
