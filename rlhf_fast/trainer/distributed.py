@@ -168,11 +168,13 @@ def distributed_run(device: str = "auto", timeout_s: float | None = None):
     except SystemExit as e:
         if e.code not in (0, None):
             _STATE["failed"] = True
+        else:
+            shutdown()
         raise
     except BaseException as e:
         _STATE["failed"] = True
         report_failure(e)
-        e.__rlhf_fast_reported__ = True
+        e.__rlhf_fast_reported__ = True  # the excepthook does not print it again
         raise
     shutdown()
 
