@@ -216,24 +216,22 @@ RLHF_FAST_ROW_FN void advantages_rows(const AdvArgs& A, int64_t r0) {
       store_rows(A.adv, A.T, r0, nr, lo, len, aa);
       store_rows(A.ret, A.T, r0, nr, lo, len, vv);
     }
-    for (int k = 0; k < nr; ++k) {
-      if (kGae && A.stats) {  // the tile's (count, mean, M2), merged into the row's (Chan et al.)
-        double cnt = 0.0, sum = 0.0;
-        for (int64_t i = 0; i < len; ++i) {
-          const bool ok = mk[i * kRows + k] != 0.0f;
-          cnt += ok ? 1.0 : 0.0;
-          sum += aa[i * kRows + k];  // 0 where masked
-        }
-        if (cnt == 0.0) continue;
-        const double tm = sum / cnt;
-        double tm2 = 0.0;
-        for (int64_t i = 0; i < len; ++i) {
-          const double dv = aa[i * kRows + k] - tm;
-          tm2 += mk[i * kRows + k] != 0.0f ? dv * dv : 0.0;
-        }
-        const double tot = n[k] + cnt, delta = tm - mean[k];
-        mean[k] += delta * cnt / tot;
-        m2[k] += tm2 + delta * delta * n[k] * cnt / tot;
+    if (kGae && A.stats) {  // the tile's (count, mean, M2) per row, all rows at once, merged in double
+      VecF cnt = zero, sum = zero, tm2 = zero;
+      for (int64_t i = 0; i < len; ++i) {
+        cnt += load_vec(mk + i * kRows) != 0.0f ? one : zero;
+        sum += load_vec(aa + i * kRows);  // 0 where masked
+      }
+      const VecF tm = sum / (cnt > 0.0f ? cnt : one);
+      for (int64_t i = 0; i < len; ++i) {
+        const VecF dv = load_vec(aa + i * kRows) - tm;
+        tm2 += load_vec(mk + i * kRows) != 0.0f ? dv * dv : zero;
+      }
+      for (int k = 0; k < nr; ++k) {  // Chan et al.
+        if (cnt[k] == 0.0f) continue;
+        const double c = cnt[k], tot = n[k] + c, delta = tm[k] - mean[k];
+        mean[k] += delta * c / tot;
+        m2[k] += tm2[k] + delta * delta * n[k] * c / tot;
         n[k] = tot;
       }
     }
