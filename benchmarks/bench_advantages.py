@@ -21,7 +21,9 @@ Floors (bytes the op must move / measured copy bandwidth), fp32 inputs, bool mas
   masked_whiten     read x + mask, write out: 9 B / token
   group_advantages  read scores, write advantages: 8 B / score
 
-    python benchmarks/bench_advantages.py               # CPU: B=256, T=1024
+    OMP_WAIT_POLICY=passive python benchmarks/bench_advantages.py   # CPU: B=256, T=1024 (passive:
+                                                    # on a shared, loaded machine spinning OpenMP
+                                                    # workers stall every parallel region)
     python benchmarks/bench_advantages.py --quick       # small sizes (smoke)
     python benchmarks/bench_advantages.py --b 512 --t 8192   # GPU target size
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -93,8 +96,10 @@ def bench_rows(cases, device, floor_ms):
     rows = []
     for name, fn in cases.items():
         try:
+            t0 = time.perf_counter()
             fn()
-            ms = time_ms(fn, device, reps=5)
+            quick = time.perf_counter() - t0 < 5e-3  # fast ops: more samples, the median of a noisy machine
+            ms = time_ms(fn, device, reps=31 if quick else 5)
             row = {"provider": name, "ms": ms, "floor_ms": floor_ms, "of_floor": floor_ms / ms}
         except Exception as e:  # a provider that cannot run here is reported, not hidden
             row = {"provider": name, "error": f"{type(e).__name__}: {str(e)[:120]}", "floor_ms": floor_ms}
@@ -173,7 +178,8 @@ def main(argv=None):
     if not args.quick or args.out:
         name = args.out or f"advantages_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "advantages", "meta": metadata(args.device),
-                          "load_average_1_5_15min": os.getloadavg(), **res})
+                          "load_average_1_5_15min": os.getloadavg(),
+                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"), **res})
     return res
 
 

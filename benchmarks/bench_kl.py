@@ -115,6 +115,7 @@ def main(argv=None):
         name = args.out or f"kl_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "kl", "meta": metadata(args.device), "bandwidth_GBps": bw / 1e9,
                           "load_average_1_5_15min": os.getloadavg(),
+                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                           "full_kl": fk, "kl_penalty": kp})
     return fk, kp
 

@@ -126,11 +126,16 @@ inline void load_rows(uintptr_t base, int dtype, int64_t stride, int64_t r0, int
   if (dtype == kFloat32 && nr == kRows) {
     const float* p = reinterpret_cast<const float*>(base) + r0 * stride + lo;
     int64_t i = 0;
-    for (; i + kRows <= len; i += kRows) {
-      VecF r[kRows];
-      for (int k = 0; k < kRows; ++k) r[k] = load_vec(p + k * stride + i);
+    for (; i + 2 * kRows <= len; i += 2 * kRows) {  // a whole 64-byte line of each row at once: rows
+      VecF r[kRows], q[kRows];                      // T apart share cache sets, lines must not be re-read
+      for (int k = 0; k < kRows; ++k) {
+        r[k] = load_vec(p + k * stride + i);
+        q[k] = load_vec(p + k * stride + i + kRows);
+      }
       transpose8(r);
+      transpose8(q);
       for (int j = 0; j < kRows; ++j) store_vec(dst + (i + j) * kRows, r[j]);
+      for (int j = 0; j < kRows; ++j) store_vec(dst + (i + kRows + j) * kRows, q[j]);
     }
     for (; i < len; ++i)
       for (int k = 0; k < kRows; ++k) dst[i * kRows + k] = p[k * stride + i];
@@ -144,11 +149,18 @@ inline void store_rows(float* out, int64_t T, int64_t r0, int nr, int64_t lo, in
   float* p = out + r0 * T + lo;
   int64_t i = 0;
   if (nr == kRows) {
-    for (; i + kRows <= len; i += kRows) {
-      VecF r[kRows];
-      for (int j = 0; j < kRows; ++j) r[j] = load_vec(src + (i + j) * kRows);
+    for (; i + 2 * kRows <= len; i += 2 * kRows) {  // whole 64-byte lines, as in load_rows
+      VecF r[kRows], q[kRows];
+      for (int j = 0; j < kRows; ++j) {
+        r[j] = load_vec(src + (i + j) * kRows);
+        q[j] = load_vec(src + (i + kRows + j) * kRows);
+      }
       transpose8(r);
-      for (int k = 0; k < kRows; ++k) store_vec(p + k * T + i, r[k]);
+      transpose8(q);
+      for (int k = 0; k < kRows; ++k) {
+        store_vec(p + k * T + i, r[k]);
+        store_vec(p + k * T + i + kRows, q[k]);
+      }
     }
   }
   for (int k = 0; k < nr; ++k)
