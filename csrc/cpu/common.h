@@ -140,7 +140,7 @@ inline float fast_exp(float x) {
   p = p * r + 1.0f;
   float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   y = x < -87.3f ? 0.0f : y;
-  y = x > hi ? x : y;              // +inf stays +inf
+  y = x > hi ? std::numeric_limits<float>::infinity() : y;  // overflow (exp_any covers up to 88.72)
   return x == x ? y : x;           // NaN stays NaN
 }
 

@@ -10,8 +10,8 @@
 
 namespace rlhf_fast {
 
-// exp(x) for any x, branch-free (vectorizes): fast_exp (common.h) is meant for x <= 0 and returns
-// x itself above 88.38, so large x go through exp(x / 2)^2 (inf beyond float's range).
+// exp(x) for any x, branch-free (vectorizes): fast_exp (common.h) is meant for x <= 0 and saturates
+// to inf above 88.38, so large x go through exp(x / 2)^2 (inf beyond float's range, 88.72).
 inline float exp_any(float x) {
   const float half = 0.5f * x < 88.0f ? 0.5f * x : 88.0f;  // a select, not fminf (a libm call)
   const float h = fast_exp(half);

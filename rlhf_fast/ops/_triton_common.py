@@ -23,8 +23,24 @@ def kl_estimate(d, EST: tl.constexpr):
     elif EST == 2:
         out = 0.5 * d * d
     else:
-        out = tl.exp(-d) + d - 1.0
+        out = tl.where(tl.abs(d) < 0.5, _k3_series(d), (tl.exp(-d) - 1.0) + d)
     return out
+
+
+@triton.jit
+def _k3_series(d):
+    """expm1(-d) + d for |d| < 1/2: Taylor terms to d^10 (relative error < 1e-9), where
+    exp(-d) + d - 1 would cancel (same polynomial as kl_k3 in csrc/cpu/kl_estimators.h)."""
+    p = 1.0 / 3628800.0
+    p = p * d - 1.0 / 362880.0
+    p = p * d + 1.0 / 40320.0
+    p = p * d - 1.0 / 5040.0
+    p = p * d + 1.0 / 720.0
+    p = p * d - 1.0 / 120.0
+    p = p * d + 1.0 / 24.0
+    p = p * d - 1.0 / 6.0
+    p = p * d + 0.5
+    return p * d * d
 
 
 @triton.jit
