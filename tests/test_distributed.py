@@ -5,7 +5,8 @@
 - GRPO groups stay on the rank that owns the prompt, and the ranks' prompts are the step's;
 - a 1-process checkpoint resumes on 2 ranks, a 2-rank checkpoint on 1; the export is a plain
   HF checkpoint; only rank 0 writes metrics;
-- a rank that raises makes the job exit non-zero, its traceback shown, without hanging.
+- a rank that raises makes the job exit non-zero, its traceback shown, without hanging;
+- ``torchrun -m rlhf_fast ppo --config cfg.yaml`` (skipped while the CLI is absent).
 Plus the world-size-free parts in one process: stratified mini-batches, config checks, global
 moments / whitening, state-dict checkpoint writing.
 """
@@ -33,12 +34,13 @@ _one_thread = pytest.fixture(autouse=True)(one_thread)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def torchrun(*args, timeout: float):
-    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py args`` -> (returncode, output,
-    seconds); the whole process group is killed if it outlives ``timeout``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "dist_worker.py"), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(*args, timeout: float, target=("tests/dist_worker.py",)):
+    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py args`` (or another
+    ``target``) -> (returncode, output, seconds); the process group is killed if it outlives
+    ``timeout``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target,
+           *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -112,6 +114,22 @@ def test_a_failing_rank_fails_the_job_with_its_traceback(tmp_path):
     assert code != 0
     assert "[rank 1/2] failed" in log and "RuntimeError: reward server unreachable on rank 1" in log, log[-6000:]
     assert seconds < 180
+
+
+def test_cli_runs_under_torchrun(tmp_path):
+    """``torchrun -m rlhf_fast ppo --config cfg.yaml``: the CLI's trainer joins the job by itself."""
+    pytest.importorskip("rlhf_fast.cli")
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in W.PROMPTS[:8]))
+    out = tmp_path / "out"
+    (tmp_path / "cfg.yaml").write_text(
+        f"model: tiny\nprompts_file: {tmp_path / 'prompts.jsonl'}\nreward_fn: rl_utils:target_fraction\n"
+        f"output_dir: {out}\ntotal_steps: 2\nrollout_batch_size: 4\nmini_batch_size: 4\nmicro_batch_size: 2\n"
+        "ppo_epochs: 1\nmax_new_tokens: 6\nprogress_bar: false\ntensorboard: false\n")
+    code, log, _ = torchrun("ppo", "--config", tmp_path / "cfg.yaml", timeout=240, target=("-m", "rlhf_fast"))
+    assert code == 0, log[-6000:]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-000002"
+    AutoModelForCausalLM.from_pretrained(out / "final")
 
 
 # ---------------------------------------------------------------------------- one process
