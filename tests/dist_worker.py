@@ -21,6 +21,7 @@ from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tin
 from rlhf_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer  # noqa: E402
 from rlhf_fast.trainer import checkpoint as ckpt  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
+from rlhf_fast.ops.logprobs import token_logprobs  # noqa: E402
 from rlhf_fast.trainer.rollout import Rollout, reward_model_scores  # noqa: E402
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
@@ -106,6 +107,36 @@ def run_case(name, out):
     return tr, {"params": params, "stats": stats, "metrics": keep, "advantages": adv}
 
 
+def sft_nll(lm, ids, attn, sel):
+    """Sum of the NLL of the tokens after the positions ``sel`` (B, L-1), from trunk + LM head."""
+    from rlhf_fast.trainer.model import lm_trunk, trunk_hidden
+
+    hidden = trunk_hidden(lm_trunk(lm), ids, attn)[:, :-1][sel]
+    return -token_logprobs(lm.get_output_embeddings()(hidden), ids[:, 1:][sel]).sum()
+
+
+def sft_step(strategy, out):
+    """One SFT-style AdamW step (token-mean NLL over the global batch) on this rank's rows of a
+    fixed batch through CallThrough; returns the gathered weights (rank 0), exports them."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(tiny_config())
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(4, 19, (8, 10), generator=g)
+    attn = (torch.arange(10) < torch.randint(5, 11, (8, 1), generator=g)).long()
+    sel = (attn[:, 1:] != 0) & (torch.arange(9) >= 3)  # response tokens only
+    world, rank = distributed.world_size(), distributed.rank()
+    rows = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    net, fwd = distributed.prepare_trainable(distributed.CallThrough(lm, sft_nll), strategy, torch.device("cpu"))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, eps=1e-4)
+    n = sel[rows].sum().float()
+    (fwd(ids[rows], attn[rows], sel[rows]) * world / distributed.all_reduce(n)).backward()
+    opt.step()
+    distributed.export_pretrained(net.module, os.path.join(out, f"sft_{strategy}"))
+    return distributed.full_state_dicts(net.module)[0]
+
+
 def main(out, ckpt_1proc):
     with distributed.distributed_run("cpu"):  # shutdown: barrier + destroy_process_group
         _main(out, ckpt_1proc)
@@ -125,6 +156,8 @@ def _main(out, ckpt_1proc):
     assert all(len(set(p[i : i + G])) == 1 for p in every for i in range(0, len(p), G)), every
     assert sum(every, []) == [tr.prompts[i] for i in tr.prompt_indices(0) for _ in range(G)], every
     assert (rank == 0) == tr.metrics_logger().enabled  # only rank 0 logs
+    for strategy in distributed.STRATEGIES:  # an SFT-style loss through CallThrough
+        results[f"sft_{strategy}"] = sft_step(strategy, out)
     if rank == 0:
         torch.save(results, os.path.join(out, "equivalence.pt"))
     # a sharded reward model scores what a full copy scores

@@ -90,6 +90,20 @@ def test_one_update_on_two_ranks_equals_one_process(job, tmp_path, case):
             assert got[kind][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (kind, k)
 
 
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_sft_style_loss_through_call_through(job, tmp_path, strategy):
+    """A loss from a model's parts (trunk + LM head, as SFT computes it) trains the same on 2
+    ranks as in one process when called through CallThrough; the export is the HF model."""
+    out, results = job
+    want = W.sft_step(strategy, tmp_path)
+    got = results[f"sft_{strategy}"]
+    assert got.keys() == want.keys()
+    for name, p in want.items():
+        torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    exported = AutoModelForCausalLM.from_pretrained(out / "dist" / f"sft_{strategy}").state_dict()
+    assert all(torch.equal(exported[k], got[k]) for k in exported)
+
+
 def test_two_rank_checkpoint_resumes_on_one_process(job, tmp_path):
     out, _ = job
     run = out / "dist" / "resumed"

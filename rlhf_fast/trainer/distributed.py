@@ -32,9 +32,9 @@ Any trainer (SFT, reward model, ...) can use the same pieces::
 
     init_distributed(cfg.device)                       # no-op outside torchrun
     device = rank_device(cfg.device)
-    model, forward_module = prepare_trainable(model, "fsdp", device)
-    ...  (loss * world_size() * local_weight / all_reduce(global_weight)).backward()
-    save_checkpoint(...) / load_checkpoint(...) / export_pretrained(...)   # on every rank
+    net, fwd = prepare_trainable(CallThrough(model, loss_fn), "fsdp", device)
+    (fwd(batch) * world_size() * local_weight / all_reduce(local_weight)).backward()
+    save_checkpoint(...) / load_checkpoint(...) / export_pretrained(net.module, ...)   # every rank
 """
 from __future__ import annotations
 
@@ -296,6 +296,24 @@ def _fully_shard(model: nn.Module, device: torch.device) -> nn.Module:
     # Our outputs are never modified in place; FSDP warns about views (values.squeeze) anyway.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     return model
+
+
+class CallThrough(nn.Module):
+    """``fn(module, *args, **kwargs)`` as a module's ``forward``. DDP and FSDP act at the
+    forward of the module they wrap, so a loss computed from a model's parts (trunk + LM head
+    on selected positions, as SFT does) must be called through one::
+
+        net, fwd = prepare_trainable(CallThrough(lm, nll), "fsdp", device)
+        (fwd(batch) * world_size() * n_local / all_reduce(n_local)).backward()
+        export_pretrained(net.module, path)          # checkpoints / export: the inner model
+    """
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(self.module, *args, **kwargs)
 
 
 def prepare_trainable(model: nn.Module, strategy: str, device: torch.device, *, find_unused_parameters: bool = False):
