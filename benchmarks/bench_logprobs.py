@@ -2,6 +2,7 @@
 
 Providers, each computing log_softmax(logits / T)[targets] for (N, V) logits:
   rlhf_fast          token_logprobs (dispatch: C++ on CPU, Triton on CUDA)
+  rlhf_fast_inplace  the same with inplace_backward=True (grad_logits written into the logits)
   rlhf_fast_cuda     the csrc CUDA kernel (GPU, when built)
   torch              log_softmax + gather (materialises N x V)
   torch_rowloop      a Python loop of per-row logsumexp, as TRL's selective_log_softmax does
@@ -45,7 +46,10 @@ def torch_rowloop(logits, targets):
 
 
 def providers(device):
-    out = {"rlhf_fast": lambda x, t: token_logprobs(x, t)}
+    out = {"rlhf_fast": lambda x, t: token_logprobs(x, t),
+           # backward writes grad_logits into the logits (the inputs are garbage after the first rep:
+           # fine for timing, the kernel's work does not depend on the values)
+           "rlhf_fast_inplace": lambda x, t: token_logprobs(x, t, inplace_backward=True)}
     if torch.device(device).type == "cuda" and _backend.cuda_library() is not None:
         def cuda_kernel(x, t):
             os.environ["RLHF_FAST_BACKEND"] = "cuda"
