@@ -40,3 +40,8 @@ __all__ = [
 from rlhf_fast.trainer import GRPOConfig, GRPOTrainer, PolicyValueModel, PPOConfig, PPOTrainer  # noqa: E402
 
 __all__ += ["PolicyValueModel", "PPOTrainer", "PPOConfig", "GRPOTrainer", "GRPOConfig"]
+
+from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer  # noqa: E402
+from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer  # noqa: E402
+
+__all__ += ["SFTTrainer", "SFTConfig", "RewardTrainer", "RewardConfig"]

@@ -1,0 +1,457 @@
+"""``rlhf-fast``: the three RLHF stages, the demo and the benchmarks from one command.
+
+    rlhf-fast demo  [--quick] [--no-kl] [--out DIR] [--set key=value ...]
+    rlhf-fast sft   [--config sft.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast rm    [--config rm.yaml]  [--model PATH] [--set key=value ...]
+    rlhf-fast ppo   [--config ppo.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast grpo  [--config grpo.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast bench [--full] [--only logprobs,kl]
+
+A stage's settings are one flat mapping: the fields of its config dataclass (SFTConfig,
+RewardConfig, PPOConfig, GRPOConfig, DemoConfig) plus the stage's run keys (RUN_KEYS: model,
+data files, ...). The YAML file is read first, then each ``--set key=value`` (parsed by the
+field's type), then ``--model``. An unknown key is an error that lists the valid ones.
+``python -m rlhf_fast`` is the same command.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import re
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+RUN_KEYS = {
+    "sft": {"model": "local HF causal-LM folder, or 'tiny' (a fresh tiny Llama + byte tokenizer)",
+            "tokenizer": "tokenizer folder (default: the model's)",
+            "train_file": "JSONL of {prompt, response} (required)",
+            "eval_file": "JSONL of {prompt, response}"},
+    "rm": {"model": "causal-LM folder (e.g. the SFT checkpoint; gets a fresh scalar head), a reward-model "
+                    "folder, or 'tiny'",
+           "tokenizer": "tokenizer folder (default: the model's)",
+           "train_file": "JSONL of {prompt, chosen, rejected} (required)",
+           "eval_file": "JSONL of {prompt, chosen, rejected}"},
+    "ppo": {"model": "policy: causal-LM folder (e.g. the SFT checkpoint) or 'tiny'",
+            "tokenizer": "tokenizer folder (default: the model's)",
+            "ref_model": "frozen reference folder (default: a copy of the initial policy)",
+            "reward_model": "reward-model folder (from `rlhf-fast rm`)",
+            "reward_fn": "instead of reward_model: 'package.module:function', called as f(prompts, completions)",
+            "prompts_file": "JSONL of {prompt} (required)"},
+}
+RUN_KEYS["grpo"] = RUN_KEYS["ppo"]
+REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"), "ppo": ("model", "prompts_file"),
+            "grpo": ("model", "prompts_file")}
+
+
+class CLIError(Exception):
+    """A bad command line, config file or data file: printed as ``rlhf-fast <cmd>: error: ...``."""
+
+
+# ---------------------------------------------------------------------------- settings
+def config_class(command: str):
+    if command == "sft":
+        from rlhf_fast.trainer.sft import SFTConfig as cls
+    elif command == "rm":
+        from rlhf_fast.trainer.reward import RewardConfig as cls
+    elif command == "ppo":
+        from rlhf_fast.trainer.config import PPOConfig as cls
+    elif command == "grpo":
+        from rlhf_fast.trainer.config import GRPOConfig as cls
+    elif command == "demo":
+        from rlhf_fast.demo import DemoConfig as cls
+    else:
+        raise CLIError(f"unknown command {command!r}")
+    return cls
+
+
+def valid_keys(command: str) -> dict:
+    """key -> type hint (run keys are str)."""
+    cls = config_class(command)
+    hints = typing.get_type_hints(cls)
+    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    keys.update({k: str for k in RUN_KEYS.get(command, {})})
+    return keys
+
+
+def _unknown(command, key, where):
+    keys = valid_keys(command)
+    return CLIError(f"unknown key {key!r} in {where}; valid keys for `{command}`: {', '.join(sorted(keys))}")
+
+
+def parse_value(key: str, text: str, hint):
+    """``--set key=text`` -> a value of the field's type (bool: true/false/1/0/yes/no/on/off;
+    an optional field takes none/null)."""
+    allowed = typing.get_args(hint) or (hint,)
+    if type(None) in allowed and text.strip().lower() in ("none", "null", "~"):
+        return None
+    for t in allowed:
+        if t is type(None):
+            continue
+        if t is bool:
+            low = text.strip().lower()
+            if low in ("true", "1", "yes", "on"):
+                return True
+            if low in ("false", "0", "no", "off"):
+                return False
+            continue
+        try:
+            return t(text)
+        except (TypeError, ValueError):
+            continue
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise CLIError(f"--set {key}={text}: expected {names}")
+
+
+def read_yaml(path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise CLIError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise CLIError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def resolve_settings(command: str, config_path=None, sets=(), model=None) -> tuple[object, dict]:
+    """(config dataclass, run keys) from a YAML file, ``--set`` overrides and ``--model``."""
+    keys = valid_keys(command)
+    settings = {}
+    if config_path:
+        for k, v in read_yaml(config_path).items():
+            if k not in keys:
+                raise _unknown(command, k, str(config_path))
+            settings[k] = v
+    for item in sets:
+        if "=" not in item:
+            raise CLIError(f"--set {item!r}: expected key=value")
+        k, text = item.split("=", 1)
+        k = k.strip()
+        if k not in keys:
+            raise _unknown(command, k, "--set")
+        settings[k] = parse_value(k, text, keys[k])
+    if model is not None:
+        if "model" not in keys:
+            raise CLIError(f"--model is not an option of `{command}`")
+        settings["model"] = model
+    run = {k: settings.pop(k) for k in list(settings) if k in RUN_KEYS.get(command, {})}
+    for k, v in run.items():
+        if v is not None and not isinstance(v, str):
+            raise CLIError(f"{k} must be a string (a path), got {v!r}")
+    for k in REQUIRED.get(command, ()):
+        if not run.get(k):
+            hint = " (or --model PATH)" if k == "model" else ""
+            raise CLIError(f"`{command}` needs {k}{hint}: {RUN_KEYS[command][k]}")
+    from rlhf_fast.trainer.config import ConfigError
+
+    try:
+        cfg = config_class(command)(**settings)
+    except ConfigError as e:
+        raise CLIError(str(e)) from None
+    except TypeError as e:
+        raise CLIError(f"bad settings for `{command}`: {e}") from None
+    return cfg, run
+
+
+# ---------------------------------------------------------------------------- models
+def load_tokenizer(run: dict):
+    from transformers import AutoTokenizer
+
+    from rlhf_fast.tokenizer import byte_tokenizer
+
+    src = run.get("tokenizer") or run["model"]
+    if src == "tiny":
+        return byte_tokenizer()
+    _check_dir("tokenizer" if run.get("tokenizer") else "model", src)
+    return AutoTokenizer.from_pretrained(src)
+
+
+def _check_dir(key, path):
+    if not Path(path).is_dir():
+        raise CLIError(f"{key}: {path} is not a folder (expected a local Hugging Face model folder)")
+
+
+def tiny_causal_lm(tokenizer, hidden_size: int = 128, num_layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id))
+
+
+def load_causal_lm(key: str, path: str, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    if path == "tiny":
+        return tiny_causal_lm(tokenizer)
+    _check_dir(key, path)
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def load_reward_fn(spec: str):
+    if ":" not in spec:
+        raise CLIError(f"reward_fn={spec!r}: expected 'package.module:function'")
+    mod, name = spec.split(":", 1)
+    try:
+        fn = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError) as e:
+        raise CLIError(f"reward_fn={spec!r}: {e}") from None
+    if not callable(fn):
+        raise CLIError(f"reward_fn={spec!r} is not callable")
+    return fn
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_sft(cfg, run):
+    from rlhf_fast.data import load_sft
+    from rlhf_fast.trainer.sft import SFTTrainer
+
+    tok = load_tokenizer(run)
+    train = load_sft(run["train_file"])
+    evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
+    model = load_causal_lm("model", run["model"], tok)
+    result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
+    _report(cfg, result, ("eval/loss", "train/loss"))
+
+
+def cmd_rm(cfg, run):
+    from rlhf_fast.data import load_preferences
+    from rlhf_fast.trainer.reward import RewardTrainer, reward_model_from_pretrained
+
+    tok = load_tokenizer(run)
+    train = load_preferences(run["train_file"])
+    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if run["model"] == "tiny":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            tiny_causal_lm(tok).save_pretrained(d)
+            model = reward_model_from_pretrained(d, pad_token_id=pad)
+    else:
+        _check_dir("model", run["model"])
+        model = reward_model_from_pretrained(run["model"], pad_token_id=pad)
+    result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
+    _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
+
+
+def cmd_rl(command, cfg, run):
+    from rlhf_fast.data import format_prompt, load_prompts
+    from rlhf_fast.trainer.grpo import GRPOTrainer
+    from rlhf_fast.trainer.model import PolicyValueModel
+    from rlhf_fast.trainer.ppo import PPOTrainer
+    from rlhf_fast.trainer.reward import reward_model_from_pretrained
+
+    if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
+        raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
+    tok = load_tokenizer(run)
+    prompts = [format_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
+    reward = {}
+    if run.get("reward_fn"):
+        reward["reward_fn"] = load_reward_fn(run["reward_fn"])
+    else:
+        _check_dir("reward_model", run["reward_model"])
+        reward["reward_model"] = reward_model_from_pretrained(run["reward_model"])
+    ref = load_causal_lm("ref_model", run["ref_model"], tok) if run.get("ref_model") else None
+    if command == "ppo" and run["model"] != "tiny":
+        _check_dir("model", run["model"])
+        model = PolicyValueModel.from_pretrained(run["model"], value_head=True)
+    else:
+        model = load_causal_lm("model", run["model"], tok)
+    cls = PPOTrainer if command == "ppo" else GRPOTrainer
+    trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward)
+    trainer.train()
+    if _rank0():
+        print(f"{command}: done -> {Path(cfg.output_dir) / 'final'} (metrics: {Path(cfg.output_dir) / 'metrics.jsonl'})")
+
+
+def _report(cfg, result, keys):
+    if not _rank0():
+        return
+    figures = ", ".join(f"{k} {result[k]:.4f}" for k in keys if k in result)
+    print(f"done: {figures} -> {Path(cfg.output_dir) / 'final'} (metrics: {Path(cfg.output_dir) / 'metrics.jsonl'})")
+
+
+def cmd_demo(cfg, run):
+    from rlhf_fast.demo import run_demo
+
+    summary = run_demo(cfg)
+    bad = [n for n, v in summary["verdicts"].items() if "beats_sft" in v and not v["beats_sft"]]
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------- bench
+def benchmarks_dir(explicit=None) -> Path:
+    candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parent.parent / "benchmarks",
+                                                    Path.cwd() / "benchmarks"]
+    for c in candidates:
+        if c.is_dir() and list(c.glob("bench_*.py")):
+            return c
+    raise CLIError("no benchmarks/bench_*.py found (they live in the source checkout; pass --dir)")
+
+
+def cmd_bench(args) -> int:
+    root = benchmarks_dir(args.dir)
+    scripts = sorted(root.glob("bench_*.py"))
+    if args.only:
+        wanted = {w.strip().removeprefix("bench_").removesuffix(".py") for w in args.only.split(",") if w.strip()}
+        names = {s.stem.removeprefix("bench_") for s in scripts}
+        missing = sorted(wanted - names)
+        if missing:
+            raise CLIError(f"--only: no benchmark {', '.join(missing)}; available: {', '.join(sorted(names))}")
+        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in wanted]
+    failed = []
+    for s in scripts:
+        quick = not args.full and re.search(r"""["']--quick["']""", s.read_text()) is not None
+        cmd = [sys.executable, str(s)] + (["--quick"] if quick else [])
+        print(f"\n==== {s.name}{' --quick' if quick else ''} ====", flush=True)
+        rc = subprocess.call(cmd, cwd=root.parent)
+        if rc != 0:
+            failed.append(f"{s.name} (exit {rc})")
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-fast", description="RLHF: SFT -> reward model -> PPO / GRPO.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="command")
+
+    def settings_args(sp, with_model=True):
+        sp.add_argument("--config", help="YAML file of key: value settings")
+        sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (repeatable)")
+        if with_model:
+            sp.add_argument("--model", help="local Hugging Face model folder (or 'tiny')")
+        sp.add_argument("--threads", type=int, help="torch CPU threads")
+        sp.add_argument("--list-keys", action="store_true", help="print the valid settings and exit")
+
+    d = sub.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on a built-in task (no downloads)")
+    settings_args(d, with_model=False)
+    d.add_argument("--out", help="output folder (output_dir)")
+    d.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
+    d.add_argument("--no-kl", action="store_true", help="also run PPO/GRPO without the KL leash (over-optimisation)")
+    for name, text in (("sft", "supervised fine-tuning on {prompt, response} JSONL"),
+                       ("rm", "reward model on {prompt, chosen, rejected} JSONL (Bradley-Terry)"),
+                       ("ppo", "PPO against a reward model or reward function"),
+                       ("grpo", "GRPO against a reward model or reward function")):
+        settings_args(sub.add_parser(name, help=text))
+    b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/bench_*.py) and print its tables")
+    b.add_argument("--full", action="store_true", help="full sizes (default: each script's --quick when offered)")
+    b.add_argument("--only", help="comma-separated names, e.g. logprobs,kl")
+    b.add_argument("--dir", help="benchmarks folder (default: the source checkout's)")
+    return p
+
+
+def list_keys(command) -> str:
+    keys = valid_keys(command)
+    cls = config_class(command)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    lines = [f"settings of `{command}` ({cls.__name__} fields and run keys):"]
+    for k in sorted(keys):
+        desc = RUN_KEYS.get(command, {}).get(k)
+        lines.append(f"  {k} = {defaults[k]!r}" if desc is None else f"  {k}: {desc}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args) or 0
+    except CLIError as e:
+        print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # data and config errors name the file / field
+        from rlhf_fast.data import DataError
+        from rlhf_fast.trainer.config import ConfigError
+
+        if isinstance(e, (DataError, ConfigError)):
+            print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args):
+    if args.command == "bench":
+        return cmd_bench(args)
+    if args.list_keys:
+        print(list_keys(args.command))
+        return 0
+    sets = list(args.sets)
+    if args.command == "demo":
+        if args.out:
+            sets.append(f"output_dir={args.out}")
+        if args.no_kl:
+            sets.append("no_kl_leash=true")
+    cfg, run = resolve_settings(args.command, args.config, sets, getattr(args, "model", None))
+    if args.command == "demo" and args.quick:
+        from rlhf_fast.demo import DemoConfig
+
+        explicit = _explicit_keys(args)
+        cfg = DemoConfig.quick(**{k: getattr(cfg, k) for k in explicit})
+    _quiet_transformers()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    _save_settings(args.command, cfg, run)
+    if args.command == "demo":
+        return cmd_demo(cfg, run)
+    if args.command == "sft":
+        return cmd_sft(cfg, run)
+    if args.command == "rm":
+        return cmd_rm(cfg, run)
+    return cmd_rl(args.command, cfg, run)
+
+
+def _explicit_keys(args) -> set:
+    """Demo keys the user set (config file, --set, --out, --no-kl): --quick keeps them."""
+    keys = set(read_yaml(args.config)) if args.config else set()
+    keys |= {s.split("=", 1)[0].strip() for s in args.sets}
+    if args.out:
+        keys.add("output_dir")
+    if args.no_kl:
+        keys.add("no_kl_leash")
+    return keys
+
+
+def _quiet_transformers():
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _rank0() -> bool:
+    """Rank 0 under torchrun (set before the trainer joins the process group), or not distributed."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _save_settings(command, cfg, run):
+    """output_dir/run_config.yaml: every setting of this run, reusable as --config (rank 0 writes)."""
+    import yaml
+
+    if not _rank0():
+        return
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.yaml").write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

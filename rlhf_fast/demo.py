@@ -1,0 +1,380 @@
+"""The whole RLHF story on a laptop CPU in minutes, with no downloads: ``rlhf-fast demo``.
+
+    data     the sort-the-digits task (rlhf_fast.demo_task): careless demonstrations, noisy
+             preference pairs, prompts; written to OUT/data/*.jsonl and read back with the loaders
+    model    a tiny Llama built from a config, the built-in byte-level tokenizer
+    1. SFT   on the demonstrations                                   -> OUT/sft/final
+    2. RM    Bradley-Terry on the pairs, trunk initialised from SFT  -> OUT/rm/final
+    3. PPO   against the RM, KL leash (kl_coef) to the SFT policy    -> OUT/ppo/final
+    4. GRPO  against the RM, KL leash (beta) to the SFT policy       -> OUT/grpo/final
+    (+)      with no_kl_leash: PPO and GRPO again with the leash off -> OUT/ppo_no_kl, OUT/grpo_no_kl
+
+Every policy is measured on held-out prompts with the programmatic gold reward (the truth),
+the reward model's score (the proxy that RL optimises) and its KL to the SFT policy (sum over
+the completion of log pi - log pi_sft on its own samples). RL runs are measured every
+``eval_every`` steps too: OUT/heldout.jsonl and OUT/heldout.png. OUT/summary.md holds the table.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
+from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
+from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
+from rlhf_fast.trainer.base import resolve_device
+from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, _check, _check_types
+from rlhf_fast.trainer.grpo import GRPOTrainer
+from rlhf_fast.trainer.ppo import PPOTrainer
+from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained
+from rlhf_fast.trainer.rollout import encode_prompts, reward_model_scores, rollout_logprobs, sample_rollout
+from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and hyper-parameters of the demo (``rlhf-fast demo --set key=value``)."""
+
+    output_dir: str = "runs/demo"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 1  # torch CPU threads: for a model this small one thread is fastest
+    no_kl_leash: bool = False  # also run PPO / GRPO with kl_coef = beta = 0 (reward over-optimisation)
+    progress_bar: bool = True
+    # task and data
+    p_clean: float = 0.3
+    label_noise: float = 0.1
+    n_sft: int = 4000
+    n_pairs: int = 4000
+    n_eval_pairs: int = 500
+    n_prompts: int = 2000
+    n_eval_prompts: int = 200
+    eval_samples: int = 2  # completions per held-out prompt
+    # model
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    # stages
+    sft_steps: int = 800
+    sft_batch_size: int = 64
+    sft_lr: float = 3e-3
+    rm_steps: int = 600
+    rm_batch_size: int = 32
+    rm_lr: float = 1e-3
+    rl_steps: int = 100
+    eval_every: int = 20
+    max_new_tokens: int = 12
+    ppo_lr: float = 2e-4
+    ppo_rollout_batch_size: int = 64
+    kl_coef: float = 0.2
+    grpo_lr: float = 5e-4
+    grpo_prompts: int = 16
+    group_size: int = 4
+    beta: float = 0.2
+
+    def __post_init__(self):
+        _check_types(self)
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "kl_coef", "beta"):
+                _check(self, f.name, v > 0 or f.name in ("p_clean", "label_noise"), "must be > 0")
+        for name in ("kl_coef", "beta"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        SortTask(p_clean=self.p_clean, label_noise=self.label_noise)  # range checks
+
+    @classmethod
+    def quick(cls, **overrides) -> "DemoConfig":
+        """A reduced size (about a minute on one core) for tests and a first look."""
+        small = dict(n_sft=2000, n_pairs=2000, n_eval_pairs=300, n_prompts=1000, n_eval_prompts=100,
+                     sft_steps=500, rm_steps=400, rl_steps=30, eval_every=15)
+        return cls(**{**small, **overrides})
+
+
+# ---------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate_policy(policy, prompts, *, tokenizer, reward_model, ref_model, samples, max_new_tokens, seed,
+                    device) -> dict:
+    """Held-out figures of a policy (a causal LM or PolicyValueModel): mean gold reward, mean
+    proxy (reward-model) score, mean KL to ``ref_model`` per completion, share of exactly sorted
+    answers, share ending with EOS, and a few (prompt, completion) examples. Sampling at
+    temperature 1 with its own seeded RNG, so training's random stream is untouched."""
+    lm = getattr(policy, "policy", policy)
+    ps = [p for p in prompts for _ in range(samples)]
+    was_training = lm.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        r = sample_rollout(lm, tokenizer, ps, encode_prompts(tokenizer, ps, 64), max_new_tokens=max_new_tokens,
+                           temperature=1.0, device=device, reward_fn=gold_rewards)
+    lm.train(was_training)
+    proxy = reward_model_scores(reward_model, r.input_ids, r.attention_mask)
+    logp, _ = rollout_logprobs(lm, r, temperature=1.0, micro_batch_size=256)
+    ref_logp, _ = rollout_logprobs(ref_model, r, temperature=1.0, micro_batch_size=256)
+    kl = (logp - ref_logp).sum(-1)
+    exact = sum(c == ideal(p) for p, c in zip(ps, r.completions)) / len(ps)
+    return {"gold": r.scores.mean().item(), "proxy": proxy.mean().item(), "kl": kl.mean().item(), "exact": exact,
+            "eos_frac": r.has_eos.float().mean().item(),
+            "examples": [[p, c] for p, c in zip(ps[::samples][:4], r.completions[::samples][:4])]}
+
+
+def with_heldout_eval(trainer_class, callback, every: int):
+    """``trainer_class`` whose runs call ``callback(trainer)`` after every ``every``-th step."""
+
+    class Evaluated(trainer_class):
+        def maybe_save(self):
+            super().maybe_save()
+            if self.step % every == 0 or self.step == self.config.total_steps:
+                callback(self)
+
+    Evaluated.__name__ = trainer_class.__name__
+    return Evaluated
+
+
+# ---------------------------------------------------------------------------- the pipeline
+class Demo:
+    """Runs the stages in order; ``run()`` returns the summary dict (also OUT/summary.json)."""
+
+    def __init__(self, config: DemoConfig, log=print):
+        self.cfg = config
+        self.out = Path(config.output_dir)
+        self.log = log
+        self.device = resolve_device(config.device)
+        self.task = SortTask(p_clean=config.p_clean, label_noise=config.label_noise)
+        self.tokenizer = byte_tokenizer()
+        self.results: dict = {}
+        self.curves: list[dict] = []
+        self.timings: dict = {}
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        threads = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
+        t0 = time.perf_counter()
+        try:
+            self.make_data()
+            self.timed("sft", self.sft)
+            self.timed("rm", self.reward_model)
+            self.load_judges()
+            self.results["SFT"] = self.evaluate(self.sft_policy(), "SFT")
+            self.timed("ppo", lambda: self.rl("PPO", kl=cfg.kl_coef))
+            self.timed("grpo", lambda: self.rl("GRPO", kl=cfg.beta))
+            if cfg.no_kl_leash:
+                self.timed("ppo_no_kl", lambda: self.rl("PPO", kl=0.0))
+                self.timed("grpo_no_kl", lambda: self.rl("GRPO", kl=0.0))
+        finally:
+            torch.set_num_threads(threads)
+        self.timings["total"] = time.perf_counter() - t0
+        return self.finish()
+
+    def timed(self, name, fn):
+        t = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - t
+
+    # ------------------------------------------------------------------ data
+    def make_data(self):
+        cfg, task, d = self.cfg, self.task, self.out / "data"
+        s = cfg.seed * 100
+        write_jsonl(d / "sft.jsonl", task.sft_data(cfg.n_sft, s + 1))
+        write_jsonl(d / "sft_eval.jsonl", task.sft_data(max(cfg.n_sft // 20, 1), s + 2))
+        write_jsonl(d / "preferences.jsonl", task.preference_data(cfg.n_pairs, s + 3))
+        # held-out pairs are labelled by the gold reward without noise: accuracy against the truth
+        write_jsonl(d / "preferences_eval.jsonl", task.preference_data(cfg.n_eval_pairs, s + 4, noisy=False))
+        write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in task.prompts(cfg.n_prompts, s + 5)])
+        write_jsonl(d / "prompts_eval.jsonl", [{"prompt": p} for p in task.prompts(cfg.n_eval_prompts, s + 6)])
+        self.eval_prompts = load_prompts(d / "prompts_eval.jsonl")
+        self.log(f"data: {cfg.n_sft} demonstrations ({cfg.p_clean:.0%} exactly right), {cfg.n_pairs} preference "
+                 f"pairs ({cfg.label_noise:.0%} labels flipped), {cfg.n_prompts} RL prompts -> {d}")
+
+    # ------------------------------------------------------------------ stages
+    def base_model(self):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg, tok = self.cfg, self.tokenizer
+        mcfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
+                           num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                           num_key_value_heads=cfg.num_heads, max_position_embeddings=64, tie_word_embeddings=True,
+                           pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        torch.manual_seed(self.cfg.seed)
+        return LlamaForCausalLM(mcfg)
+
+    def common(self, name):
+        c = self.cfg
+        return dict(output_dir=str(self.out / name), seed=c.seed, device=c.device, progress_bar=c.progress_bar,
+                    tensorboard=False)
+
+    def sft(self):
+        c, d = self.cfg, self.out / "data"
+        model = self.base_model()
+        n_params = sum(p.numel() for p in model.parameters())
+        self.log(f"\n[1/4] SFT: tiny Llama ({n_params / 1e3:.0f}k parameters), byte-level tokenizer")
+        trainer = SFTTrainer(SFTConfig(**self.common("sft"), max_steps=c.sft_steps, batch_size=c.sft_batch_size,
+                                       micro_batch_size=c.sft_batch_size, learning_rate=c.sft_lr, warmup_steps=20),
+                             model=model, tokenizer=self.tokenizer, train_data=load_sft(d / "sft.jsonl"),
+                             eval_data=load_sft(d / "sft_eval.jsonl"))
+        res = trainer.train()
+        self.log(f"      held-out response NLL {res['eval/loss']:.3f} -> {self.out / 'sft' / 'final'}")
+
+    def reward_model(self):
+        c, d = self.cfg, self.out / "data"
+        self.log("\n[2/4] Reward model: Bradley-Terry on preference pairs, trunk initialised from SFT")
+        rm = reward_model_from_pretrained(self.out / "sft" / "final", pad_token_id=self.tokenizer.pad_token_id)
+        trainer = RewardTrainer(RewardConfig(**self.common("rm"), max_steps=c.rm_steps, batch_size=c.rm_batch_size,
+                                             micro_batch_size=c.rm_batch_size, learning_rate=c.rm_lr, warmup_steps=20),
+                                model=rm, tokenizer=self.tokenizer, train_data=load_preferences(d / "preferences.jsonl"),
+                                eval_data=load_preferences(d / "preferences_eval.jsonl"))
+        res = trainer.train()
+        self.results["RM"] = {"accuracy": res["eval/accuracy"]}
+        self.log(f"      held-out pairwise accuracy {res['eval/accuracy']:.3f} -> {self.out / 'rm' / 'final'}")
+
+    def load_judges(self):
+        """The frozen reward model and SFT reference every policy is measured with."""
+        self.rm = reward_model_from_pretrained(self.out / "rm" / "final").to(self.device).eval()
+        self.ref = self.sft_policy().to(self.device).eval()
+
+    def sft_policy(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.out / "sft" / "final").to(self.device)
+
+    def evaluate(self, policy, name, step=None) -> dict:
+        c = self.cfg
+        res = evaluate_policy(policy, self.eval_prompts, tokenizer=self.tokenizer, reward_model=self.rm,
+                              ref_model=self.ref, samples=c.eval_samples, max_new_tokens=c.max_new_tokens,
+                              seed=c.seed + 12345, device=self.device)
+        if step is not None:
+            rec = {"run": name, "step": step, **{k: v for k, v in res.items() if k != "examples"}}
+            self.curves.append(rec)
+            with open(self.out / "heldout.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return res
+
+    def rl(self, algo: str, kl: float):
+        c, d = self.cfg, self.out / "data"
+        leash = kl > 0
+        name = f"{algo}" if leash else f"{algo} (no KL)"
+        folder = algo.lower() + ("" if leash else "_no_kl")
+        what = (f"KL leash {'kl_coef' if algo == 'PPO' else 'beta'}={kl:g}" if leash else "KL leash OFF")
+        self.log(f"\n[{3 if algo == 'PPO' else 4}/4] {algo} against the reward model, {what}")
+        common = dict(**self.common(folder), total_steps=c.rl_steps, max_new_tokens=c.max_new_tokens,
+                      missing_eos_penalty=1.0, max_prompt_length=64)
+        if algo == "PPO":
+            cls, config = PPOTrainer, PPOConfig(**common, learning_rate=c.ppo_lr, kl_coef=kl,
+                                                rollout_batch_size=c.ppo_rollout_batch_size,
+                                                mini_batch_size=c.ppo_rollout_batch_size // 2,
+                                                micro_batch_size=c.ppo_rollout_batch_size // 2, ppo_epochs=2)
+        else:
+            n = c.grpo_prompts * c.group_size
+            cls, config = GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl,
+                                                  rollout_batch_size=c.grpo_prompts, group_size=c.group_size,
+                                                  mini_batch_size=max(n // 2, 1), micro_batch_size=max(n // 2, 1))
+        self.curves.append({"run": name, "step": 0, **{k: v for k, v in self.results["SFT"].items() if k != "examples"}})
+        trainer_class = with_heldout_eval(cls, lambda t: self.evaluate(t.model, name, t.step), c.eval_every)
+        trainer = trainer_class(config, model=self.sft_policy(), ref_model=self.ref, tokenizer=self.tokenizer,
+                                reward_model=self.rm, prompts=load_prompts(d / "prompts.jsonl"))
+        trainer.train()
+        self.results[name] = self.evaluate(trainer.model, name)
+        r = self.results[name]
+        self.log(f"      held-out gold {r['gold']:.3f}, proxy {r['proxy']:+.3f}, KL to SFT {r['kl']:.2f} "
+                 f"-> {self.out / folder / 'final'}")
+
+    # ------------------------------------------------------------------ report
+    def finish(self) -> dict:
+        summary = {"config": dataclasses.asdict(self.cfg), "results": self.results, "timings_s": self.timings,
+                   "verdicts": self.verdicts()}
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        text = self.table()
+        (self.out / "summary.md").write_text(text + "\n")
+        self.plot()
+        self.log("\n" + text)
+        return summary
+
+    def verdicts(self) -> dict:
+        """Plain statements of what the numbers show, computed from them (never assumed)."""
+        out, sft = {}, self.results["SFT"]["gold"]
+        for name in ("PPO", "GRPO"):
+            if name in self.results:
+                gain = self.results[name]["gold"] - sft
+                out[name] = {"gold_gain": gain, "beats_sft": gain > 0}
+        for name in ("PPO (no KL)", "GRPO (no KL)"):
+            pts = [r for r in self.curves if r["run"] == name]
+            if not pts:
+                continue
+            peak = max(pts, key=lambda r: r["gold"])
+            last = pts[-1]
+            out[name] = {"gold_peak": peak["gold"], "gold_peak_step": peak["step"], "gold_final": last["gold"],
+                         "proxy_at_peak": peak["proxy"], "proxy_final": last["proxy"],
+                         "over_optimised": last["proxy"] > peak["proxy"] and last["gold"] < peak["gold"] - 0.02}
+        return out
+
+    def table(self) -> str:
+        c, res, v = self.cfg, self.results, self.verdicts()
+        lines = ["## rlhf-fast demo: sort the digits (gold reward = programmatic truth, proxy = reward model)", "",
+                 f"held-out: {c.n_eval_prompts} prompts x {c.eval_samples} samples at temperature 1; "
+                 f"reward-model accuracy on {c.n_eval_pairs} held-out pairs labelled by the gold reward", "",
+                 "| policy | gold reward | exactly sorted | proxy (RM) | KL to SFT |", "|---|---|---|---|---|"]
+        for name, r in res.items():
+            if name != "RM":
+                lines.append(f"| {name} | {r['gold']:.3f} | {r['exact']:.1%} | {r['proxy']:+.3f} | {r['kl']:.2f} |")
+        lines += ["", f"reward model held-out accuracy: {res['RM']['accuracy']:.3f} (chance 0.5)", ""]
+        for name in ("PPO", "GRPO"):
+            if name in v:
+                g = v[name]["gold_gain"]
+                lines.append(f"{name} vs SFT gold reward: {res['SFT']['gold']:.3f} -> {res[name]['gold']:.3f} "
+                             f"({g:+.3f}, {'better' if g > 0 else 'NOT better'})")
+        for name in ("PPO (no KL)", "GRPO (no KL)"):
+            if name in v:
+                o = v[name]
+                lines.append(
+                    f"{name}: proxy {o['proxy_at_peak']:+.3f} -> {o['proxy_final']:+.3f} while gold went from its peak "
+                    f"{o['gold_peak']:.3f} (step {o['gold_peak_step']}) to {o['gold_final']:.3f}: "
+                    + ("over-optimisation of the reward model" if o["over_optimised"] else
+                       "no clear over-optimisation in this run"))
+        lines += ["", "examples (held-out prompt -> one sample per policy):"]
+        for i, (p, _) in enumerate(res["SFT"]["examples"]):
+            row = ", ".join(f"{n}: {r['examples'][i][1]!r}" for n, r in res.items() if n != "RM")
+            lines.append(f"  {p} ideal {ideal(p)!r} | {row}")
+        t = self.timings
+        lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) +
+                  f" (device {self.device}, {c.threads} thread{'s' if c.threads > 1 else ''})",
+                  f"outputs: {self.out}/{{sft,rm,ppo,grpo}}/final (HF checkpoints), */metrics.jsonl, */metrics.png, "
+                  "heldout.jsonl, heldout.png, summary.json"]
+        return "\n".join(lines)
+
+    def plot(self):
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        runs = list(dict.fromkeys(r["run"] for r in self.curves))
+        if not runs:
+            return
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        for ax, key, title in zip(axes, ("gold", "proxy", "kl"),
+                                  ("gold reward (truth)", "proxy reward (RM)", "KL to SFT (nats / completion)")):
+            for run in runs:
+                pts = [(r["step"], r[key]) for r in self.curves if r["run"] == run and math.isfinite(r[key])]
+                ax.plot(*zip(*pts), marker="o", ms=3, label=run, ls="--" if "no KL" in run else "-")
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("RL step")
+            ax.grid(alpha=0.3)
+        axes[0].axhline(self.results["SFT"]["gold"], color="gray", lw=0.8, ls=":")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(self.out / "heldout.png", dpi=90)
+        plt.close(fig)
+
+
+def run_demo(config: DemoConfig | None = None, log=print) -> dict:
+    """Runs the demo; returns the summary (results per policy, verdicts, timings)."""
+    cfg = config or DemoConfig()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "heldout.jsonl").unlink(missing_ok=True)
+    return Demo(cfg, log=log).run()

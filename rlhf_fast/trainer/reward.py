@@ -1,0 +1,114 @@
+"""Reward model: a transformer trunk with a scalar head, trained on pairwise preferences.
+
+    r = head(trunk(prompt + response).last_hidden_state[last attended token])      # (B,)
+    loss, accuracy = reward_model_loss(r_chosen, r_rejected)                       # Bradley-Terry:
+    # loss = -logsigmoid(r_chosen - r_rejected).mean(); accuracy = (r_chosen > r_rejected).mean()
+
+The model is a Hugging Face ``*ForSequenceClassification`` with ``num_labels=1`` (its ``score``
+head read at each row's last attended token, exactly as the PPO/GRPO rollouts read it), or
+anything with ``score_sequences(input_ids, attention_mask)`` such as a PolicyValueModel.
+``reward_model_from_pretrained(path)`` builds one from any causal-LM folder (e.g. the SFT
+checkpoint): same trunk, fresh scalar head.
+
+    rm = reward_model_from_pretrained("runs/sft/final")
+    trainer = RewardTrainer(RewardConfig(output_dir="runs/rm"), model=rm, tokenizer=tok,
+                            train_data=[{"prompt": ..., "chosen": ..., "rejected": ...}], eval_data=[...])
+    trainer.train()          # -> {"eval/accuracy": ..., "eval/loss": ...}; runs/rm/final is an HF checkpoint
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.data import PREFERENCE_FIELDS, encode_example, pad_batch
+from rlhf_fast.losses import reward_model_loss
+from rlhf_fast.trainer.model import last_token_index, lm_trunk, trunk_hidden
+from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
+
+
+@dataclass
+class RewardConfig(SupervisedConfig):
+    """Reward-model fields: those of SupervisedConfig (``batch_size`` counts preference pairs)."""
+
+    output_dir: str = "runs/rm"
+    learning_rate: float = 5e-5
+    margin: float = 0.0  # Bradley-Terry margin: loss = -logsigmoid(r_chosen - r_rejected - margin)
+
+
+def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) fp32 reward of each row, differentiable: ``model.score_sequences`` when the model has
+    it, else a sequence-classification model's ``score`` head at the last attended token
+    (the same reading as ``rlhf_fast.trainer.rollout.reward_model_scores``)."""
+    if hasattr(model, "score_sequences"):
+        return model.score_sequences(input_ids, attention_mask).float().reshape(-1)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(f"model ({type(model).__name__}) must define score_sequences() or be a Hugging Face "
+                        "*ForSequenceClassification model with a `score` head")
+    hidden = trunk_hidden(lm_trunk(model), input_ids, attention_mask)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    out = head(hidden[rows, last_token_index(attention_mask)])
+    if out.shape[-1] != 1:
+        raise ValueError(f"model must have one output (num_labels=1), got {out.shape[-1]}")
+    return out[:, 0].float()
+
+
+def reward_model_from_pretrained(path, *, pad_token_id=None, **kwargs):
+    """``AutoModelForSequenceClassification`` with one label from a local folder: a trained reward
+    model, or a causal LM (e.g. an SFT checkpoint) whose trunk gets a fresh scalar head."""
+    import transformers
+
+    kwargs.setdefault("num_labels", 1)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
+    try:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if pad_token_id is not None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+class RewardTrainer(SupervisedTrainer):
+    """Bradley-Terry reward-model training on ``{"prompt", "chosen", "rejected"}`` pairs.
+
+    Args:
+        config: a RewardConfig.
+        model: a sequence-classification model with one label (``reward_model_from_pretrained``),
+            or anything with ``score_sequences(input_ids, attention_mask)``.
+        tokenizer: the tokenizer (its chat template is used when it has one).
+        train_data, eval_data: lists of ``{"prompt", "chosen", "rejected"}`` (``load_preferences``).
+
+    Reported: ``accuracy`` (fraction of pairs with r_chosen > r_rejected), ``loss``, ``margin``
+    (mean r_chosen - r_rejected), ``reward_mean``.
+    """
+
+    config_class = RewardConfig
+    primary_metric = "accuracy"
+
+    def __init__(self, config: RewardConfig, *, model, tokenizer, train_data, eval_data=None):
+        super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
+        cfg = getattr(self.model, "config", None)
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
+            cfg.pad_token_id = self.pad_id  # so the exported model also runs through HF's own forward
+
+    def encode(self, example):
+        if not isinstance(example, dict):
+            raise TypeError(f"a preference example must be a dict with keys {list(PREFERENCE_FIELDS)}, "
+                            f"got {type(example).__name__}")
+        for k in PREFERENCE_FIELDS:
+            if not isinstance(example.get(k), str):
+                raise ValueError(f"a preference example needs a string {k!r}")
+        n = self.config.max_length
+        return (encode_example(self.tokenizer, example["prompt"], example["chosen"], n),
+                encode_example(self.tokenizer, example["prompt"], example["rejected"], n))
+
+    def compute_loss(self, items):
+        batch = pad_batch([c for c, _ in items] + [r for _, r in items], self.pad_id)
+        scores = sequence_scores(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        chosen, rejected = scores.split(len(items))
+        margin = self.config.margin or None
+        loss, acc = reward_model_loss(chosen, rejected, margin=margin)
+        return loss, {"accuracy": acc, "margin": (chosen - rejected).mean().detach(), "reward_mean": scores.mean().detach()}

@@ -1,0 +1,85 @@
+"""Supervised fine-tuning: next-token NLL on response tokens only.
+
+    hidden = trunk(input_ids, attention_mask).last_hidden_state            # (B, T, H)
+    sel = response_mask[:, 1:]                                             # positions whose NEXT token is a response token
+    logits = lm_head(hidden[:, :-1][sel])                                  # (M, V): the LM head sees response positions only
+    loss = -token_logprobs(logits, input_ids[:, 1:][sel]).mean()           # token mean over the batch
+
+Prompt tokens (and the chat template's user turn) are context, never targets. The fused
+``token_logprobs`` op computes the log-softmax in one streaming pass, so no (M, V) log-prob
+tensor is materialised and backward writes the gradient into the logits' storage.
+
+    trainer = SFTTrainer(SFTConfig(output_dir="runs/sft"), model=causal_lm, tokenizer=tok,
+                         train_data=[{"prompt": "2+2=", "response": "4"}, ...], eval_data=[...])
+    trainer.train()          # -> {"eval/loss": ..., "eval/ppl": ...}; runs/sft/final is an HF checkpoint
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_fast.data import SFT_FIELDS, encode_example, pad_batch
+from rlhf_fast.ops.logprobs import token_logprobs
+from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
+from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
+
+
+@dataclass
+class SFTConfig(SupervisedConfig):
+    """SFT fields: those of SupervisedConfig (``batch_size`` counts sequences)."""
+
+    output_dir: str = "runs/sft"
+    learning_rate: float = 1e-4
+
+
+def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean NLL over the response tokens, their count) for a padded batch from ``pad_batch``."""
+    ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+    hidden = trunk_hidden(lm_trunk(model), ids, attn)
+    sel = resp[:, 1:]
+    logits = model.get_output_embeddings()(hidden[:, :-1][sel])
+    logp = token_logprobs(logits, ids[:, 1:][sel], inplace_backward=True)
+    return -logp.mean(), sel.sum()
+
+
+class SFTTrainer(SupervisedTrainer):
+    """SFT of a Hugging Face causal LM on ``{"prompt", "response"}`` examples.
+
+    Args:
+        config: an SFTConfig.
+        model: an ``AutoModelForCausalLM`` model whose logits are ``lm_head(hidden)``.
+        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.data``).
+        train_data, eval_data: lists of ``{"prompt": str, "response": str}`` (``load_sft(path)``).
+    """
+
+    config_class = SFTConfig
+    primary_metric = "loss"
+
+    def __init__(self, config: SFTConfig, *, model, tokenizer, train_data, eval_data=None):
+        lm_trunk(model)
+        check_plain_lm_head(model)
+        super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
+
+    def encode(self, example):
+        if not isinstance(example, dict):
+            raise TypeError(f"an SFT example must be a dict with keys {list(SFT_FIELDS)}, got {type(example).__name__}")
+        for k in SFT_FIELDS:
+            if not isinstance(example.get(k), str):
+                raise ValueError(f"an SFT example needs a string {k!r}")
+        return encode_example(self.tokenizer, example["prompt"], example["response"], self.config.max_length)
+
+    def weight(self, item) -> float:
+        return len(item.ids) - max(item.n_prompt, 1)  # response tokens that have a preceding token
+
+    def compute_loss(self, items):
+        batch = {k: v.to(self.device) for k, v in pad_batch(items, self.pad_id).items()}
+        loss, _ = response_nll(self.model, batch)
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self, data=None) -> dict:
+        out = super().evaluate(data)
+        out["ppl"] = math.exp(min(out["loss"], 50.0))
+        return out

@@ -1,0 +1,291 @@
+"""The loop shared by the supervised stages (SFT, reward model): a config, seeded batches,
+micro-batch gradient accumulation, an LR schedule, evaluation, atomic checkpoints, metrics,
+and a Hugging Face export. Subclasses say how to encode an example, weigh it, and score a
+micro-batch (``encode``, ``weight``, ``compute_loss``).
+
+    for step in range(start, total_steps):
+        batch = seeded_permutation(epoch)[slice]                  # a function of the step alone
+        for micro, share in micro_batches(batch):                 # share: its part of the batch's weight
+            loss, stats = compute_loss(micro); (loss * share).backward()
+        clip; finite check; optimizer.step(); scheduler.step()
+        log; evaluate every eval_steps; checkpoint every save_steps
+    export(output_dir / "final")                                  # model.save_pretrained + tokenizer
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_fast.trainer import checkpoint as ckpt
+from rlhf_fast.trainer.base import NonFiniteError, lr_multiplier, resolve_device, seed_everything
+from rlhf_fast.trainer.config import ConfigError, _check, _check_types, _choice
+from rlhf_fast.trainer.metrics import MetricsLogger, is_main_process
+from rlhf_fast.trainer.model import resolve_attn_implementation
+
+
+@dataclass
+class SupervisedConfig:
+    """Fields of the supervised stages. A *step* is one optimizer step on ``batch_size``
+    examples (SFT: sequences, reward model: preference pairs)."""
+
+    output_dir: str = "runs/supervised"
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 16
+    micro_batch_size: int = 16
+    max_length: int = 512  # prompt + response tokens; longer responses are cut, prompts never
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "cosine"  # after warmup: "constant" | "linear" | "cosine" decay to min_lr_ratio
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    eval_steps: int = 0  # evaluate every eval_steps steps (0: at the end only)
+    eval_batch_size: int = 64
+    attn_implementation: str = "auto"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "bf16" | "fp32"
+    gradient_checkpointing: bool = False
+    save_steps: int = 0  # 0: a checkpoint at the end only
+    keep_checkpoints: int = 2
+    resume_from: str = ""  # "" fresh run | "latest" (output_dir/checkpoints) | a checkpoint folder
+    progress_bar: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+               "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size", "keep_checkpoints"):
+            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
+        for name in ("weight_decay", "max_grad_norm", "adam_eps"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
+            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        _check(self, "micro_batch_size", self.batch_size % self.micro_batch_size == 0,
+               f"must divide batch_size={self.batch_size}")
+        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
+        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
+        _choice(self, "precision", ("auto", "bf16", "fp32"))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Builds the config from a flat dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+class SupervisedTrainer:
+    """Base of SFTTrainer / RewardTrainer (see their docstrings for the arguments)."""
+
+    config_class = SupervisedConfig
+    primary_metric = "loss"  # the progress bar's eval figure
+
+    def __init__(self, config, *, model, tokenizer, train_data, eval_data=None):
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
+        if tokenizer is None:
+            raise ValueError("tokenizer is required (the data is text)")
+        self.config = cfg = config
+        self.device = resolve_device(cfg.device)
+        seed_everything(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_id is None:
+            raise ValueError("tokenizer has neither a pad_token nor an eos_token to pad with")
+
+        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
+        if hasattr(model, "set_attn_implementation") and model.config._attn_implementation != attn:
+            model.set_attn_implementation(attn)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = model.to(self.device).train()
+
+        self.train_set = self._encode_all("train_data", train_data)
+        self.eval_set = self._encode_all("eval_data", eval_data) if eval_data is not None else None
+        self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
+            lr_multiplier, warmup=cfg.warmup_steps, total=self.total_steps, schedule=cfg.lr_scheduler,
+            min_ratio=cfg.min_lr_ratio))
+        self.output_dir = Path(cfg.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.step = 0
+        if cfg.resume_from:
+            self.resume(cfg.resume_from)
+
+    # ------------------------------------------------------------------ subclass hooks
+    def encode(self, example):
+        """One raw example (a dict) -> what ``compute_loss`` takes."""
+        raise NotImplementedError
+
+    def weight(self, item) -> float:
+        """How much ``item`` counts in the batch mean (SFT: its response tokens; RM: 1 per pair)."""
+        return 1.0
+
+    def compute_loss(self, items):
+        """(loss, stats) of a micro-batch: loss is the weighted mean over ``items``; stats are 0-d tensors."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ data
+    def _encode_all(self, name, data):
+        if isinstance(data, (str, bytes)) or not hasattr(data, "__len__"):
+            raise TypeError(f"{name} must be a list of examples (dicts), got {type(data).__name__}")
+        if len(data) == 0:
+            raise ValueError(f"{name} is empty")
+        out = []
+        for i, ex in enumerate(data):
+            try:
+                out.append(self.encode(ex))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{name}[{i}]: {e}") from None
+        return out
+
+    def batch_indices(self, step: int) -> list[int]:
+        """The examples of ``step``: a slice of a seeded permutation of the data per epoch."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.train_set), generator=g).tolist()
+        bs = self.config.batch_size
+        return perm[pos * bs : (pos + 1) * bs]
+
+    def autocast(self):
+        p, dev = self.config.precision, self.device.type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=p == "bf16" or (p == "auto" and dev == "cuda"))
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> dict:
+        """Runs the remaining steps; returns the final evaluation (or the last training stats)."""
+        cfg = self.config
+        result = {}
+        with MetricsLogger(self.output_dir, self.total_steps, start_step=self.step, progress=cfg.progress_bar,
+                           tensorboard=cfg.tensorboard, plot=cfg.plot, desc=type(self).__name__,
+                           progress_keys=("train/loss", f"eval/{self.primary_metric}")) as log:
+            for step in range(self.step, self.total_steps):
+                stats = self.train_step(step)
+                self.step = step + 1
+                metrics = {**stats, "lr": self.scheduler.get_last_lr()[0], "epoch": step / self.steps_per_epoch}
+                last = self.step == self.total_steps
+                if self.eval_set is not None and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
+                    metrics.update({f"eval/{k}": v for k, v in self.evaluate().items()})
+                result = log.log(self.step, metrics)
+                if (cfg.save_steps and self.step % cfg.save_steps == 0) or last:
+                    self.save()
+        self.export()
+        return result
+
+    def train_step(self, step: int) -> dict:
+        items = [self.train_set[i] for i in self.batch_indices(step)]
+        weights = [self.weight(it) for it in items]
+        total = max(sum(weights), 1e-12)
+        mb = self.config.micro_batch_size
+        loss_sum = torch.zeros((), device=self.device)
+        stats = []
+        for s in range(0, len(items), mb):
+            share = sum(weights[s : s + mb]) / total
+            if share == 0:
+                continue
+            with self.autocast():
+                loss, st = self.compute_loss(items[s : s + mb])
+            (loss * share).backward()
+            loss_sum = loss_sum + loss.detach() * share
+            stats.append({k: v.detach().float() * share for k, v in st.items()})
+        grad_norm = self.optimizer_step(step, loss_sum)
+        keys = list(stats[0])
+        sums = torch.stack([torch.stack([s[k] for s in stats]).sum() for k in keys] + [loss_sum, grad_norm])
+        values = sums.tolist()  # one host sync per step
+        out = {f"train/{k}": v for k, v in zip(keys, values)}
+        out["train/loss"], out["grad_norm"] = values[-2], values[-1]
+        return out
+
+    def optimizer_step(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(f"step {step + 1}: non-finite loss ({float(loss_sum)}) or gradient norm "
+                                 f"({float(grad_norm)}); stopped before the optimizer step")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    @torch.no_grad()
+    def evaluate(self, data=None) -> dict:
+        """Weighted means of the loss stats over ``data`` (raw examples; default: the eval set)."""
+        items = self.eval_set if data is None else self._encode_all("data", data)
+        if items is None:
+            raise ValueError("no eval_data was given to the trainer and no data was passed to evaluate()")
+        was_training = self.model.training
+        self.model.eval()
+        sums, total = {}, 0.0
+        try:
+            bs = self.config.eval_batch_size
+            for s in range(0, len(items), bs):
+                part = items[s : s + bs]
+                w = sum(self.weight(it) for it in part)
+                if w == 0:
+                    continue
+                with self.autocast():
+                    loss, st = self.compute_loss(part)
+                for k, v in {"loss": loss, **st}.items():
+                    sums[k] = sums.get(k, 0.0) + v.detach().float() * w
+                total += w
+        finally:
+            self.model.train(was_training)
+        keys = list(sums)
+        values = torch.stack([sums[k] for k in keys]).div(max(total, 1e-12)).tolist()
+        return dict(zip(keys, values))
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        """Atomic checkpoint of model, optimizer, scheduler and RNGs at the current step."""
+        if not is_main_process():
+            return None
+        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, state={"config": self.config.to_dict()},
+                                    generators={"shuffle": self.generator}, keep_last=self.config.keep_checkpoints)
+
+    def resume(self, where: str) -> None:
+        """``where``: "latest" (this run's newest checkpoint; a fresh start when none) or a folder."""
+        path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                     generators={"shuffle": self.generator}, map_location=self.device)
+        self.step = int(state["step"])
+
+    def export(self, path=None) -> Path:
+        """Writes the model (``save_pretrained``) and tokenizer to ``path`` (default output_dir/final):
+        a folder ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
+        ``AutoTokenizer`` load."""
+        path = Path(path) if path is not None else self.output_dir / "final"
+        if is_main_process():
+            self.model.save_pretrained(path)
+            self.tokenizer.save_pretrained(path)
+        return path
