@@ -248,7 +248,7 @@ def cmd_rm(cfg, run):
 
 
 def cmd_rl(command, cfg, run):
-    from rlhf_fast.data import format_prompt, load_prompts
+    from rlhf_fast.data import load_prompts, policy_prompt
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.model import PolicyValueModel
     from rlhf_fast.trainer.ppo import PPOTrainer
@@ -257,7 +257,7 @@ def cmd_rl(command, cfg, run):
     if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
     tok = load_tokenizer(run)
-    prompts = [format_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
+    prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
     reward = {}
     if run.get("reward_fn"):
         reward["reward_fn"] = load_reward_fn(run["reward_fn"])

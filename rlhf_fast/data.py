@@ -105,6 +105,20 @@ def format_prompt(tokenizer, prompt: str) -> str:
     )
 
 
+def policy_prompt(tokenizer, prompt: str) -> str:
+    """The prompt text to hand a PPO/GRPO trainer, which encodes prompts with
+    ``tokenizer(text)`` (special tokens added): chosen so that those ids equal
+    ``encode_prompt(tokenizer, prompt)``, the ids SFT trained on. (A chat template that writes
+    the BOS itself would otherwise get a second one from the tokenizer.)"""
+    text = format_prompt(tokenizer, prompt)
+    bos = getattr(tokenizer, "bos_token", None)
+    if has_chat_template(tokenizer) and bos and text.startswith(bos):
+        added = tokenizer("")["input_ids"]
+        if added[:1] == [tokenizer.bos_token_id]:
+            text = text[len(bos):]
+    return text
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of ``format_prompt(tokenizer, prompt)`` (special tokens added once)."""
     if has_chat_template(tokenizer):  # the template writes its own BOS, if any

@@ -68,6 +68,7 @@ class DemoConfig:
     rm_batch_size: int = 32
     rm_lr: float = 1e-3
     rl_steps: int = 100
+    no_kl_steps: int = 200  # the runs without the leash go on longer: the drift is what accumulates
     eval_every: int = 20
     max_new_tokens: int = 12
     ppo_lr: float = 2e-4
@@ -92,7 +93,7 @@ class DemoConfig:
     def quick(cls, **overrides) -> "DemoConfig":
         """A reduced size (about a minute on one core) for tests and a first look."""
         small = dict(n_sft=2000, n_pairs=2000, n_eval_pairs=300, n_prompts=1000, n_eval_prompts=100,
-                     sft_steps=500, rm_steps=400, rl_steps=30, eval_every=15)
+                     sft_steps=500, rm_steps=400, rl_steps=30, no_kl_steps=60, eval_every=15)
         return cls(**{**small, **overrides})
 
 
@@ -161,11 +162,11 @@ class Demo:
             self.timed("rm", self.reward_model)
             self.load_judges()
             self.results["SFT"] = self.evaluate(self.sft_policy(), "SFT")
-            self.timed("ppo", lambda: self.rl("PPO", kl=cfg.kl_coef))
-            self.timed("grpo", lambda: self.rl("GRPO", kl=cfg.beta))
+            self.timed("ppo", lambda: self.rl("PPO", kl=cfg.kl_coef, steps=cfg.rl_steps))
+            self.timed("grpo", lambda: self.rl("GRPO", kl=cfg.beta, steps=cfg.rl_steps))
             if cfg.no_kl_leash:
-                self.timed("ppo_no_kl", lambda: self.rl("PPO", kl=0.0))
-                self.timed("grpo_no_kl", lambda: self.rl("GRPO", kl=0.0))
+                self.timed("ppo_no_kl", lambda: self.rl("PPO", kl=0.0, steps=cfg.no_kl_steps))
+                self.timed("grpo_no_kl", lambda: self.rl("GRPO", kl=0.0, steps=cfg.no_kl_steps))
         finally:
             torch.set_num_threads(threads)
         self.timings["total"] = time.perf_counter() - t0
@@ -254,14 +255,14 @@ class Demo:
                 f.write(json.dumps(rec) + "\n")
         return res
 
-    def rl(self, algo: str, kl: float):
+    def rl(self, algo: str, kl: float, steps: int):
         c, d = self.cfg, self.out / "data"
         leash = kl > 0
         name = f"{algo}" if leash else f"{algo} (no KL)"
         folder = algo.lower() + ("" if leash else "_no_kl")
         what = (f"KL leash {'kl_coef' if algo == 'PPO' else 'beta'}={kl:g}" if leash else "KL leash OFF")
-        self.log(f"\n[{3 if algo == 'PPO' else 4}/4] {algo} against the reward model, {what}")
-        common = dict(**self.common(folder), total_steps=c.rl_steps, max_new_tokens=c.max_new_tokens,
+        self.log(f"\n[{3 if algo == 'PPO' else 4}/4] {algo} against the reward model, {what}, {steps} steps")
+        common = dict(**self.common(folder), total_steps=steps, max_new_tokens=c.max_new_tokens,
                       missing_eos_penalty=1.0, max_prompt_length=64)
         if algo == "PPO":
             cls, config = PPOTrainer, PPOConfig(**common, learning_rate=c.ppo_lr, kl_coef=kl,
@@ -360,7 +361,8 @@ class Demo:
                                   ("gold reward (truth)", "proxy reward (RM)", "KL to SFT (nats / completion)")):
             for run in runs:
                 pts = [(r["step"], r[key]) for r in self.curves if r["run"] == run and math.isfinite(r[key])]
-                ax.plot(*zip(*pts), marker="o", ms=3, label=run, ls="--" if "no KL" in run else "-")
+                ax.plot(*zip(*pts), marker="o", ms=3, label=run, ls="--" if "no KL" in run else "-",
+                        color="tab:blue" if run.startswith("PPO") else "tab:orange")
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)

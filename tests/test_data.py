@@ -111,3 +111,21 @@ def test_pad_batch_masks():
     assert b["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert b["response_mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
     assert b["last"].tolist() == [3, 1]
+
+
+def test_policy_prompt_encodes_like_sft():
+    """The RL trainers encode prompts with tokenizer(text); that must give the SFT prompt ids,
+    also for a template that writes the BOS itself (no second BOS)."""
+    from rlhf_fast.data import encode_prompt, policy_prompt
+
+    plain = byte_tokenizer()
+    assert plain(policy_prompt(plain, "ab"))["input_ids"] == encode_prompt(plain, "ab")
+    tok = byte_tokenizer()  # adds BOS
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    want = encode_prompt(tok, "hi")
+    assert want[0] == tok.bos_token_id and want.count(tok.bos_token_id) == 1
+    assert tok(policy_prompt(tok, "hi"))["input_ids"] == want
+    no_bos = byte_tokenizer(add_bos=False)
+    no_bos.chat_template = tok.chat_template
+    assert no_bos(policy_prompt(no_bos, "hi"))["input_ids"] == encode_prompt(no_bos, "hi") == want
