@@ -391,23 +391,15 @@ def _dispatch(args):
     if args.list_keys:
         print(list_keys(args.command))
         return 0
-    sets = list(args.sets)
     if args.command == "demo":
-        if args.out:
-            sets.append(f"output_dir={args.out}")
-        if args.no_kl:
-            sets.append("no_kl_leash=true")
-    cfg, run = resolve_settings(args.command, args.config, sets, getattr(args, "model", None))
-    if args.command == "demo" and args.quick:
-        from rlhf_fast.demo import DemoConfig
+        cfg, run = demo_settings(args)
+    else:
+        cfg, run = resolve_settings(args.command, args.config, args.sets, args.model)
+        if args.threads:
+            import torch
 
-        explicit = _explicit_keys(args)
-        cfg = DemoConfig.quick(**{k: getattr(cfg, k) for k in explicit})
+            torch.set_num_threads(args.threads)
     _quiet_transformers()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     _save_settings(args.command, cfg, run)
     if args.command == "demo":
         return cmd_demo(cfg, run)
@@ -418,15 +410,24 @@ def _dispatch(args):
     return cmd_rl(args.command, cfg, run)
 
 
-def _explicit_keys(args) -> set:
-    """Demo keys the user set (config file, --set, --out, --no-kl): --quick keeps them."""
-    keys = set(read_yaml(args.config)) if args.config else set()
-    keys |= {s.split("=", 1)[0].strip() for s in args.sets}
+def demo_settings(args):
+    """DemoConfig from --config, --set, --out, --no-kl, --threads; with --quick, the reduced
+    size for every key the user did not set."""
+    from rlhf_fast.demo import DemoConfig
+
+    sets = list(args.sets)
     if args.out:
-        keys.add("output_dir")
+        sets.append(f"output_dir={args.out}")
     if args.no_kl:
-        keys.add("no_kl_leash")
-    return keys
+        sets.append("no_kl_leash=true")
+    if args.threads:
+        sets.append(f"threads={args.threads}")
+    cfg, run = resolve_settings("demo", args.config, sets)
+    if args.quick:
+        explicit = set(read_yaml(args.config)) if args.config else set()
+        explicit |= {s.split("=", 1)[0].strip() for s in sets}
+        cfg = DemoConfig.quick(**{k: getattr(cfg, k) for k in explicit})
+    return cfg, run
 
 
 def _quiet_transformers():

@@ -200,3 +200,17 @@ def test_example_configs_are_valid(command):
         assert cfg == DemoConfig()  # configs/demo.yaml states the defaults
     else:
         assert run["model"]
+
+
+def test_demo_settings_quick_keeps_what_the_user_set(tmp_path):
+    from rlhf_fast.cli import build_parser, demo_settings
+    from rlhf_fast.demo import DemoConfig
+
+    args = build_parser().parse_args(["demo", "--quick", "--no-kl", "--out", str(tmp_path), "--threads", "2",
+                                      "--set", "sft_steps=7"])
+    cfg, _ = demo_settings(args)
+    quick = DemoConfig.quick()
+    assert (cfg.sft_steps, cfg.no_kl_leash, cfg.output_dir, cfg.threads) == (7, True, str(tmp_path), 2)
+    assert (cfg.rm_steps, cfg.rl_steps) == (quick.rm_steps, quick.rl_steps) != (DemoConfig().rm_steps, DemoConfig().rl_steps)
+    full, _ = demo_settings(build_parser().parse_args(["demo"]))
+    assert full == DemoConfig()
