@@ -403,11 +403,24 @@ def _dispatch(args):
     _save_settings(args.command, cfg, run)
     if args.command == "demo":
         return cmd_demo(cfg, run)
-    if args.command == "sft":
-        return cmd_sft(cfg, run)
-    if args.command == "rm":
-        return cmd_rm(cfg, run)
-    return cmd_rl(args.command, cfg, run)
+    with _torchrun_job(cfg):
+        if args.command == "sft":
+            return cmd_sft(cfg, run)
+        if args.command == "rm":
+            return cmd_rm(cfg, run)
+        return cmd_rl(args.command, cfg, run)
+
+
+def _torchrun_job(cfg):
+    """Under torchrun (WORLD_SIZE > 1): ``distributed_run`` (join the job; a clean exit leaves
+    through the barrier, a failing rank reports itself and skips it). Alone: nothing."""
+    import contextlib
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return contextlib.nullcontext()
+    from rlhf_fast.trainer.distributed import distributed_run
+
+    return distributed_run(cfg.device, getattr(cfg, "dist_timeout_s", None))
 
 
 def demo_settings(args):

@@ -105,9 +105,9 @@ class RewardTrainer(SupervisedTrainer):
         return (encode_example(self.tokenizer, example["prompt"], example["chosen"], n),
                 encode_example(self.tokenizer, example["prompt"], example["rejected"], n))
 
-    def compute_loss(self, items):
+    def model_loss(self, model, items):
         batch = pad_batch([c for c, _ in items] + [r for _, r in items], self.pad_id)
-        scores = sequence_scores(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        scores = sequence_scores(model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
         chosen, rejected = scores.split(len(items))
         margin = self.config.margin or None
         loss, acc = reward_model_loss(chosen, rejected, margin=margin)

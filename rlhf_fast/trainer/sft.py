@@ -73,9 +73,9 @@ class SFTTrainer(SupervisedTrainer):
     def weight(self, item) -> float:
         return len(item.ids) - max(item.n_prompt, 1)  # response tokens that have a preceding token
 
-    def compute_loss(self, items):
+    def model_loss(self, model, items):
         batch = {k: v.to(self.device) for k, v in pad_batch(items, self.pad_id).items()}
-        loss, _ = response_nll(self.model, batch)
+        loss, _ = response_nll(model, batch)
         return loss, {}
 
     @torch.no_grad()

@@ -6,10 +6,21 @@ micro-batch (``encode``, ``weight``, ``compute_loss``).
     for step in range(start, total_steps):
         batch = seeded_permutation(epoch)[slice]                  # a function of the step alone
         for micro, share in micro_batches(batch):                 # share: its part of the batch's weight
-            loss, stats = compute_loss(micro); (loss * share).backward()
+            loss, stats = compute_loss(micro); (loss * share).backward()   # share: x world under torchrun
         clip; finite check; optimizer.step(); scheduler.step()
         log; evaluate every eval_steps; checkpoint every save_steps
     export(output_dir / "final")                                  # model.save_pretrained + tokenizer
+
+Under torchrun (``WORLD_SIZE > 1``) the trainer joins the job and trains on PyTorch's FSDP2
+(``distributed_strategy="fsdp"``, per transformer block and root) or DDP (``"ddp"``); see
+``distributed.py``. Every rank draws the same global batch and takes its contiguous share
+(``ceil(B / world)`` examples); ranks run equally many micro-batches (a rank with nothing left
+runs a zero-weight one, since FSDP's collectives happen inside each forward) and each scales its
+micro-batch loss by ``world * weight(micro) / weight(global batch)`` (DDP / FSDP average the
+ranks' gradients), so the update is that of one process on the global batch: SFT's token-mean
+NLL over the batch's response tokens, the reward model's mean over its pairs. Metrics and
+evaluation (the eval set split the same way) are global sums; only rank 0 logs and writes.
+Checkpoints hold the full state, so any world size resumes them.
 """
 from __future__ import annotations
 
@@ -22,9 +33,10 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.trainer import checkpoint as ckpt
+from rlhf_fast.trainer import distributed
 from rlhf_fast.trainer.base import NonFiniteError, lr_multiplier, resolve_device, seed_everything
 from rlhf_fast.trainer.config import ConfigError, _check, _check_types, _choice
-from rlhf_fast.trainer.metrics import MetricsLogger, is_main_process
+from rlhf_fast.trainer.metrics import MetricsLogger
 from rlhf_fast.trainer.model import resolve_attn_implementation
 
 
@@ -61,6 +73,9 @@ class SupervisedConfig:
     progress_bar: bool = True
     tensorboard: bool = True
     plot: bool = True
+    # distribution: used when torchrun launches the run (WORLD_SIZE > 1), ignored otherwise
+    distributed_strategy: str = "fsdp"  # the trained model: "fsdp" (FSDP2 fully_shard per block) | "ddp"
+    dist_timeout_s: float = 1800.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self):
         _check_types(self)
@@ -80,6 +95,8 @@ class SupervisedConfig:
         _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
         _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
         _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "distributed_strategy", distributed.STRATEGIES)
+        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,7 +123,9 @@ class SupervisedTrainer:
         if tokenizer is None:
             raise ValueError("tokenizer is required (the data is text)")
         self.config = cfg = config
-        self.device = resolve_device(cfg.device)
+        distributed.init_distributed(cfg.device, cfg.dist_timeout_s)  # under torchrun: join the job
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.device = distributed.rank_device(cfg.device) if distributed.is_distributed() else resolve_device(cfg.device)
         seed_everything(cfg.seed)
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.tokenizer = tokenizer
@@ -119,7 +138,12 @@ class SupervisedTrainer:
             model.set_attn_implementation(attn)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = model.to(self.device).train()
+        # self.model: the model itself (FSDP-sharded in place); self.train_model: what the loss's
+        # forward goes through (FSDP / DDP act at a module's forward): CallThrough(model, model_loss)
+        # or its DDP wrapper
+        self.net, self.train_model = distributed.prepare_trainable(
+            distributed.CallThrough(model.train(), self._model_loss), cfg.distributed_strategy, self.device)
+        self.model = self.net.module
 
         self.train_set = self._encode_all("train_data", train_data)
         self.eval_set = self._encode_all("eval_data", eval_data) if eval_data is not None else None
@@ -147,9 +171,18 @@ class SupervisedTrainer:
         """How much ``item`` counts in the batch mean (SFT: its response tokens; RM: 1 per pair)."""
         return 1.0
 
-    def compute_loss(self, items):
-        """(loss, stats) of a micro-batch: loss is the weighted mean over ``items``; stats are 0-d tensors."""
+    def model_loss(self, model, items):
+        """(loss, stats) of a micro-batch computed with ``model``: loss is the weighted mean over
+        ``items``; stats are 0-d tensors."""
         raise NotImplementedError
+
+    def _model_loss(self, model, items):
+        return self.model_loss(model, items)
+
+    def compute_loss(self, items):
+        """(loss, stats) of a micro-batch (``model_loss`` called through the FSDP / DDP module;
+        every rank must call it equally often)."""
+        return self.train_model(items)
 
     # ------------------------------------------------------------------ data
     def _encode_all(self, name, data):
@@ -198,26 +231,44 @@ class SupervisedTrainer:
         self.export()
         return result
 
+    def rank_parts(self, items: list, size: int):
+        """(part, weight) for each of this rank's parts of ``items`` (a list every rank holds):
+        its contiguous share ``items[r*k : (r+1)*k]``, ``k = ceil(len / world)``, cut into parts of
+        ``size``. Every rank gets ``ceil(k / size)`` parts; under a process group a part that is
+        empty or weighs 0 is replaced by a zero-weight filler (an example of ``items`` with
+        positive weight), so every rank runs as many forwards; alone such parts are skipped."""
+        k = -(-len(items) // self.world_size)
+        local = items[self.rank * k : (self.rank + 1) * k]
+        filler = next((it for it in items if self.weight(it) > 0), items[0])
+        for s in range(0, max(k, 1), size):
+            part = local[s : s + size]
+            w = sum(self.weight(it) for it in part)
+            if w == 0:
+                if self.world_size == 1:
+                    continue
+                part = [filler]
+            yield part, w
+
     def train_step(self, step: int) -> dict:
         items = [self.train_set[i] for i in self.batch_indices(step)]
-        weights = [self.weight(it) for it in items]
-        total = max(sum(weights), 1e-12)
-        mb = self.config.micro_batch_size
+        total = max(sum(self.weight(it) for it in items), 1e-12)  # the global batch's weight
+        parts = list(self.rank_parts(items, self.config.micro_batch_size))
         loss_sum = torch.zeros((), device=self.device)
         stats = []
-        for s in range(0, len(items), mb):
-            share = sum(weights[s : s + mb]) / total
-            if share == 0:
-                continue
-            with self.autocast():
-                loss, st = self.compute_loss(items[s : s + mb])
-            (loss * share).backward()
+        for i, (part, w) in enumerate(parts):
+            share = w / total
+            with distributed.no_sync(self.train_model, skip=i < len(parts) - 1):
+                with self.autocast():
+                    loss, st = self.compute_loss(part)
+                (loss * (share * self.world_size)).backward()  # x world: DDP / FSDP average the ranks' gradients
             loss_sum = loss_sum + loss.detach() * share
             stats.append({k: v.detach().float() * share for k, v in st.items()})
+        loss_sum = distributed.all_reduce(loss_sum)  # the global batch's loss, the same on every rank
         grad_norm = self.optimizer_step(step, loss_sum)
         keys = list(stats[0])
-        sums = torch.stack([torch.stack([s[k] for s in stats]).sum() for k in keys] + [loss_sum, grad_norm])
-        values = sums.tolist()  # one host sync per step
+        sums = torch.stack([torch.stack([s[k] for s in stats]).sum() for k in keys] + [loss_sum.new_zeros(())])
+        sums = distributed.all_reduce(sums[:-1]) if keys else sums[:0]  # loss_sum is already global
+        values = torch.cat([sums, loss_sum.reshape(1), grad_norm.float().reshape(1)]).tolist()  # one host sync
         out = {f"train/{k}": v for k, v in zip(keys, values)}
         out["train/loss"], out["grad_norm"] = values[-2], values[-1]
         return out
@@ -226,6 +277,7 @@ class SupervisedTrainer:
         cfg = self.config
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        grad_norm = distributed.local_tensor(grad_norm)  # FSDP: the global norm, as a replicated DTensor
         if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteError(f"step {step + 1}: non-finite loss ({float(loss_sum)}) or gradient norm "
@@ -237,7 +289,8 @@ class SupervisedTrainer:
 
     @torch.no_grad()
     def evaluate(self, data=None) -> dict:
-        """Weighted means of the loss stats over ``data`` (raw examples; default: the eval set)."""
+        """Weighted means of the loss stats over ``data`` (raw examples; default: the eval set),
+        over every rank's share of it. Under a process group every rank must call it."""
         items = self.eval_set if data is None else self._encode_all("data", data)
         if items is None:
             raise ValueError("no eval_data was given to the trainer and no data was passed to evaluate()")
@@ -245,12 +298,7 @@ class SupervisedTrainer:
         self.model.eval()
         sums, total = {}, 0.0
         try:
-            bs = self.config.eval_batch_size
-            for s in range(0, len(items), bs):
-                part = items[s : s + bs]
-                w = sum(self.weight(it) for it in part)
-                if w == 0:
-                    continue
+            for part, w in self.rank_parts(items, self.config.eval_batch_size):
                 with self.autocast():
                     loss, st = self.compute_loss(part)
                 for k, v in {"loss": loss, **st}.items():
@@ -259,25 +307,33 @@ class SupervisedTrainer:
         finally:
             self.model.train(was_training)
         keys = list(sums)
-        values = torch.stack([sums[k] for k in keys]).div(max(total, 1e-12)).tolist()
+        local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
+                            + [torch.tensor(float(total), dtype=torch.float64, device=self.device)])
+        glob = distributed.all_reduce(local)
+        values = (glob[:-1] / glob[-1].clamp(min=1e-12)).tolist()
         return dict(zip(keys, values))
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
-        """Atomic checkpoint of model, optimizer, scheduler and RNGs at the current step."""
-        if not is_main_process():
-            return None
-        return ckpt.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, state={"config": self.config.to_dict()},
-                                    generators={"shuffle": self.generator}, keep_last=self.config.keep_checkpoints)
+        """Atomic checkpoint of model, optimizer, scheduler and RNGs at the current step (every
+        rank calls it; rank 0 writes the gathered full state and gets its path, the others None)."""
+        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler,
+                                           state={"config": self.config.to_dict(), "world_size": self.world_size},
+                                           generators={"shuffle": self.generator},
+                                           keep_last=self.config.keep_checkpoints)
 
     def resume(self, where: str) -> None:
         """``where``: "latest" (this run's newest checkpoint; a fresh start when none) or a folder."""
-        path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        path = None
+        if self.rank == 0:  # rank 0 alone needs to see the files
+            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        path = distributed.broadcast_object(path)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                     generators={"shuffle": self.generator}, map_location=self.device)
+        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
+                                            map_location=self.device)
         self.step = int(state["step"])
 
     def export(self, path=None) -> Path:
@@ -285,7 +341,4 @@ class SupervisedTrainer:
         a folder ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
         ``AutoTokenizer`` load."""
         path = Path(path) if path is not None else self.output_dir / "final"
-        if is_main_process():
-            self.model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
-        return path
+        return distributed.export_pretrained(self.model, path, self.tokenizer)  # every rank; rank 0 writes
