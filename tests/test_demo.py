@@ -71,5 +71,8 @@ def test_demo_pipeline_reduced_size(tmp_path):
     for f in ("heldout.png", "summary.md", "data/sft.jsonl", "data/preferences.jsonl", "data/prompts.jsonl"):
         assert (tmp_path / f).exists(), f
     curves = [json.loads(line) for line in (tmp_path / "heldout.jsonl").read_text().splitlines()]
-    assert {c["run"] for c in curves} == {"PPO", "GRPO", "PPO (no KL)", "GRPO (no KL)"}
+    steps = {run: [c["step"] for c in curves if c["run"] == run] for run in {c["run"] for c in curves}}
+    last = {"PPO": cfg.rl_steps, "GRPO": cfg.rl_steps, "PPO (no KL)": cfg.no_kl_steps, "GRPO (no KL)": cfg.no_kl_steps}
+    assert {run: s[-1] for run, s in steps.items()} == last  # measured during training, up to the last step
+    assert all(s[0] == 0 and len(s) >= 3 for s in steps.values()), steps
     assert json.loads((tmp_path / "summary.json").read_text())["results"]["PPO"]["gold"] == res["PPO"]["gold"]
