@@ -249,11 +249,15 @@ class Demo:
                               ref_model=self.ref, samples=c.eval_samples, max_new_tokens=c.max_new_tokens,
                               seed=c.seed + 12345, device=self.device)
         if step is not None:
-            rec = {"run": name, "step": step, **{k: v for k, v in res.items() if k != "examples"}}
-            self.curves.append(rec)
-            with open(self.out / "heldout.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            self.record(name, step, res)
         return res
+
+    def record(self, run, step, res):
+        """One point of the held-out curves (OUT/heldout.jsonl, OUT/heldout.png)."""
+        rec = {"run": run, "step": step, **{k: v for k, v in res.items() if k != "examples"}}
+        self.curves.append(rec)
+        with open(self.out / "heldout.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def rl(self, algo: str, kl: float, steps: int):
         c, d = self.cfg, self.out / "data"
@@ -274,7 +278,7 @@ class Demo:
             cls, config = GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl,
                                                   rollout_batch_size=c.grpo_prompts, group_size=c.group_size,
                                                   mini_batch_size=max(n // 2, 1), micro_batch_size=max(n // 2, 1))
-        self.curves.append({"run": name, "step": 0, **{k: v for k, v in self.results["SFT"].items() if k != "examples"}})
+        self.record(name, 0, self.results["SFT"])  # every run starts from the SFT policy
         trainer_class = with_heldout_eval(cls, lambda t: self.evaluate(t.model, name, t.step), c.eval_every)
         trainer = trainer_class(config, model=self.sft_policy(), ref_model=self.ref, tokenizer=self.tokenizer,
                                 reward_model=self.rm, prompts=load_prompts(d / "prompts.jsonl"))
