@@ -75,7 +75,51 @@ def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_rati
     return min_ratio + (1.0 - min_ratio) * shape
 
 
-class RLTrainer:
+class Checkpointing:
+    """save / resume of a trainer (RLTrainer, SupervisedTrainer) that holds ``config`` (with
+    ``to_dict()`` and ``keep_checkpoints``), ``checkpoint_dir``, ``step``, ``model``,
+    ``optimizer``, ``scheduler``, ``generator`` (the shuffle RNG), ``rank``, ``world_size`` and
+    ``device``. Hooks: ``extra_state`` / ``load_extra_state`` (trainer-specific state)."""
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def save(self) -> Path | None:
+        """Atomic checkpoint of model, optimizer, scheduler, RNGs and ``extra_state()`` at the
+        current step (every rank calls it; rank 0 writes the gathered full state and gets its
+        path, the others None)."""
+        state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
+        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, state=state,
+                                           generators={"shuffle": self.generator},
+                                           keep_last=self.config.keep_checkpoints)
+
+    def resume(self, where: str) -> None:
+        """Restores a checkpoint: ``where`` is "latest" (this run's newest; a fresh start when there
+        is none) or a checkpoint folder."""
+        self._restore(where)
+
+    def _restore(self, where: str):
+        """(path, state) of the checkpoint loaded into the trainer, or None when ``where`` is
+        "latest" and there is none."""
+        path = None
+        if self.rank == 0:  # rank 0 alone needs to see the files
+            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
+        path = distributed.broadcast_object(path)
+        if path is None:
+            return None
+        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
+                                            map_location=self.device)
+        self.step = int(state["step"])
+        self.load_extra_state(state)
+        return path, state
+
+
+class RLTrainer(Checkpointing):
     """Base of PPOTrainer / GRPOTrainer (see their docstrings for the arguments)."""
 
     config_class = RLConfig
@@ -341,40 +385,18 @@ class RLTrainer:
     def init_state(self) -> None:
         """Hook: trainer-specific state that checkpoints hold (created before a resume)."""
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def save(self) -> Path | None:
-        """Checkpoint at the current step (every rank calls it; rank 0 writes the gathered full
-        state and gets its path, the others None)."""
-        state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
-        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, state=state,
-                                           generators={"shuffle": self.generator},
-                                           keep_last=self.config.keep_checkpoints)
-
     def maybe_save(self) -> None:
         cfg = self.config
         if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
             self.save()
 
     def resume(self, where: str) -> None:
-        """Restores a checkpoint: ``where`` is "latest" (this run's newest; a fresh start when there
-        is none) or a checkpoint folder."""
-        path = None
-        if self.rank == 0:  # rank 0 alone needs to see the files
-            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
-        path = distributed.broadcast_object(path)
-        if path is None:
+        """Restores a checkpoint (``Checkpointing.resume``) and warns about config fields that
+        changed since it was written."""
+        loaded = self._restore(where)
+        if loaded is None:
             return
-        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
-                                            map_location=self.device)
-        self.step = int(state["step"])
-        self.load_extra_state(state)
+        path, state = loaded
         saved = state.get("config", {})
         changed = sorted(k for k, v in self.config.to_dict().items()
                          if k in saved and saved[k] != v and k not in _FREE_ON_RESUME)

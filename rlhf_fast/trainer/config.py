@@ -29,21 +29,14 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class RLConfig:
-    """Fields shared by PPO and GRPO."""
+class RunConfig:
+    """Fields shared by every trainer (RL and supervised): run, optimiser, model execution,
+    checkpoints, logging and distribution. Subclasses override defaults and add their own."""
 
     # run
-    output_dir: str = "runs/rl"
+    output_dir: str = "runs"
     seed: int = 0
-    total_steps: int = 100
     device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
-    # rollouts
-    rollout_batch_size: int = 8
-    max_prompt_length: int = 256
-    prompt_truncation: str = "left"  # longer prompts: "left" keeps their end, "right" their start, "error" raises
-    max_new_tokens: int = 64
-    temperature: float = 1.0  # sampling AND the log-probs of the loss use it; no top-k / top-p (they would differ)
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never emits EOS
     # optimisation
     learning_rate: float = 1e-5
     weight_decay: float = 0.0
@@ -54,11 +47,7 @@ class RLConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0  # 0 turns clipping off
-    mini_batch_size: int = 8
     micro_batch_size: int = 8
-    clip_eps: float = 0.2
-    entropy_coef: float = 0.0
-    loss_agg: str = "token-mean"
     # model execution
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "bf16" | "fp32"
@@ -72,33 +61,72 @@ class RLConfig:
     plot: bool = True
     # distribution: used when torchrun launches the run (WORLD_SIZE > 1), ignored otherwise
     distributed_strategy: str = "fsdp"  # the trained model: "fsdp" (FSDP2 fully_shard per block) | "ddp"
-    frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
     dist_timeout_s: float = 1800.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self):
         _check_types(self)
-        _check(self, "total_steps", self.total_steps >= 1, "must be >= 1")
-        _check(self, "device", self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+        _check(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size",
-                     "micro_batch_size", "keep_checkpoints"):
+        for name in ("micro_batch_size", "keep_checkpoints"):
             _check(self, name, getattr(self, name) >= 1, "must be >= 1")
         for name in ("warmup_steps", "save_steps"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _choice(self, "prompt_truncation", ("left", "right", "error"))
-        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
-        _choice(self, "loss_agg", LOSS_AGGS)
-        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
-        _choice(self, "precision", ("auto", "bf16", "fp32"))
-        _choice(self, "distributed_strategy", ("fsdp", "ddp"))
-        _choice(self, "frozen_model_sharding", ("shard", "replicate"))
-        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
-        _check(self, "temperature", self.temperature > 0, "must be > 0")
         _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
-        for name in ("weight_decay", "max_grad_norm", "missing_eos_penalty", "entropy_coef", "adam_eps"):
+        for name in ("weight_decay", "max_grad_norm", "adam_eps"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
             _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
+        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
+        _choice(self, "precision", ("auto", "bf16", "fp32"))
+        _choice(self, "distributed_strategy", ("fsdp", "ddp"))
+        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Builds the config from a flat dict; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class RLConfig(RunConfig):
+    """Fields shared by PPO and GRPO (and those of RunConfig)."""
+
+    output_dir: str = "runs/rl"
+    total_steps: int = 100
+    # rollouts
+    rollout_batch_size: int = 8
+    max_prompt_length: int = 256
+    prompt_truncation: str = "left"  # longer prompts: "left" keeps their end, "right" their start, "error" raises
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # sampling AND the log-probs of the loss use it; no top-k / top-p (they would differ)
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never emits EOS
+    # optimisation
+    mini_batch_size: int = 8
+    clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    # distribution
+    frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self, "total_steps", self.total_steps >= 1, "must be >= 1")
+        for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size"):
+            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+        _choice(self, "prompt_truncation", ("left", "right", "error"))
+        _choice(self, "loss_agg", LOSS_AGGS)
+        _choice(self, "frozen_model_sharding", ("shard", "replicate"))
+        _check(self, "temperature", self.temperature > 0, "must be > 0")
+        for name in ("missing_eos_penalty", "entropy_coef"):
+            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
         _check(self, "clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)")
         _check(self, "mini_batch_size", self.sequences_per_step % self.mini_batch_size == 0,
                f"must divide the {self.sequences_per_step} sequences sampled per step")
@@ -121,18 +149,6 @@ class RLConfig:
     @property
     def grad_accumulation(self) -> int:
         return self.mini_batch_size // self.micro_batch_size
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """Builds the config from a flat dict; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
 
 
 @dataclass

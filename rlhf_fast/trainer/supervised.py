@@ -24,7 +24,6 @@ Checkpoints hold the full state, so any world size resumes them.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -32,86 +31,41 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer import distributed
-from rlhf_fast.trainer.base import NonFiniteError, lr_multiplier, resolve_device, seed_everything
-from rlhf_fast.trainer.config import ConfigError, _check, _check_types, _choice
+from rlhf_fast.trainer.base import Checkpointing, NonFiniteError, lr_multiplier, resolve_device, seed_everything
+from rlhf_fast.trainer.config import RunConfig, _check
 from rlhf_fast.trainer.metrics import MetricsLogger
 from rlhf_fast.trainer.model import resolve_attn_implementation
 
 
 @dataclass
-class SupervisedConfig:
-    """Fields of the supervised stages. A *step* is one optimizer step on ``batch_size``
-    examples (SFT: sequences, reward model: preference pairs)."""
+class SupervisedConfig(RunConfig):
+    """Fields of the supervised stages (and those of RunConfig). A *step* is one optimizer step
+    on ``batch_size`` examples (SFT: sequences, reward model: preference pairs)."""
 
     output_dir: str = "runs/supervised"
-    seed: int = 0
-    device: str = "auto"  # "auto" (cuda when available) | "cpu" | "cuda" | "cuda:N"
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.1
+    micro_batch_size: int = 16
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 16
-    micro_batch_size: int = 16
     max_length: int = 512  # prompt + response tokens; longer responses are cut, prompts never
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    lr_scheduler: str = "cosine"  # after warmup: "constant" | "linear" | "cosine" decay to min_lr_ratio
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0  # 0 turns clipping off
     eval_steps: int = 0  # evaluate every eval_steps steps (0: at the end only)
     eval_batch_size: int = 64
-    attn_implementation: str = "auto"
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "bf16" | "fp32"
-    gradient_checkpointing: bool = False
-    save_steps: int = 0  # 0: a checkpoint at the end only
-    keep_checkpoints: int = 2
-    resume_from: str = ""  # "" fresh run | "latest" (output_dir/checkpoints) | a checkpoint folder
-    progress_bar: bool = True
-    tensorboard: bool = True
-    plot: bool = True
-    # distribution: used when torchrun launches the run (WORLD_SIZE > 1), ignored otherwise
-    distributed_strategy: str = "fsdp"  # the trained model: "fsdp" (FSDP2 fully_shard per block) | "ddp"
-    dist_timeout_s: float = 1800.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self):
-        _check_types(self)
-        _check(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
-               "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        for name in ("epochs", "batch_size", "micro_batch_size", "max_length", "eval_batch_size", "keep_checkpoints"):
+        super().__post_init__()
+        for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
             _check(self, name, getattr(self, name) >= 1, "must be >= 1")
-        for name in ("max_steps", "warmup_steps", "eval_steps", "save_steps"):
+        for name in ("max_steps", "eval_steps"):
             _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
-        for name in ("weight_decay", "max_grad_norm", "adam_eps"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
-            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
         _check(self, "micro_batch_size", self.batch_size % self.micro_batch_size == 0,
                f"must divide batch_size={self.batch_size}")
-        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
-        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
-        _choice(self, "precision", ("auto", "bf16", "fp32"))
-        _choice(self, "distributed_strategy", distributed.STRATEGIES)
-        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict):
-        """Builds the config from a flat dict; unknown keys are an error naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-        return cls(**d)
 
 
-class SupervisedTrainer:
+class SupervisedTrainer(Checkpointing):
     """Base of SFTTrainer / RewardTrainer (see their docstrings for the arguments)."""
 
     config_class = SupervisedConfig
@@ -313,29 +267,7 @@ class SupervisedTrainer:
         values = (glob[:-1] / glob[-1].clamp(min=1e-12)).tolist()
         return dict(zip(keys, values))
 
-    # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path | None:
-        """Atomic checkpoint of model, optimizer, scheduler and RNGs at the current step (every
-        rank calls it; rank 0 writes the gathered full state and gets its path, the others None)."""
-        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                           scheduler=self.scheduler,
-                                           state={"config": self.config.to_dict(), "world_size": self.world_size},
-                                           generators={"shuffle": self.generator},
-                                           keep_last=self.config.keep_checkpoints)
-
-    def resume(self, where: str) -> None:
-        """``where``: "latest" (this run's newest checkpoint; a fresh start when none) or a folder."""
-        path = None
-        if self.rank == 0:  # rank 0 alone needs to see the files
-            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
-        path = distributed.broadcast_object(path)
-        if path is None:
-            return
-        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
-                                            map_location=self.device)
-        self.step = int(state["step"])
-
+    # ------------------------------------------------------------------ export (save / resume: Checkpointing)
     def export(self, path=None) -> Path:
         """Writes the model (``save_pretrained``) and tokenizer to ``path`` (default output_dir/final):
         a folder ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
