@@ -19,11 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from rlhf_fast.data import PREFERENCE_FIELDS, encode_example, pad_batch
 from rlhf_fast.losses import reward_model_loss
-from rlhf_fast.trainer.model import last_token_index, lm_trunk, trunk_hidden
+from rlhf_fast.trainer.rollout import sequence_scores
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 
 
@@ -34,24 +32,6 @@ class RewardConfig(SupervisedConfig):
     output_dir: str = "runs/rm"
     learning_rate: float = 5e-5
     margin: float = 0.0  # Bradley-Terry margin: loss = -logsigmoid(r_chosen - r_rejected - margin)
-
-
-def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B,) fp32 reward of each row, differentiable: ``model.score_sequences`` when the model has
-    it, else a sequence-classification model's ``score`` head at the last attended token
-    (the same reading as ``rlhf_fast.trainer.rollout.reward_model_scores``)."""
-    if hasattr(model, "score_sequences"):
-        return model.score_sequences(input_ids, attention_mask).float().reshape(-1)
-    head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Module):
-        raise TypeError(f"model ({type(model).__name__}) must define score_sequences() or be a Hugging Face "
-                        "*ForSequenceClassification model with a `score` head")
-    hidden = trunk_hidden(lm_trunk(model), input_ids, attention_mask)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    out = head(hidden[rows, last_token_index(attention_mask)])
-    if out.shape[-1] != 1:
-        raise ValueError(f"model must have one output (num_labels=1), got {out.shape[-1]}")
-    return out[:, 0].float()
 
 
 def reward_model_from_pretrained(path, *, pad_token_id=None, **kwargs):

@@ -99,24 +99,29 @@ def decode_completions(tokenizer, responses, mask) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- scoring
-@torch.no_grad()
-def reward_model_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
-    """(B,) fp32 scores of whole sequences from a reward model: anything with
+def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """(B,) fp32 scores of whole sequences, differentiable: anything with
     ``score_sequences(input_ids, attention_mask)`` (e.g. a PolicyValueModel used as a trunk with a
     scalar head), or a HF ``*ForSequenceClassification`` with one label, read at each row's last
     attended token (found from the mask, so pad == eos and left padding are fine)."""
-    if hasattr(reward_model, "score_sequences"):
-        return reward_model.score_sequences(input_ids, attention_mask).float().reshape(-1)
-    head = getattr(reward_model, "score", None)
-    if head is None or not isinstance(head, torch.nn.Module):
-        raise TypeError(f"reward_model ({type(reward_model).__name__}) must define score_sequences() or be a "
+    if hasattr(model, "score_sequences"):
+        return model.score_sequences(input_ids, attention_mask).float().reshape(-1)
+    head = getattr(model, "score", None)
+    if not isinstance(head, torch.nn.Module):
+        raise TypeError(f"reward model ({type(model).__name__}) must define score_sequences() or be a "
                         "Hugging Face *ForSequenceClassification model with a `score` head")
-    hidden = trunk_hidden(lm_trunk(reward_model), input_ids, attention_mask)
+    hidden = trunk_hidden(lm_trunk(model), input_ids, attention_mask)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     out = head(hidden[rows, last_token_index(attention_mask)])
     if out.shape[-1] != 1:
-        raise ValueError(f"reward_model must have one output (num_labels=1), got {out.shape[-1]}")
+        raise ValueError(f"reward model must have one output (num_labels=1), got {out.shape[-1]}")
     return out[:, 0].float()
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, input_ids, attention_mask) -> torch.Tensor:
+    """``sequence_scores`` without autograd: the rollout's reward-model scores."""
+    return sequence_scores(reward_model, input_ids, attention_mask)
 
 
 def function_scores(reward_fn: Callable, prompts, completions, device) -> torch.Tensor:
