@@ -81,7 +81,9 @@ def value_loss(values, old_values, returns, mask, *, clip_eps=None, loss_agg="to
         nonfinite = nonfinite + (~torch.isfinite(old) & valid).sum()
         old = torch.where(valid, old, zero)
         err_clipped = (old + (v - old).clamp(-clip_eps, clip_eps) - ret) ** 2
-        clip_frac = _masked_mean((err_clipped > err).to(dtype), valid)
+        # clipped: the clamp bites and its error wins (not a rounding tie of an unclamped value)
+        clipped = ((v - old).abs() > clip_eps) & (err_clipped > err)
+        clip_frac = _masked_mean(clipped.to(dtype), valid)
         err = torch.maximum(err, err_clipped)
     w = aggregation_weights(valid, loss_agg, None, dtype)
     loss = (w * 0.5 * err).sum()
