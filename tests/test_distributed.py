@@ -10,11 +10,6 @@
 Plus the world-size-free parts in one process: stratified mini-batches, config checks, global
 moments / whitening, state-dict checkpoint writing.
 """
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dist_worker as W
+from helpers import torchrun as _torchrun
 from rl_utils import one_thread, seeded_model
 from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
@@ -35,22 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def torchrun(*args, timeout: float, target=("tests/dist_worker.py",)):
-    """``torchrun --standalone --nproc_per_node 2 tests/dist_worker.py args`` (or another
-    ``target``) -> (returncode, output, seconds); the process group is killed if it outlives
-    ``timeout``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target,
-           *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun {args[0]} still running after {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out, time.perf_counter() - t0
+    return _torchrun(*args, timeout=timeout, target=target)
 
 
 RESUME_KW = dict(rollout_batch_size=4, mini_batch_size=4, micro_batch_size=2, ppo_epochs=1)

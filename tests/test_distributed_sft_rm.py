@@ -15,15 +15,13 @@ order, which differs when the batch is cut into other micro-batches) moves by up
 1e-4 that inherent noise is ~1e-7 and the comparison can be tight (rtol 1e-5).
 """
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before rlhf_fast is imported
 
 import torch  # noqa: E402
+from helpers import torchrun as _torchrun  # noqa: E402
 
 from rlhf_fast.tokenizer import byte_tokenizer  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
@@ -102,21 +100,7 @@ def worker(out):
 
 
 def torchrun(*args, timeout: float, target=(__file__,)):
-    import pytest
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target,
-           *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        log, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        log, _ = proc.communicate()
-        pytest.fail(f"torchrun still running after {timeout}s:\n{log[-4000:]}")
-    return proc.returncode, log, time.perf_counter() - t0
+    return _torchrun(*args, timeout=timeout, target=target)
 
 
 if __name__ == "__main__":
