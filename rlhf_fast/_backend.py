@@ -1,10 +1,20 @@
 """The one dispatch point: which implementation runs an op, chosen per call.
 
-    RLHF_FAST_PUREPYTHON=1                       every op runs its pure-PyTorch ``*_ref``
-    RLHF_FAST_BACKEND=triton|cuda|cpu|torch      force one backend (an error if it cannot run the tensor)
-    default                                      CUDA tensor -> Triton (or the csrc CUDA kernel for ops
-                                                 registered ``cuda_first``), CPU tensor -> the C++ kernel
+Each op declares its launchers as data, one mapping per op, e.g.
+``LAUNCHERS = {"triton": ..., "cpu": ..., "cuda": ...}``; ``select_backend`` reads which
+backends the op has from the mapping's keys ("torch", the op's pure-PyTorch ``*_ref``, always exists).
 
+Precedence, first match wins:
+
+    1. fp64 inputs                                the ``*_ref`` in fp64 (no kernel has fp64 code)
+    2. ``backend=`` argument of the op            that backend (an error if it cannot run the tensor)
+    3. RLHF_FAST_PUREPYTHON=1                     every op runs its ``*_ref``
+    4. RLHF_FAST_BACKEND=triton|cuda|cpu|torch    that backend, globally (an error if it cannot run)
+    5. default                                    CUDA tensor -> Triton, CPU tensor -> the C++ kernel,
+                                                  else (or when neither is available) torch
+
+The csrc CUDA kernels (csrc/cuda, built with RLHF_FAST_BUILD_CUDA=1) are never picked by
+default: no benchmark has shown them faster than Triton; select them with ``backend="cuda"``.
 Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 set before
 rlhf_fast is imported), which the test-suite uses to check every Triton kernel.
 Environment variables are read at call time, never frozen at import.
@@ -14,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -55,6 +66,11 @@ def triton_interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def cpu_kernels():
+    """The C++ kernels (the rlhf_fast._C extension module), or None when not built."""
+    return _C
+
+
 @functools.lru_cache(maxsize=None)
 def cuda_library():
     """The nvcc-built csrc/cuda kernels (a C-ABI shared library), or None when not built."""
@@ -85,34 +101,66 @@ def _available(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}"
 
 
-def select_backend(device: torch.device, *, has=BACKENDS, cuda_first: bool = False) -> str:
-    """Pick the backend for an op whose tensors live on ``device``.
+def select_backend(device: torch.device, launchers: Mapping[str, object] = (), *, backend: str | None = None,
+                   tensors: Iterable[torch.Tensor | None] = ()) -> str:
+    """The backend that runs an op on tensors living on ``device``.
 
-    has: the backends this op implements; cuda_first: on CUDA prefer the csrc kernel
-    (set by ops where it measures faster than Triton).
+    launchers: the op's mapping backend -> launcher(s) (its keys are what the op implements);
+    backend: the op's per-call ``backend=`` argument; tensors: the op's floating inputs (fp64
+    among them selects "torch"). See the module docstring for the precedence.
     """
+    has = tuple(launchers) + ("torch",)
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return "torch"
+    if backend is not None:
+        return _forced(backend, has, device, "backend")
     if os.environ.get("RLHF_FAST_PUREPYTHON") == "1":
         return "torch"
     forced = os.environ.get("RLHF_FAST_BACKEND")
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(f"RLHF_FAST_BACKEND={forced!r}: expected one of {', '.join(BACKENDS)}")
-        if forced not in has:
-            raise ValueError(f"RLHF_FAST_BACKEND={forced!r}: this op has no {forced} implementation")
-        reason = _available(forced, device)
-        if reason:
-            raise RuntimeError(f"RLHF_FAST_BACKEND={forced!r}: {reason}")
-        return forced
-    if device.type == "cuda":
-        order = ("cuda", "triton") if cuda_first else ("triton", "cuda")
-    elif device.type == "cpu":
-        order = ("cpu",)
-    else:
-        order = ()
+        return _forced(forced, has, device, "RLHF_FAST_BACKEND")
+    order = {"cuda": ("triton",), "cpu": ("cpu",)}.get(device.type, ())
     for b in order:
         if b in has and _available(b, device) is None:
             return b
     return "torch"
+
+
+def _forced(backend: str, has: tuple, device: torch.device, what: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{what}={backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in has:
+        raise ValueError(f"{what}={backend!r}: this op has no {backend} implementation (it has {', '.join(has)})")
+    reason = _available(backend, device)
+    if reason:
+        raise RuntimeError(f"{what}={backend!r}: {reason}")
+    return backend
+
+
+# ---------------------------------------------------------------------------- launcher helpers
+def ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    """A tensor's data pointer for a ctypes call (NULL for None)."""
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def addr(t: torch.Tensor | None) -> int:
+    """A tensor's data pointer as an int for a pybind11 call (0 for None)."""
+    return t.data_ptr() if t is not None else 0
+
+
+def code(t: torch.Tensor | None) -> int:
+    """The dtype code the C++ / CUDA kernels understand (0 for None)."""
+    return DTYPE_CODES[t.dtype] if t is not None else 0
+
+
+def cuda_call(name: str, device: torch.device, *args) -> None:
+    """Calls the csrc CUDA kernel ``name`` with ``args`` followed by the current stream and
+    device index; raises on a non-zero cudaError."""
+    lib = cuda_library()
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    err = getattr(lib, name)(*args, stream, ctypes.c_int(device.index or 0))
+    if err != 0:
+        raise RuntimeError(f"rlhf_fast CUDA kernel {name} failed with cudaError {err}")
 
 
 def num_threads() -> int:

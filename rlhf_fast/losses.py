@@ -1,183 +1,20 @@
-"""Drop-in RLHF losses: value loss, preference losses (reward model, DPO / IPO), and nn.Modules
-holding the options of the policy and value losses.
+"""Drop-in RLHF loss modules: nn.Modules holding the options of the policy and value losses.
 
-These are O(B * T) or O(B) and run as plain torch (they are their own reference); the
-vocabulary-sized policy loss is the fused ``rlhf_fast.ops.policy_loss.ppo_policy_loss``.
-Every function returns its loss with stats as 0-d tensors: nothing here synchronises with the host
-except the CPU-only checks for non-finite inputs.
+The functional losses are ops (rlhf_fast/ops/): ``ppo_policy_loss`` (policy_loss.py, fused from
+logits), ``value_loss`` (value_loss.py), ``reward_model_loss`` and ``dpo_loss``
+(preference_losses.py); they are re-exported here so ``from rlhf_fast.losses import value_loss``
+keeps working.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from rlhf_fast.ops._common import check_positive, check_same_device, check_shape
-from rlhf_fast.ops.policy_loss import (
-    _masked_mean, aggregation_weights, check_finite_inputs, check_loss_agg, check_policy_options, ppo_policy_loss,
-)
+from rlhf_fast.ops._checks import check_loss_agg, check_positive
+from rlhf_fast.ops.policy_loss import check_policy_options, ppo_policy_loss
+from rlhf_fast.ops.preference_losses import DPO_LOSS_TYPES, dpo_loss, reward_model_loss  # noqa: F401
+from rlhf_fast.ops.value_loss import value_loss
 
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _check_tensor(name, x, shape=None, what=""):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
-    if shape is not None:
-        check_shape(name, x, shape, what)
-
-
-# ---------------------------------------------------------------------------- value loss
-def value_loss(values, old_values, returns, mask, *, clip_eps=None, loss_agg="token-mean"):
-    """Clipped value loss, per valid token (mask != 0)::
-
-        l = 0.5 * max((v - R) ** 2, (old + (v - old).clamp(-clip_eps, clip_eps) - R) ** 2)   # clip_eps given
-        l = 0.5 * (v - R) ** 2                                                               # clip_eps=None
-        loss = (aggregation_weights(mask != 0, loss_agg) * l).sum()
-
-    Args:
-        values: (B, T) current value predictions (differentiable).
-        old_values: (B, T) values at rollout time (used only when clipping; may be None then).
-        returns: (B, T) targets R.
-        mask: (B, T) bool / int / float; positions with mask != 0 count.
-        clip_eps: > 0 or None. loss_agg: as in ``ppo_policy_loss`` ("-norm" uses T).
-
-    Returns:
-        loss 0-d (fp32 or the promoted input dtype), stats: clip_frac (valid tokens whose clipped
-        term is the larger), explained_variance (1 - Var[R - v] / Var[R] over valid tokens; 1 when
-        both are 0, 0 when only Var[R] is), value_mean, nonfinite_inputs.
-    Non-finite old_values / returns at valid tokens raise ValueError for CPU tensors.
-    """
-    _check_tensor("values", values)
-    if values.dim() != 2:
-        raise ValueError(f"values must have shape (B, T), got {tuple(values.shape)}")
-    shape = values.shape
-    _check_tensor("returns", returns, shape, "the values' shape")
-    if clip_eps is not None:
-        clip_eps = check_positive("clip_eps", clip_eps)
-        if old_values is None:
-            raise ValueError("old_values is required when clip_eps is set")
-    if old_values is not None:
-        _check_tensor("old_values", old_values, shape, "the values' shape")
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    check_shape("mask", mask, shape, "the values' shape")
-    check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
-    check_loss_agg(loss_agg)
-    valid = mask != 0
-    check_finite_inputs(valid, old_values=old_values if clip_eps is not None else None, returns=returns)
-
-    dtype = torch.promote_types(values.dtype, torch.float32)
-    zero = torch.zeros(shape, dtype=dtype, device=values.device)
-    v = torch.where(valid, values.to(dtype), zero)
-    ret = returns.to(dtype)
-    nonfinite = (~torch.isfinite(ret) & valid).sum()
-    ret = torch.where(valid, ret, zero)
-    err = (v - ret) ** 2
-    clip_frac = zero.sum()
-    if clip_eps is not None:
-        old = old_values.to(dtype)
-        nonfinite = nonfinite + (~torch.isfinite(old) & valid).sum()
-        old = torch.where(valid, old, zero)
-        err_clipped = (old + (v - old).clamp(-clip_eps, clip_eps) - ret) ** 2
-        # clipped: the clamp bites and its error wins (not a rounding tie of an unclamped value)
-        clipped = ((v - old).abs() > clip_eps) & (err_clipped > err)
-        clip_frac = _masked_mean(clipped.to(dtype), valid)
-        err = torch.maximum(err, err_clipped)
-    w = aggregation_weights(valid, loss_agg, None, dtype)
-    loss = (w * 0.5 * err).sum()
-    with torch.no_grad():
-        vd = v.detach()
-        n = valid.sum().clamp(min=1)
-        mean_r = ret.sum() / n
-        var_r = torch.where(valid, (ret - mean_r) ** 2, zero).sum() / n
-        res = ret - vd
-        mean_res = res.sum() / n
-        var_res = torch.where(valid, (res - mean_res) ** 2, zero).sum() / n
-        ev = torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=torch.finfo(dtype).tiny),
-                         (var_res == 0).to(dtype))
-        stats = {"clip_frac": clip_frac.detach(), "explained_variance": ev, "value_mean": vd.sum() / n,
-                 "nonfinite_inputs": nonfinite}
-    return loss, stats
-
-
-# ---------------------------------------------------------------------------- preference losses
-def reward_model_loss(chosen_rewards, rejected_rewards, *, margin=None):
-    """Bradley-Terry reward-model loss::
-
-        loss = -F.logsigmoid(chosen_rewards - rejected_rewards - margin).mean()
-        accuracy = (chosen_rewards > rejected_rewards).float().mean()
-
-    Args:
-        chosen_rewards, rejected_rewards: (B,) scalar rewards of the preferred / rejected responses.
-        margin: None, a float, or a (B,) tensor (Llama-2 style preference margin).
-    Returns: (loss 0-d, accuracy 0-d), both tensors.
-    """
-    _check_tensor("chosen_rewards", chosen_rewards)
-    if chosen_rewards.dim() != 1 or chosen_rewards.numel() == 0:
-        raise ValueError(f"chosen_rewards must have shape (B,) with B > 0, got {tuple(chosen_rewards.shape)}")
-    _check_tensor("rejected_rewards", rejected_rewards, chosen_rewards.shape, "chosen_rewards' shape")
-    check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
-                      margin=margin if isinstance(margin, torch.Tensor) else None)
-    dtype = torch.promote_types(chosen_rewards.dtype, torch.float32)
-    diff = chosen_rewards.to(dtype) - rejected_rewards.to(dtype)
-    if margin is not None:
-        if isinstance(margin, torch.Tensor):
-            _check_tensor("margin", margin)
-            if margin.dim() != 0:
-                check_shape("margin", margin, chosen_rewards.shape, "one margin per pair")
-            diff = diff - margin.to(dtype)
-        else:
-            diff = diff - float(margin)
-    loss = -F.logsigmoid(diff).mean()
-    accuracy = (chosen_rewards.detach() > rejected_rewards.detach()).to(dtype).mean()
-    return loss, accuracy
-
-
-DPO_LOSS_TYPES = ("sigmoid", "ipo")
-
-
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *, beta=0.1,
-             loss_type="sigmoid", label_smoothing=0.0):
-    """DPO (sigmoid, with conservative label smoothing) or IPO loss on sequence log-probs::
-
-        h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
-        sigmoid: loss = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
-                         - F.logsigmoid(-beta * h) * label_smoothing).mean()
-        ipo:     loss = ((h - 1 / (2 * beta)) ** 2).mean()
-        chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()   (rejected likewise)
-
-    Args: four (B,) tensors of summed response log-probs; beta > 0; label_smoothing in [0, 0.5)
-    (sigmoid only). Returns (loss 0-d, chosen_rewards (B,), rejected_rewards (B,)).
-    """
-    names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
-    tensors = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    _check_tensor(names[0], tensors[0])
-    if tensors[0].dim() != 1 or tensors[0].numel() == 0:
-        raise ValueError(f"policy_chosen_logps must have shape (B,) with B > 0, got {tuple(tensors[0].shape)}")
-    for n, t in zip(names[1:], tensors[1:]):
-        _check_tensor(n, t, tensors[0].shape, "policy_chosen_logps' shape")
-    check_same_device(**dict(zip(names, tensors)))
-    beta = check_positive("beta", beta)
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    label_smoothing = float(label_smoothing)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
-    if loss_type == "ipo" and label_smoothing != 0:
-        raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
-    dtype = torch.promote_types(tensors[0].dtype, torch.float32)
-    pc, pr, rc, rr = (t.to(dtype) for t in tensors)
-    chosen, rejected = pc - rc, pr - rr
-    h = chosen - rejected
-    if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing)
-        if label_smoothing:
-            losses = losses - F.logsigmoid(-beta * h) * label_smoothing
-    else:
-        losses = (h - 1 / (2 * beta)) ** 2
-    return losses.mean(), beta * chosen.detach(), beta * rejected.detach()
+__all__ = ["PPOLoss", "GRPOLoss", "ValueLoss", "GRPO_LOSS_TYPES", "value_loss", "reward_model_loss", "dpo_loss"]
 
 
 # ---------------------------------------------------------------------------- modules

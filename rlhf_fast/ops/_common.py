@@ -1,72 +1,25 @@
-"""Helpers shared by the ops: input checks with errors that name the argument, and
-the row view that lets kernels read a (..., V) tensor without copying it."""
+"""Helpers shared by the ops: the row view that lets kernels read a (..., V) tensor without
+copying it, and the layout adapters every launcher passes its tensors through.
+
+Kernels index their tensor arguments in one of three ways; a launcher hands each tensor to the
+adapter for its way, so no kernel ever reads a strided view as if it were contiguous:
+
+    as_rows(x)     (..., V) rows of unit stride, any row layout Rows can describe (else one copy)
+    rows_arg(x)    (B, T) with unit stride along T and any row stride (else one copy)
+    flat_arg(x)    (N,) contiguous (a copy unless already contiguous)
+"""
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-INDEX_DTYPES = (torch.int32, torch.int64)
-
-
-def check_float(name: str, x, dtypes=FLOAT_DTYPES) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in dtypes:
-        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {x.dtype}")
-
-
-def check_logits(name: str, logits) -> int:
-    """Validates a (..., V) logits tensor and returns V."""
-    check_float(name, logits)
-    if logits.dim() < 1:
-        raise ValueError(f"{name} must have shape (..., V), got a 0-d tensor")
-    if logits.shape[-1] == 0:
-        raise ValueError(f"{name} has an empty vocabulary dimension (V = 0)")
-    return logits.shape[-1]
-
-
-def check_shape(name: str, x: torch.Tensor, shape, what: str) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)} ({what}), got {tuple(x.shape)}")
-
-
-def check_same_device(**tensors) -> None:
-    devs = {n: t.device for n, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devs.values())) > 1:
-        raise ValueError("tensors must be on one device, got " + ", ".join(f"{n} on {d}" for n, d in devs.items()))
-
-
-def checks_enabled() -> bool:
-    """Value checks that need a host sync on CUDA (e.g. target ranges) can be turned off with
-    RLHF_FAST_CHECKS=0 once a pipeline is known good (e.g. for CUDA-graph capture)."""
-    return os.environ.get("RLHF_FAST_CHECKS", "1") != "0"
-
-
-def check_targets(name: str, targets, shape, V: int, device) -> None:
-    if not isinstance(targets, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype not in INDEX_DTYPES:
-        raise TypeError(f"{name} must be int32 or int64, got {targets.dtype}")
-    check_shape(name, targets, shape, "the logits' leading dimensions")
-    if targets.device != device:
-        raise ValueError(f"{name} is on {targets.device} but logits are on {device}")
-    if targets.numel() and checks_enabled():
-        lo, hi = torch.aminmax(targets)
-        lo, hi = int(lo), int(hi)
-        if lo < 0 or hi >= V:
-            bad = lo if lo < 0 else hi
-            raise IndexError(f"{name} must lie in [0, V={V}), found {bad}")
-
-
-def check_positive(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
+from rlhf_fast import _backend
+# the checks live in _checks.py; re-exported here for code written against the old layout
+from rlhf_fast.ops._checks import (  # noqa: F401
+    FLOAT_DTYPES, INDEX_DTYPES, check_float, check_logits, check_positive, check_same_device, check_shape,
+    check_targets, checks_enabled,
+)
 
 
 @dataclass
@@ -106,3 +59,39 @@ def as_rows(x: torch.Tensor) -> Rows:
     if len(merged) == 1:
         return Rows(x, n, V, merged[0][0], 0, merged[0][1])
     return Rows(x, n, V, merged[1][0], merged[0][1], merged[1][1])
+
+
+def flat_arg(x: torch.Tensor | None) -> torch.Tensor | None:
+    """x as a flat contiguous (N,) tensor, for kernels that read element i at offset i."""
+    return None if x is None else x.reshape(-1).contiguous()
+
+
+def rows_arg(x: torch.Tensor | None) -> torch.Tensor | None:
+    """A (B, T) tensor whose element (b, t) sits at b * x.stride(0) + t, for kernels that take a row
+    stride: unit stride along T (any row stride, 0 for an expanded row included), else a copy."""
+    if x is None:
+        return None
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    """A mask the kernels read with its own dtype (valid where != 0): bool / int8 are read as bytes,
+    dtypes the kernels have no code for (fp64) become a bool mask first. Keeps the layout."""
+    if mask.dtype in (torch.bool, torch.int8):
+        return mask.view(torch.uint8)
+    return mask if mask.dtype in _backend.DTYPE_CODES else (mask != 0).view(torch.uint8)
+
+
+def masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of x over the positions where ``valid`` (bool) is True; 0 when none is (0-d, no host sync)."""
+    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp(min=1)
+
+
+def result_dtype(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype a reference computes in: fp32, or fp64 when an input is fp64."""
+    dtype = torch.float32
+    for x in xs:
+        dtype = torch.promote_types(dtype, x.dtype)
+    return dtype

@@ -18,26 +18,22 @@ import torch
 import triton
 import triton.language as tl
 
+from torch.autograd.function import once_differentiable
+
 from rlhf_fast import _backend
-from rlhf_fast.ops._common import (
-    FLOAT_DTYPES, Rows, as_rows, check_float, check_logits, check_positive, check_same_device, check_shape,
+from rlhf_fast._backend import addr, code, triton_interpreting
+from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_estimator: re-exported)
+    KL_ESTIMATOR_NAMES, VALUE_DTYPES, check_estimator, check_float, check_logits, check_positive, check_same_device,
+    check_shape,
 )
+from rlhf_fast.ops._common import Rows, as_rows, flat_arg
 from rlhf_fast.ops._triton_common import (
     KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, num_warps_for, online_softmax_update, row_offset,
     vocab_block,
 )
-from rlhf_fast._backend import triton_interpreting
-
-KL_ESTIMATOR_NAMES = ("k1", "abs", "k2", "k3")
 
 
-def check_estimator(estimator) -> str:
-    if estimator not in KL_ESTIMATOR_NAMES:
-        raise ValueError(f"estimator must be one of {KL_ESTIMATOR_NAMES}, got {estimator!r}")
-    return estimator
-
-
-def kl_penalty_ref(logprobs, ref_logprobs, estimator="k1"):
+def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token KL estimate from log-probs, d = logprobs - ref_logprobs:
     k1 = d, abs = |d|, k2 = d^2 / 2, k3 = exp(-d) + d - 1 (Schulman's unbiased, always >= 0)."""
     if estimator not in KL_ESTIMATOR_NAMES:
@@ -53,7 +49,7 @@ def kl_penalty_ref(logprobs, ref_logprobs, estimator="k1"):
     return torch.expm1(-d) + d
 
 
-def full_kl_ref(logits, ref_logits, temperature=1.0):
+def full_kl_ref(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Pure PyTorch definition of the exact per-token KL(softmax(logits / T) || softmax(ref_logits / T)).
     Computes in fp32 (fp64 for fp64 logits); 0 * log 0 := 0, so -inf logits of the policy add nothing."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
@@ -213,40 +209,77 @@ def _elementwise_block(n: int) -> int:
     return min(triton.next_power_of_2(max(n, 1)), 16384 if triton_interpreting() else 2048)
 
 
+def _kl_penalty_fwd_triton(logprobs, ref_logprobs, out, est: int) -> None:
+    n = logprobs.numel()
+    block = _elementwise_block(n)
+    _kl_penalty_fwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, out, n, EST=est, BLOCK=block)
+
+
+def _kl_penalty_fwd_cpu(logprobs, ref_logprobs, out, est: int) -> None:
+    _backend.cpu_kernels().kl_penalty_fwd(addr(logprobs), code(logprobs), addr(ref_logprobs), code(ref_logprobs),
+                                          addr(out), logprobs.numel(), est, _backend.num_threads())
+
+
+def _kl_penalty_bwd_triton(logprobs, ref_logprobs, g, grad, est: int) -> None:
+    n = logprobs.numel()
+    block = _elementwise_block(n)
+    _kl_penalty_bwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, g, grad, n, EST=est, BLOCK=block)
+
+
+def _kl_penalty_bwd_cpu(logprobs, ref_logprobs, g, grad, est: int) -> None:
+    _backend.cpu_kernels().kl_penalty_bwd(addr(logprobs), code(logprobs), addr(ref_logprobs), code(ref_logprobs),
+                                          addr(g), addr(grad), logprobs.numel(), est, _backend.num_threads())
+
+
+def _full_kl_fwd_triton(x: Rows, y: Rows, kl, stats, inv_temp: float) -> None:
+    block = vocab_block(x.v)
+    _full_kl_fwd_kernel[(x.n,)](
+        x.data, y.data, kl, stats, x.v, *x.layout(), *y.layout(), inv_temp, BLOCK_V=block,
+        num_warps=num_warps_for(block),
+    )
+
+
+def _full_kl_fwd_cpu(x: Rows, y: Rows, kl, stats, inv_temp: float) -> None:
+    _backend.cpu_kernels().full_kl_fwd(
+        addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
+        x.n, x.v, inv_temp, addr(kl), addr(stats), _backend.num_threads(),
+    )
+
+
+def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float) -> None:
+    block = vocab_block(x.v)
+    _full_kl_bwd_kernel[(x.n,)](
+        x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
+        BLOCK_V=block, num_warps=num_warps_for(block),
+    )
+
+
+def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float) -> None:
+    _backend.cpu_kernels().full_kl_bwd(
+        addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
+        addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, addr(kl), addr(stats), addr(g), _backend.num_threads(),
+    )
+
+
+# backend -> (forward launcher, backward launcher); read by _backend.select_backend
+KL_PENALTY_LAUNCHERS = {"triton": (_kl_penalty_fwd_triton, _kl_penalty_bwd_triton),
+                        "cpu": (_kl_penalty_fwd_cpu, _kl_penalty_bwd_cpu)}
+FULL_KL_LAUNCHERS = {"triton": (_full_kl_fwd_triton, _full_kl_bwd_triton), "cpu": (_full_kl_fwd_cpu, _full_kl_bwd_cpu)}
+
+
 def kl_penalty_fwd(logprobs, ref_logprobs, est: int, backend: str):
     """logprobs, ref_logprobs flat contiguous (N,) -> fp32 (N,)."""
-    n = logprobs.numel()
-    out = torch.empty(n, dtype=torch.float32, device=logprobs.device)
-    if n == 0:
-        return out
-    if backend == "triton":
-        block = _elementwise_block(n)
-        _kl_penalty_fwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, out, n, EST=est, BLOCK=block)
-    elif backend == "cpu":
-        codes = _backend.DTYPE_CODES
-        _backend._C.kl_penalty_fwd(logprobs.data_ptr(), codes[logprobs.dtype], ref_logprobs.data_ptr(),
-                                   codes[ref_logprobs.dtype], out.data_ptr(), n, est, _backend.num_threads())
-    else:
-        raise ValueError(f"kl_penalty_fwd: unknown backend {backend!r}")
+    out = torch.empty(logprobs.numel(), dtype=torch.float32, device=logprobs.device)
+    if out.numel():
+        KL_PENALTY_LAUNCHERS[backend][0](logprobs, ref_logprobs, out, est)
     return out
 
 
 def kl_penalty_bwd(logprobs, ref_logprobs, g, est: int, backend: str):
     """d kl_penalty / d logprobs . g, in logprobs' dtype, flat (N,)."""
-    n = logprobs.numel()
     grad = torch.empty_like(logprobs)
-    if n == 0:
-        return grad
-    if backend == "triton":
-        block = _elementwise_block(n)
-        _kl_penalty_bwd_kernel[(triton.cdiv(n, block),)](logprobs, ref_logprobs, g, grad, n, EST=est, BLOCK=block)
-    elif backend == "cpu":
-        codes = _backend.DTYPE_CODES
-        _backend._C.kl_penalty_bwd(logprobs.data_ptr(), codes[logprobs.dtype], ref_logprobs.data_ptr(),
-                                   codes[ref_logprobs.dtype], g.data_ptr(), grad.data_ptr(), n, est,
-                                   _backend.num_threads())
-    else:
-        raise ValueError(f"kl_penalty_bwd: unknown backend {backend!r}")
+    if grad.numel():
+        KL_PENALTY_LAUNCHERS[backend][1](logprobs, ref_logprobs, g, grad, est)
     return grad
 
 
@@ -255,51 +288,22 @@ def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str):
     dev = x.data.device
     kl = torch.empty(x.n, dtype=torch.float32, device=dev)
     stats = torch.empty(x.n, 4, dtype=torch.float32, device=dev)
-    if x.n == 0:
-        return kl, stats
-    if backend == "triton":
-        block = vocab_block(x.v)
-        _full_kl_fwd_kernel[(x.n,)](
-            x.data, y.data, kl, stats, x.v, *x.layout(), *y.layout(), inv_temp,
-            BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    elif backend == "cpu":
-        codes = _backend.DTYPE_CODES
-        _backend._C.full_kl_fwd(
-            x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
-            x.n, x.v, inv_temp, kl.data_ptr(), stats.data_ptr(), _backend.num_threads(),
-        )
-    else:
-        raise ValueError(f"full_kl_fwd: unknown backend {backend!r}")
+    if x.n:
+        FULL_KL_LAUNCHERS[backend][0](x, y, kl, stats, inv_temp)
     return kl, stats
 
 
-def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str):
+def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str) -> None:
     """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches)."""
-    if x.n == 0:
-        return
-    if backend == "triton":
-        block = vocab_block(x.v)
-        _full_kl_bwd_kernel[(x.n,)](
-            x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
-            BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    elif backend == "cpu":
-        codes = _backend.DTYPE_CODES
-        _backend._C.full_kl_bwd(
-            x.data.data_ptr(), codes[x.data.dtype], *x.layout(), y.data.data_ptr(), codes[y.data.dtype], *y.layout(),
-            grad.data.data_ptr(), *grad.layout(), x.n, x.v, inv_temp, kl.data_ptr(), stats.data_ptr(), g.data_ptr(),
-            _backend.num_threads(),
-        )
-    else:
-        raise ValueError(f"full_kl_bwd: unknown backend {backend!r}")
+    if x.n:
+        FULL_KL_LAUNCHERS[backend][1](x, y, grad, kl, stats, g, inv_temp)
 
 
 # ---------------------------------------------------------------------------- autograd
 class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, ref_logprobs, est, backend):
-        a, b = logprobs.reshape(-1).contiguous(), ref_logprobs.reshape(-1).contiguous()
+        a, b = flat_arg(logprobs), flat_arg(ref_logprobs)
         ctx.save_for_backward(a, b)
         ctx.est, ctx.backend, ctx.shape = est, backend, logprobs.shape
         ctx.ref_dtype = ref_logprobs.dtype
@@ -308,7 +312,7 @@ class KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        grad = kl_penalty_bwd(a, b, g.reshape(-1).float().contiguous(), ctx.est, ctx.backend)
+        grad = kl_penalty_bwd(a, b, flat_arg(g.float()), ctx.est, ctx.backend)
         grad_ref = None
         if ctx.needs_input_grad[1]:  # d/d ref_logprobs = -d/d logprobs
             grad_ref = (-grad.float()).to(ctx.ref_dtype).view(ctx.shape)
@@ -334,12 +338,13 @@ class FullKLFunction(torch.autograd.Function):
         y = Rows(yd, ctx.y.n, ctx.y.v, *ctx.y.layout())
         grad = torch.empty(ctx.shape, dtype=xd.dtype, device=xd.device)
         grad_rows = Rows(grad, x.n, x.v, max(x.n, 1), 0, x.v)
-        full_kl_bwd(x, y, grad_rows, kl, stats, g.reshape(-1).float().contiguous(), ctx.inv_temp, ctx.backend)
+        full_kl_bwd(x, y, grad_rows, kl, stats, flat_arg(g.float()), ctx.inv_temp, ctx.backend)
         return grad, None, None, None
 
 
 # ---------------------------------------------------------------------------- public
-def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1", *,
+               backend: str | None = None) -> torch.Tensor:
     """Per-token KL estimate, elementwise: with ``d = logprobs.float() - ref_logprobs.float()``,
 
         k1 = d,   abs = d.abs(),   k2 = d ** 2 / 2,   k3 = torch.expm1(-d) + d   (k3 >= 0)
@@ -348,24 +353,25 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
         logprobs: (...) fp32 / fp16 / bf16 (fp64 runs the reference in fp64).
         ref_logprobs: (...) same shape as logprobs, any of those dtypes.
         estimator: "k1" | "abs" | "k2" | "k3".
+        backend: None (automatic) | "triton" | "cpu" | "torch"; see rlhf_fast._backend.
 
     Returns:
         (...) fp32, differentiable w.r.t. logprobs (and ref_logprobs).
     """
-    check_float("logprobs", logprobs, FLOAT_DTYPES + (torch.float64,))
-    check_float("ref_logprobs", ref_logprobs, FLOAT_DTYPES + (torch.float64,))
+    check_float("logprobs", logprobs, VALUE_DTYPES)
+    check_float("ref_logprobs", ref_logprobs, VALUE_DTYPES)
     check_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs' shape")
     check_same_device(logprobs=logprobs, ref_logprobs=ref_logprobs)
     check_estimator(estimator)
-    if torch.float64 in (logprobs.dtype, ref_logprobs.dtype):
-        return kl_penalty_ref(logprobs, ref_logprobs, estimator)
-    backend = _backend.select_backend(logprobs.device, has=("triton", "cpu", "torch"))
+    backend = _backend.select_backend(logprobs.device, KL_PENALTY_LAUNCHERS, backend=backend,
+                                      tensors=(logprobs, ref_logprobs))
     if backend == "torch":
         return kl_penalty_ref(logprobs, ref_logprobs, estimator)
     return KLPenaltyFunction.apply(logprobs, ref_logprobs, KL_ESTIMATORS[estimator], backend)
 
 
-def full_kl(logits, ref_logits, *, temperature=1.0):
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
+            backend: str | None = None) -> torch.Tensor:
     """Exact per-token KL(softmax(logits / T) || softmax(ref_logits / T)) in one streaming pass:
 
         logp = torch.log_softmax(logits.float() / T, -1); logq = torch.log_softmax(ref_logits.float() / T, -1)
@@ -377,6 +383,7 @@ def full_kl(logits, ref_logits, *, temperature=1.0):
         logits: (..., V) fp32 / fp16 / bf16, the policy's logits.
         ref_logits: (..., V) same shape, the reference model's logits (no gradient).
         temperature: > 0.
+        backend: None (automatic) | "triton" | "cpu" | "torch"; see rlhf_fast._backend.
 
     Returns:
         (...) fp32, differentiable w.r.t. logits only.
@@ -386,7 +393,7 @@ def full_kl(logits, ref_logits, *, temperature=1.0):
     check_shape("ref_logits", ref_logits, logits.shape, "logits' shape")
     check_same_device(logits=logits, ref_logits=ref_logits)
     temperature = check_positive("temperature", temperature)
-    backend = _backend.select_backend(logits.device, has=("triton", "cpu", "torch"))
+    backend = _backend.select_backend(logits.device, FULL_KL_LAUNCHERS, backend=backend)
     if backend == "torch":
         return full_kl_ref(logits, ref_logits.detach(), temperature)
     return FullKLFunction.apply(logits, ref_logits.detach(), temperature, backend)

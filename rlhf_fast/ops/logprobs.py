@@ -18,11 +18,14 @@ import triton
 import triton.language as tl
 
 from rlhf_fast import _backend
-from rlhf_fast.ops._common import Rows, as_rows, check_logits, check_positive, check_targets
+from rlhf_fast._backend import addr, code, ptr
+from rlhf_fast.ops._checks import check_logits, check_positive, check_targets
+from rlhf_fast.ops._common import Rows, as_rows
 from rlhf_fast.ops._triton_common import cast_for_store, num_warps_for, row_offset, row_softmax_stats, vocab_block
 
 
-def token_logprobs_ref(logits, targets, temperature=1.0, return_entropy=False):
+def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                       return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch definition. Computes in fp32 (fp64 for fp64 logits)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     logp_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
@@ -104,86 +107,89 @@ def _logprobs_bwd_kernel(
 
 
 # ---------------------------------------------------------------------------- launchers
-def _cuda_call(name, *args):
-    lib = _backend.cuda_library()
-    err = getattr(lib, name)(*args)
-    if err != 0:
-        raise RuntimeError(f"rlhf_fast CUDA kernel {name} failed with cudaError {err}")
+def _fwd_triton(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+    block = vocab_block(rows.v)
+    _logprobs_fwd_kernel[(rows.n,)](
+        rows.data, targets, logp, lse, ent if ent is not None else logp,
+        rows.v, *rows.layout(), inv_temp,
+        WITH_ENTROPY=ent is not None, BLOCK_V=block, num_warps=num_warps_for(block),
+    )
 
 
-def _ptr(t):
-    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+def _fwd_cpu(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+    _backend.cpu_kernels().logprobs_fwd(
+        addr(rows.data), code(rows.data), *rows.layout(), addr(targets), code(targets), rows.n, rows.v, inv_temp,
+        addr(logp), addr(lse), addr(ent), _backend.num_threads(),
+    )
 
 
-def logprobs_fwd(rows: Rows, targets, inv_temp: float, with_entropy: bool, backend: str):
-    """Launches the forward on ``backend``; returns fp32 (logp, lse, ent-or-None), each (N,)."""
+def _fwd_cuda(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+    i64 = ctypes.c_int64
+    _backend.cuda_call(
+        "rlhf_logprobs_fwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
+        *(i64(v) for v in rows.layout()), ptr(targets), ctypes.c_int(code(targets)), i64(rows.n), i64(rows.v),
+        ctypes.c_float(inv_temp), ptr(logp), ptr(lse), ptr(ent),
+    )
+
+
+def _bwd_triton(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+    block = vocab_block(rows.v)
+    with_entropy = g_ent is not None
+    _logprobs_bwd_kernel[(rows.n,)](
+        rows.data, grad.data, targets, lse, ent if with_entropy else lse, g_logp,
+        g_ent if with_entropy else g_logp, rows.v, *rows.layout(), *grad.layout(), inv_temp,
+        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+    )
+
+
+def _bwd_cpu(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+    with_entropy = g_ent is not None
+    _backend.cpu_kernels().logprobs_bwd(
+        addr(rows.data), code(rows.data), *rows.layout(), addr(grad.data), *grad.layout(), addr(targets),
+        code(targets), rows.n, rows.v, inv_temp, addr(lse), addr(ent if with_entropy else None),
+        addr(g_logp), addr(g_ent), _backend.num_threads(),
+    )
+
+
+def _bwd_cuda(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+    i64 = ctypes.c_int64
+    _backend.cuda_call(
+        "rlhf_logprobs_bwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
+        *(i64(v) for v in rows.layout()), ptr(grad.data), *(i64(v) for v in grad.layout()), ptr(targets),
+        ctypes.c_int(code(targets)), i64(rows.n), i64(rows.v), ctypes.c_float(inv_temp), ptr(lse),
+        ptr(ent if g_ent is not None else None), ptr(g_logp), ptr(g_ent),
+    )
+
+
+# backend -> (forward launcher, backward launcher); read by _backend.select_backend
+LAUNCHERS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_fwd_cpu, _bwd_cpu), "cuda": (_fwd_cuda, _bwd_cuda)}
+
+
+def logprobs_fwd(rows: Rows, targets: torch.Tensor, inv_temp: float, with_entropy: bool, backend: str):
+    """Launches the forward on ``backend``; returns fp32 (logp, lse, ent-or-None), each (N,).
+    targets: flat contiguous (N,)."""
+    if backend not in LAUNCHERS:
+        raise ValueError(f"logprobs_fwd: unknown backend {backend!r}")
     dev = rows.data.device
     logp = torch.empty(rows.n, dtype=torch.float32, device=dev)
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else None
-    if rows.n == 0:
-        return logp, lse, ent
-    if backend == "triton":
-        block = vocab_block(rows.v)
-        _logprobs_fwd_kernel[(rows.n,)](
-            rows.data, targets, logp, lse, ent if with_entropy else logp,
-            rows.v, *rows.layout(), inv_temp,
-            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    elif backend == "cpu":
-        _backend._C.logprobs_fwd(
-            rows.data.data_ptr(), _backend.DTYPE_CODES[rows.data.dtype], *rows.layout(),
-            targets.data_ptr(), _backend.DTYPE_CODES[targets.dtype], rows.n, rows.v, inv_temp,
-            logp.data_ptr(), lse.data_ptr(), ent.data_ptr() if with_entropy else 0, _backend.num_threads(),
-        )
-    elif backend == "cuda":
-        _cuda_call(
-            "rlhf_logprobs_fwd", _ptr(rows.data), ctypes.c_int(_backend.DTYPE_CODES[rows.data.dtype]),
-            *(ctypes.c_int64(v) for v in rows.layout()), _ptr(targets),
-            ctypes.c_int(_backend.DTYPE_CODES[targets.dtype]), ctypes.c_int64(rows.n), ctypes.c_int64(rows.v),
-            ctypes.c_float(inv_temp), _ptr(logp), _ptr(lse), _ptr(ent),
-            ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream), ctypes.c_int(dev.index or 0),
-        )
-    else:
-        raise ValueError(f"logprobs_fwd: unknown backend {backend!r}")
+    if rows.n:
+        LAUNCHERS[backend][0](rows, targets, logp, lse, ent, inv_temp)
     return logp, lse, ent
 
 
-def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, backend: str):
+def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, backend: str) -> None:
     """Writes d(logp, ent)/d(logits) . (g_logp, g_ent) into ``grad`` (which may alias ``rows``)."""
-    if rows.n == 0:
-        return
-    with_entropy = g_ent is not None
-    if backend == "triton":
-        block = vocab_block(rows.v)
-        _logprobs_bwd_kernel[(rows.n,)](
-            rows.data, grad.data, targets, lse, ent if with_entropy else lse, g_logp,
-            g_ent if with_entropy else g_logp, rows.v, *rows.layout(), *grad.layout(), inv_temp,
-            WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
-        )
-    elif backend == "cpu":
-        _backend._C.logprobs_bwd(
-            rows.data.data_ptr(), _backend.DTYPE_CODES[rows.data.dtype], *rows.layout(),
-            grad.data.data_ptr(), *grad.layout(), targets.data_ptr(), _backend.DTYPE_CODES[targets.dtype],
-            rows.n, rows.v, inv_temp, lse.data_ptr(), ent.data_ptr() if with_entropy else 0,
-            g_logp.data_ptr(), g_ent.data_ptr() if with_entropy else 0, _backend.num_threads(),
-        )
-    elif backend == "cuda":
-        dev = rows.data.device
-        _cuda_call(
-            "rlhf_logprobs_bwd", _ptr(rows.data), ctypes.c_int(_backend.DTYPE_CODES[rows.data.dtype]),
-            *(ctypes.c_int64(v) for v in rows.layout()), _ptr(grad.data),
-            *(ctypes.c_int64(v) for v in grad.layout()), _ptr(targets),
-            ctypes.c_int(_backend.DTYPE_CODES[targets.dtype]), ctypes.c_int64(rows.n), ctypes.c_int64(rows.v),
-            ctypes.c_float(inv_temp), _ptr(lse), _ptr(ent if with_entropy else None), _ptr(g_logp),
-            _ptr(g_ent), ctypes.c_void_p(torch.cuda.current_stream(dev).cuda_stream), ctypes.c_int(dev.index or 0),
-        )
-    else:
+    if backend not in LAUNCHERS:
         raise ValueError(f"logprobs_bwd: unknown backend {backend!r}")
+    if rows.n:
+        LAUNCHERS[backend][1](rows, grad, targets, lse, ent, g_logp, g_ent, inv_temp)
 
 
-def _grad_rows(rows: Rows, shape, inplace: bool):
-    """Where backward writes grad_logits: the logits' own storage, or a new contiguous tensor."""
+def grad_rows(rows: Rows, shape, inplace: bool):
+    """Where backward writes grad_logits: the logits' own storage, or a new contiguous tensor.
+    Returns (grad tensor, its Rows view)."""
     if inplace:
         return rows.data, rows
     grad = torch.empty(shape, dtype=rows.data.dtype, device=rows.data.device)
@@ -212,14 +218,16 @@ class LogprobsFunction(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float().contiguous()
         if g_ent is not None:
             g_ent = g_ent.reshape(-1).float().contiguous()
-        grad, grad_rows = _grad_rows(rows, ctx.shape, ctx.inplace)
-        logprobs_bwd(rows, grad_rows, targets, lse, ent, g_logp, g_ent, ctx.inv_temp, ctx.backend)
+        grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
+        logprobs_bwd(rows, g_rows, targets, lse, ent, g_logp, g_ent, ctx.inv_temp, ctx.backend)
         if ctx.inplace and grad.shape != ctx.shape:
             grad = grad.view(ctx.shape)
         return grad, None, None, None, None, None
 
 
-def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, inplace_backward=False):
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   return_entropy: bool = False, inplace_backward: bool = False,
+                   backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) from logits in one streaming pass.
 
     Computes ``log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]``
@@ -233,6 +241,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
         return_entropy: also return the entropy of ``softmax(logits / temperature)``.
         inplace_backward: backward writes grad_logits into the logits' storage (the logits
             must not be needed after backward). Saves one (N, V) allocation.
+        backend: None (automatic) | "triton" | "cpu" | "cuda" | "torch"; see rlhf_fast._backend.
 
     Returns:
         logp (...) fp32, and with ``return_entropy`` also entropy (...) fp32. Both are
@@ -241,7 +250,7 @@ def token_logprobs(logits, targets, *, temperature=1.0, return_entropy=False, in
     V = check_logits("logits", logits)
     check_targets("targets", targets, logits.shape[:-1], V, logits.device)
     temperature = check_positive("temperature", temperature)
-    backend = _backend.select_backend(logits.device)
+    backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
         return token_logprobs_ref(logits, targets, temperature, return_entropy)
     return LogprobsFunction.apply(logits, targets, temperature, bool(return_entropy), bool(inplace_backward), backend)

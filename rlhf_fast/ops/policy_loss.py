@@ -26,23 +26,22 @@ Naming chain: ``logprobs_fwd`` / ``logprobs_bwd`` (shared kernels) -> ``PolicyLo
 """
 from __future__ import annotations
 
-import math
-
 import torch
+from torch.autograd.function import once_differentiable
 
 from rlhf_fast import _backend
-from rlhf_fast.ops._common import (
-    Rows, as_rows, check_float, check_logits, check_positive, check_same_device, check_shape, check_targets,
-    checks_enabled,
+from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inputs, check_loss_agg: re-exported)
+    LOSS_AGGS, VALUE_DTYPES, check_estimator, check_finite_inputs, check_float, check_logits, check_loss_agg,
+    check_number, check_positive, check_same_device, check_shape, check_targets,
 )
-from rlhf_fast.ops.kl import KL_ESTIMATOR_NAMES, kl_penalty_ref
-from rlhf_fast.ops.logprobs import _grad_rows, logprobs_bwd, logprobs_fwd
-
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from rlhf_fast.ops._common import Rows, as_rows, masked_mean
+from rlhf_fast.ops.kl import kl_penalty_ref
+from rlhf_fast.ops.logprobs import LAUNCHERS, grad_rows, logprobs_bwd, logprobs_fwd
 
 
 # ---------------------------------------------------------------------------- shared pieces
-def aggregation_weights(valid, loss_agg="token-mean", max_tokens=None, dtype=torch.float32):
+def aggregation_weights(valid: torch.Tensor, loss_agg: str = "token-mean", max_tokens: int | None = None,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, T) weights ``w`` with ``loss = (w * per_token_loss).sum()``, from the valid-token mask alone.
 
     token-mean:              valid / n_valid
@@ -65,10 +64,6 @@ def aggregation_weights(valid, loss_agg="token-mean", max_tokens=None, dtype=tor
     return v / n_rows
 
 
-def _masked_mean(x, valid):
-    return torch.where(valid, x, torch.zeros_like(x)).sum() / valid.sum().clamp(min=1)
-
-
 def _nonfinite_count(valid, *tensors):
     bad = torch.zeros_like(valid)
     for t in tensors:
@@ -77,8 +72,12 @@ def _nonfinite_count(valid, *tensors):
     return (bad & valid).sum()
 
 
-def _policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_clip, nonfinite):
-    """Stats over valid tokens (all 0-d tensors, no host sync)."""
+def policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_clip, nonfinite) -> dict:
+    """The stats dict of ``ppo_policy_loss`` over valid tokens (all 0-d tensors, no host sync).
+
+    logp, old, adv, ratio: (B, T) with masked positions already zeroed; ent, kl: (B, T) or None;
+    pg_loss: the aggregated clipped term; valid: (B, T) bool; lo, hi: the clip range; dual_clip:
+    float or None; nonfinite: 0-d count of non-finite inputs at valid tokens."""
     with torch.no_grad():
         log_ratio = logp - old
         clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
@@ -88,17 +87,17 @@ def _policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_c
             dual = torch.zeros_like(valid)
         stats = {
             "pg_loss": pg_loss.detach(),
-            "clip_frac": _masked_mean(clipped.to(ratio.dtype), valid),
-            "dual_clip_frac": _masked_mean(dual.to(ratio.dtype), valid),
-            "approx_kl": _masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
-            "ratio_mean": _masked_mean(ratio, valid),
+            "clip_frac": masked_mean(clipped.to(ratio.dtype), valid),
+            "dual_clip_frac": masked_mean(dual.to(ratio.dtype), valid),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
+            "ratio_mean": masked_mean(ratio, valid),
             "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax(),
             "nonfinite_inputs": nonfinite,
         }
         if ent is not None:
-            stats["entropy"] = _masked_mean(ent, valid)
+            stats["entropy"] = masked_mean(ent, valid)
         if kl is not None:
-            stats["kl"] = _masked_mean(kl, valid)
+            stats["kl"] = masked_mean(kl, valid)
     return stats
 
 
@@ -149,7 +148,7 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
 
     w = aggregation_weights(valid, loss_agg, max_tokens, dtype)
     loss = (w * per_token).sum()
-    stats = _policy_stats(logp_v.detach(), old, adv, ratio.detach(), None if ent is None else ent.detach(),
+    stats = policy_stats(logp_v.detach(), old, adv, ratio.detach(), None if ent is None else ent.detach(),
                           None if kl is None else kl.detach(), (w * pg).sum(), valid, lo, hi, dual_clip, nonfinite)
     return loss, stats
 
@@ -166,9 +165,14 @@ def _kl_grad(d, estimator):
     return -torch.expm1(-d)
 
 
-def _policy_terms(logp, ent, old, adv, ref, valid, o):
-    """Scalar part of the fused op on fp32 (B, T) tensors.
-    Returns (loss, c_lp, c_ent, stats) with c_lp = dloss/dlogp, c_ent = dloss/dH (or None)."""
+def policy_terms(logp, ent, old, adv, ref, valid, o: dict):
+    """The scalar (O(B * T), vocabulary-free) part of the fused policy loss on fp32 (B, T) tensors.
+
+    logp, ent: (B, T) fp32 from the log-prob kernel (ent may be None); old, ref: (B, T) or None;
+    adv: (B, T) or (B,); valid: (B, T) bool; o: the options dict ``ppo_policy_loss`` builds
+    (lo, hi, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, max_tokens).
+    Returns (loss, c_lp, c_ent, stats) with c_lp = dloss/dlogp (B, T), c_ent = dloss/dH (B, T) or
+    None, stats as ``policy_stats``. Reused by every op that feeds logp from its own kernel."""
     zero = torch.zeros_like(logp)
     old = logp if old is None else old.float()
     adv = adv.float()
@@ -209,7 +213,7 @@ def _policy_terms(logp, ent, old, adv, ref, valid, o):
     loss = (w * per_token).sum()
     c_lp = w * c_tok
     c_ent = -o["entropy_coef"] * w if o["entropy_coef"] != 0 else None
-    stats = _policy_stats(logp, old, adv, ratio, ent_v, kl, (w * pg).sum(), valid, lo, hi, o["dual_clip"], nonfinite)
+    stats = policy_stats(logp, old, adv, ratio, ent_v, kl, (w * pg).sum(), valid, lo, hi, o["dual_clip"], nonfinite)
     return loss, c_lp, c_ent, stats
 
 
@@ -224,7 +228,7 @@ class PolicyLossFunction(torch.autograd.Function):
         with_entropy = opts["entropy_coef"] != 0 or opts["compute_entropy"]
         logp, lse, ent = logprobs_fwd(rows, flat_targets, inv_temp, with_entropy, backend)
         shape = logits.shape[:-1]
-        loss, c_lp, c_ent, stats = _policy_terms(
+        loss, c_lp, c_ent, stats = policy_terms(
             logp.view(shape), None if ent is None else ent.view(shape), old, adv, ref, mask != 0, opts)
         c_lp = c_lp.reshape(-1).contiguous()
         c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
@@ -243,28 +247,14 @@ class PolicyLossFunction(torch.autograd.Function):
         g_loss = g_loss.float()
         g_lp = c_lp * g_loss
         g_ent = None if c_ent is None else c_ent * g_loss
-        grad, grad_rows = _grad_rows(rows, ctx.shape, ctx.inplace)
-        logprobs_bwd(rows, grad_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
+        grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
+        logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
         if ctx.inplace and grad.shape != ctx.shape:
             grad = grad.view(ctx.shape)
         return grad, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------- public
-def _check_number(name, value, *, low=None, low_inclusive=False):
-    value = float(value)
-    if not math.isfinite(value) or (low is not None and (value < low or (value == low and not low_inclusive))):
-        bound = "" if low is None else f" {'>=' if low_inclusive else '>'} {low}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value}")
-    return value
-
-
-def check_loss_agg(loss_agg):
-    if loss_agg not in LOSS_AGGS:
-        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    return loss_agg
-
-
 def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef,
                          loss_agg, max_tokens):
     """Validates ppo_policy_loss's options (errors name the argument); returns them normalised."""
@@ -272,12 +262,11 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
     if clip_eps_high is not None:
         clip_eps_high = check_positive("clip_eps_high", clip_eps_high)
     if dual_clip is not None:
-        dual_clip = _check_number("dual_clip", dual_clip, low=1.0)
+        dual_clip = check_number("dual_clip", dual_clip, low=1.0)
     temperature = check_positive("temperature", temperature)
-    kl_coef = _check_number("kl_coef", kl_coef)
-    entropy_coef = _check_number("entropy_coef", entropy_coef)
-    if kl_estimator not in KL_ESTIMATOR_NAMES:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATOR_NAMES}, got {kl_estimator!r}")
+    kl_coef = check_number("kl_coef", kl_coef)
+    entropy_coef = check_number("entropy_coef", entropy_coef)
+    check_estimator(kl_estimator, "kl_estimator")
     check_loss_agg(loss_agg)
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -285,24 +274,13 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
     return clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg, max_tokens
 
 
-def check_finite_inputs(valid, **tensors):
-    """Non-finite inputs at valid tokens (``valid``: (B, T) bool; tensors (B, T) or (B,)): an error on
-    CPU (cheap); on GPU no check here, to avoid a host sync (ops count them in their stats instead)."""
-    if valid.device.type != "cpu" or not checks_enabled():
-        return
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        v = valid if t.dim() == valid.dim() else valid.any(-1)
-        bad = int((~torch.isfinite(t) & v).sum())
-        if bad:
-            raise ValueError(f"{name} has {bad} non-finite value(s) at valid (mask != 0) positions")
-
-
-def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                    dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
-                    entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
-                    inplace_backward=False):
+def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor | None,
+                    advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
+                    clip_eps_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
+                    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                    entropy_coef: float = 0.0, loss_agg: str = "token-mean", max_tokens: int | None = None,
+                    compute_entropy: bool = False, inplace_backward: bool = False,
+                    backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO / GRPO policy loss from logits, fused (see the module docstring).
 
     Per valid token (mask != 0), in fp32, with ``A`` the advantage::
@@ -331,6 +309,7 @@ def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps
         compute_entropy: also compute the entropy (for stats) when entropy_coef == 0. Otherwise
             no entropy work is done at all.
         inplace_backward: write grad_logits into the logits' storage (logits unusable afterwards).
+        backend: None (automatic) | "triton" | "cpu" | "cuda" | "torch"; see rlhf_fast._backend.
 
     Returns:
         loss: 0-d fp32 (fp64 for fp64 logits on the torch path), differentiable w.r.t. logits.
@@ -348,9 +327,9 @@ def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps
     B, T = logits.shape[:2]
     check_targets("targets", targets, (B, T), V, logits.device)
     if old_logprobs is not None:
-        check_float("old_logprobs", old_logprobs, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        check_float("old_logprobs", old_logprobs, VALUE_DTYPES)
         check_shape("old_logprobs", old_logprobs, (B, T), "the logits' (B, T)")
-    check_float("advantages", advantages, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+    check_float("advantages", advantages, VALUE_DTYPES)
     if tuple(advantages.shape) not in ((B, T), (B,)):
         raise ValueError(f"advantages must have shape ({B}, {T}) (per token) or ({B},) (per sequence), "
                          f"got {tuple(advantages.shape)}")
@@ -358,7 +337,7 @@ def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     check_shape("mask", mask, (B, T), "the logits' (B, T)")
     if ref_logprobs is not None:
-        check_float("ref_logprobs", ref_logprobs, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        check_float("ref_logprobs", ref_logprobs, VALUE_DTYPES)
         check_shape("ref_logprobs", ref_logprobs, (B, T), "the logits' (B, T)")
     check_same_device(logits=logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
                       mask=mask, ref_logprobs=ref_logprobs)
@@ -373,7 +352,7 @@ def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps
                 temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
                 inplace_backward=bool(inplace_backward))
-    backend = _backend.select_backend(logits.device, has=("triton", "cuda", "cpu", "torch"))
+    backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
         return ppo_policy_loss_ref(
             logits, targets, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,

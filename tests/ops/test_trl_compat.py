@@ -112,7 +112,7 @@ def test_grpo_loss_matches_trl(backend, loss_type, beta, temperature, delta):
 def test_example_trains_with_trl(tmp_path):
     """examples/trl_grpo_with_rlhf_fast.py: two optimizer steps of TRL's GRPOTrainer with our loss,
     with rollouts reused (old log-probs != current) and a KL to a reference model."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     try:
         from trl_grpo_with_rlhf_fast import build_trainer
     finally:

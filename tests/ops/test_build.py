@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # (module, kernel, signature, constexprs, num_warps): one entry per kernel variant worth compiling.
 # Add your op's kernels here.
@@ -29,25 +29,25 @@ TRITON_KERNELS = [
       "g_logp_ptr": "*fp32", "g_ent_ptr": "*fp32", "V": "i32", "inner": "i64", "s_outer": "i64", "s_inner": "i64",
       "g_inner": "i64", "g_s_outer": "i64", "g_s_inner": "i64", "inv_temp": "fp32"},
      {"WITH_ENTROPY": True, "BLOCK_V": 4096}, 8),
-    # KL and advantages (rlhf_fast/ops/kl.py, rlhf_fast/ops/advantages_kernels.py)
-    ("rlhf_fast.ops.advantages_kernels", "_advantages_fwd_kernel",
+    # KL and the advantage side (rlhf_fast/ops/kl.py, gae.py, whiten.py, group_advantages.py)
+    ("rlhf_fast.ops.gae", "_advantages_fwd_kernel",
      {"scores_ptr": "*fp32", "logp_ptr": "*bf16", "ref_ptr": "*fp32", "rew_ptr": "*u8", "val_ptr": "*bf16",
       "mask_ptr": "*u8", "rew_out_ptr": "*fp32", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "stats_ptr": "*fp32",
       "B": "i32", "T": "i32", "s_logp": "i64", "s_ref": "i64", "s_rew": "i32", "s_val": "i64", "s_mask": "i64",
       "kl_coef": "fp32", "gamma": "fp32", "gl": "fp32"},
      {"EST": 3, "SHAPE": True, "GAE": True, "STATS": True, "BLOCK_B": 1, "BLOCK_T": 2048}, 8),
-    ("rlhf_fast.ops.advantages_kernels", "_advantages_fwd_kernel",
+    ("rlhf_fast.ops.gae", "_advantages_fwd_kernel",
      {"scores_ptr": "*u8", "logp_ptr": "*u8", "ref_ptr": "*u8", "rew_ptr": "*fp32", "val_ptr": "*fp32",
       "mask_ptr": "*i64", "rew_out_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32", "stats_ptr": "*u8",
       "B": "i32", "T": "i32", "s_logp": "i32", "s_ref": "i32", "s_rew": "i64", "s_val": "i64", "s_mask": "i64",
       "kl_coef": "fp32", "gamma": "fp32", "gl": "fp32"},
      {"EST": 0, "SHAPE": False, "GAE": True, "STATS": False, "BLOCK_B": 16, "BLOCK_T": 128}, 8),
-    ("rlhf_fast.ops.advantages_kernels", "_whiten_stats_kernel",
+    ("rlhf_fast.ops.whiten", "_whiten_stats_kernel",
      {"x_ptr": "*fp32", "mask_ptr": "*u8", "stats_ptr": "*fp32", "N": "i64"}, {"BLOCK": 4096}, 8),
-    ("rlhf_fast.ops.advantages_kernels", "_whiten_apply_kernel",
+    ("rlhf_fast.ops.whiten", "_whiten_apply_kernel",
      {"x_ptr": "*fp32", "mask_ptr": "*u8", "out_ptr": "*fp32", "stats_ptr": "*fp32", "N": "i64", "P": "i32",
       "eps": "fp32"}, {"SHIFT_MEAN": True, "BLOCK": 2048, "BLOCK_P": 1024}, 8),
-    ("rlhf_fast.ops.advantages_kernels", "_group_advantages_kernel",
+    ("rlhf_fast.ops.group_advantages", "_group_advantages_kernel",
      {"scores_ptr": "*fp32", "out_ptr": "*fp32", "B": "i32", "n_groups": "i32", "G": "i32",
       "baseline_factor": "fp32", "eps": "fp32"}, {"SCALE": 1, "BLOCK_G": 128, "BLOCK_M": 16, "BLOCK_ALL": 4096}, 4),
     ("rlhf_fast.ops.kl", "_kl_penalty_bwd_kernel",
@@ -124,8 +124,9 @@ def test_cpp_extension_is_built_and_used():
     if os.environ.get("RLHF_FAST_PUREPYTHON") == "1":
         pytest.skip("pure-Python mode")
     from rlhf_fast import _backend
+    from rlhf_fast.ops import logprobs
     import torch
 
-    assert _backend._C is not None, "rlhf_fast._C failed to import: run `pip install -e .`"
-    assert _backend._C.has_openmp
-    assert _backend.select_backend(torch.device("cpu")) == "cpu"
+    assert _backend.cpu_kernels() is not None, "rlhf_fast._C failed to import: run `pip install -e .`"
+    assert _backend.cpu_kernels().has_openmp
+    assert _backend.select_backend(torch.device("cpu"), logprobs.LAUNCHERS) == "cpu"
