@@ -1,7 +1,7 @@
-"""The per-rank side of tests/test_distributed.py, launched by torchrun with 2 gloo ranks:
+"""The per-rank side of tests/trainer/test_distributed.py, launched by torchrun with 2 gloo ranks:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py main OUT CKPT_1PROC
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fail OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/trainer/dist_worker.py main OUT CKPT_1PROC
+    python -m torch.distributed.run --nproc_per_node 2 tests/trainer/dist_worker.py fail OUT
 
 ``main``: one PPO / GRPO update per CASE on a fixed global batch (each rank scores its
 contiguous share of it), results gathered to OUT/equivalence.pt; GRPO groups sampled per rank;

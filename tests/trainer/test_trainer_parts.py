@@ -15,9 +15,8 @@ from rlhf_fast.trainer.rollout import (
     Rollout, completion_mask, encode_prompts, left_pad, reward_model_scores, special_ids,
 )
 
-from rl_utils import char_tokenizer, one_thread, seeded_model, tiny_config
+from rl_utils import char_tokenizer, seeded_model, tiny_config
 
-_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 # ---------------------------------------------------------------------------- configs

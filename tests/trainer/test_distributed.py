@@ -1,4 +1,4 @@
-"""Distribution on CPU: 2 gloo ranks under torchrun (tests/dist_worker.py) against one process.
+"""Distribution on CPU: 2 gloo ranks under torchrun (tests/trainer/dist_worker.py) against one process.
 
 - one PPO / GRPO update on a fixed global batch (FSDP2 and DDP, every loss_agg, reference
   sharded and replicated) gives the parameters, advantages, stats and metrics of one process;
@@ -17,8 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dist_worker as W
-from helpers import torchrun as _torchrun
-from rl_utils import one_thread, seeded_model
+from launch import torchrun as _torchrun
+from rl_utils import seeded_model
 from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer import distributed
@@ -26,11 +26,10 @@ from rlhf_fast.trainer.base import mini_batch_indices
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import read_jsonl
 
-_one_thread = pytest.fixture(autouse=True)(one_thread)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args, timeout: float, target=("tests/dist_worker.py",)):
+def torchrun(*args, timeout: float, target=("tests/trainer/dist_worker.py",)):
     return _torchrun(*args, timeout=timeout, target=target)
 
 
