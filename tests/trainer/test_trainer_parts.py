@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf_fast import GRPOConfig, PPOConfig
 from rlhf_fast.ops.policy_loss import ppo_policy_loss_ref
-from rlhf_fast.trainer.base import lr_multiplier
+from rlhf_fast.trainer.runtime import lr_multiplier
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.kl_controller import KLController
 from rlhf_fast.trainer.rollout import (

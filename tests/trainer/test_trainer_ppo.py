@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rlhf_fast import PPOConfig, PPOTrainer, ppo_advantages_ref, ppo_policy_loss_ref, token_logprobs_ref, value_loss
-from rlhf_fast.trainer.base import NonFiniteError
+from rlhf_fast.trainer.runtime import NonFiniteError
 from rlhf_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.model import position_ids_from_mask
