@@ -41,7 +41,7 @@ Any trainer (SFT, reward model, ...) can use the same pieces::
     save_checkpoint(...) / load_checkpoint(...) / export_pretrained(net.module, ...)   # every rank
 """
 from rlhf_fast.trainer.checkpoint import export_pretrained, load_checkpoint, save_checkpoint
-from rlhf_fast.trainer.collectives import all_reduce, broadcast_object, gather_rows, global_moments
+from rlhf_fast.trainer.collectives import all_reduce, broadcast_object, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.process_group import (
     DEFAULT_TIMEOUT_S,
     barrier,
@@ -72,6 +72,6 @@ from rlhf_fast.trainer.sharding import (
 
 __all__ = ["DEFAULT_TIMEOUT_S", "FROZEN_SHARDING", "STRATEGIES", "CallThrough", "all_reduce", "barrier",
            "block_modules", "broadcast_object", "distributed_run", "export_pretrained", "full_state_dicts",
-           "gather_rows", "gathered", "global_moments", "init_distributed", "is_distributed", "load_checkpoint",
+           "gather_rows", "gathered", "global_max", "global_moments", "init_distributed", "is_distributed", "load_checkpoint",
            "load_full_state_dicts", "local_rank", "local_tensor", "no_sync", "prepare_frozen", "prepare_trainable",
            "rank", "rank_device", "report_failure", "save_checkpoint", "shutdown", "sync_module_states", "world_size"]

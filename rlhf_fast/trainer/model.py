@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from rlhf_fast.trainer.hf_io import quiet_hf_progress, read_safetensors
+from rlhf_fast.trainer.hf_io import load_weights, quiet_hf_progress, read_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 META_FILE = "value_model.json"
@@ -192,6 +192,10 @@ class PolicyValueModel(nn.Module):
         if self.critic is not None:
             sd.update(read_safetensors(path / "critic", "critic."))
         return sd
+
+    def load_weights(self, path) -> None:
+        """Loads what ``save_pretrained`` wrote into this model in place (exact copies)."""
+        load_weights(self, path)
 
     # ------------------------------------------------------------------ running
     @property

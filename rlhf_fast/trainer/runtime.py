@@ -162,8 +162,10 @@ class Runtime:
                              f"{latest if latest is not None else 'none (no checkpoint saved yet)'}")
 
     # ------------------------------------------------------------------ metrics, checkpoints, export
-    def metrics_logger(self, total_steps: int, **kw) -> MetricsLogger:
+    def metrics_logger(self, total_steps: int | None = None, **kw) -> MetricsLogger:
+        """The run's MetricsLogger (rank 0 writes), from the current step."""
         cfg = self.config
+        total_steps = total_steps if total_steps is not None else getattr(self, "total_steps", None) or cfg.total_steps
         return MetricsLogger(self.output_dir, total_steps, start_step=self.step, progress=cfg.progress_bar,
                              tensorboard=cfg.tensorboard, plot=cfg.plot, desc=type(self).__name__, **kw)
 
