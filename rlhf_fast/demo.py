@@ -28,8 +28,8 @@ import torch
 from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
 from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
-from rlhf_fast.trainer.base import resolve_device
-from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, _check, _check_types
+from rlhf_fast.trainer.runtime import resolve_device
+from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, check_field, check_types
 from rlhf_fast.trainer.grpo import GRPOTrainer
 from rlhf_fast.trainer.ppo import PPOTrainer
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained
@@ -80,13 +80,13 @@ class DemoConfig:
     beta: float = 0.2
 
     def __post_init__(self):
-        _check_types(self)
+        check_types(self)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "kl_coef", "beta"):
-                _check(self, f.name, v > 0 or f.name in ("p_clean", "label_noise"), "must be > 0")
+                check_field(self, f.name, v > 0 or f.name in ("p_clean", "label_noise"), "must be > 0")
         for name in ("kl_coef", "beta"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         SortTask(p_clean=self.p_clean, label_noise=self.label_noise)  # range checks
 
     @classmethod

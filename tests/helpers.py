@@ -1,10 +1,4 @@
-"""Helpers shared by the tests: assertions for the op tests, a torchrun launcher for the
-distributed ones."""
-import os
-import signal
-import subprocess
-import sys
-import time
+"""Assertions shared by the op tests (the torchrun launcher of the trainer tests: tests/trainer/launch.py)."""
 from pathlib import Path
 
 import torch
@@ -47,23 +41,3 @@ def assert_close_to_ref(out, ref, torch_out=None, *, atol=1e-6, rtol_factor=2.0,
     err = torch.where(both_nan | same_inf, torch.zeros_like(err), err)
     if not (err.nan_to_num(float("inf")) <= tol).all():
         raise AssertionError(describe_mismatch(out, ref, tol, name))
-
-
-def torchrun(*args, timeout: float, target):
-    """``torchrun --standalone --nproc_per_node 2 <target> args`` on CPU (one thread per rank) ->
-    (returncode, output, seconds); the process group is killed if it outlives ``timeout``."""
-    import pytest
-
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *target,
-           *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"torchrun {' '.join(map(str, [*target, *args]))} still running after {timeout}s:\n{out[-4000:]}")
-    return proc.returncode, out, time.perf_counter() - t0

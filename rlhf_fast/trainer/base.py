@@ -1,126 +1,56 @@
-"""What PPO and GRPO share: setup (device, precision, attention, models, prompts, optimizer,
-LR schedule), prompt batches, mini/micro-batching with exact loss normalisation, the optimizer
-step with its non-finite guard, step metrics, checkpoints and resume.
+"""The RL trainer that PPO and GRPO specialise: one ``train()`` loop and its hooks.
 
-The training loops themselves live in ``ppo.py`` and ``grpo.py``. Under torchrun
-(``WORLD_SIZE > 1``) the trainer joins the job and goes global at the separated steps
-(``distributed.py``): ``sample`` draws this rank's share of the step's prompts,
-``compute_advantages`` whitens / scales with all-reduced moments, ``mini_batches`` gives every
-rank its share of the same global mini-batches, ``micro_batches`` normalises by all-reduced
-token / sequence counts, and ``reduce_stats`` / ``rollout_metrics`` all-reduce what is logged.
+    for step in range(start, total_steps):
+        batch = make_experience(step)        # sample + score (``rollout.py``), old / reference log-probs, values
+        compute_advantages(batch)            # the algorithm's (ppo.py: KL-shaped GAE; grpo.py: group-relative)
+        stats = update(batch, step)          # passes over mini-batches, each one optimizer step
+        metrics = rollout_metrics(...) | stats
+        after_step(batch, metrics)           # the algorithm's (ppo.py: KL controller, explained variance)
+        log; checkpoint every save_steps
+    export(output_dir / "final")
+
+Setup, the optimizer step with its non-finite guard, checkpoints and the export come from the
+shared runtime (``runtime.py``). Global statistics go through the collectives (``collectives.py``;
+each is the identity on one process): advantages are computed on the gathered global batch and
+each rank keeps its rows, the micro-batch loss scales come from the gathered mini-batch mask,
+and the metrics are all-reduced. So the update does not depend on the world size.
 
 Mini-batches are stratified: a pass over a step's ``n`` sequences cuts them into
 ``mini_batch_size`` consecutive slots of ``k = n / mini_batch_size`` sequences and draws, per
 slot, a random permutation saying which mini-batch gets which of its sequences. Every
 mini-batch takes one sequence of each slot, and a rank holding whole slots holds its share of
-every mini-batch without any data moving: the update does not depend on the world size.
+every mini-batch without any data moving.
 """
 from __future__ import annotations
 
 import copy
-import functools
-import math
-import random
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_fast.trainer import checkpoint as ckpt
-from rlhf_fast.trainer import distributed
+from rlhf_fast.ops import aggregation_weights
+from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.config import RLConfig
-from rlhf_fast.trainer.metrics import MetricsLogger
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
+from rlhf_fast.trainer.process_group import rank, world_size
 from rlhf_fast.trainer.rollout import Rollout, encode_prompts, rollout_logprobs, sample_rollout, special_ids
-
+from rlhf_fast.trainer.runtime import Runtime, disable_dropout
+from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepare_trainable
 
 # fields a resumed run may change without a warning
-_FREE_ON_RESUME = {"resume_from", "total_steps", "output_dir", "save_steps", "keep_checkpoints", "progress_bar",
-                   "tensorboard", "plot", "device", "distributed_strategy", "frozen_model_sharding", "dist_timeout_s"}
+FREE_ON_RESUME = {"resume_from", "overwrite_output_dir", "total_steps", "output_dir", "save_steps",
+                  "keep_checkpoints", "progress_bar", "tensorboard", "plot", "device", "distributed_strategy",
+                  "frozen_model_sharding", "dist_timeout_s"}
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN/Inf; the run stops before the optimizer step."""
+class RLTrainer(Runtime):
+    """Base of PPOTrainer / GRPOTrainer (see their docstrings for the arguments).
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
-    return dev
-
-
-def disable_dropout(module: nn.Module) -> None:
-    """RL recomputes log-probs that must match the sampler's: dropout off everywhere."""
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if isinstance(getattr(m, "attention_dropout", None), float):
-            m.attention_dropout = 0.0
-
-
-def lr_multiplier(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """LR / peak LR at optimizer step ``step`` (0-based): linear warmup over ``warmup`` steps, then
-    constant, or linear / cosine decay to ``min_ratio`` at ``total``."""
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
-    shape = 1.0 - p if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * p))
-    return min_ratio + (1.0 - min_ratio) * shape
-
-
-class Checkpointing:
-    """save / resume of a trainer (RLTrainer, SupervisedTrainer) that holds ``config`` (with
-    ``to_dict()`` and ``keep_checkpoints``), ``checkpoint_dir``, ``step``, ``model``,
-    ``optimizer``, ``scheduler``, ``generator`` (the shuffle RNG), ``rank``, ``world_size`` and
-    ``device``. Hooks: ``extra_state`` / ``load_extra_state`` (trainer-specific state)."""
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def save(self) -> Path | None:
-        """Atomic checkpoint of model, optimizer, scheduler, RNGs and ``extra_state()`` at the
-        current step (every rank calls it; rank 0 writes the gathered full state and gets its
-        path, the others None)."""
-        state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
-        return distributed.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, state=state,
-                                           generators={"shuffle": self.generator},
-                                           keep_last=self.config.keep_checkpoints)
-
-    def resume(self, where: str) -> None:
-        """Restores a checkpoint: ``where`` is "latest" (this run's newest; a fresh start when there
-        is none) or a checkpoint folder."""
-        self._restore(where)
-
-    def _restore(self, where: str):
-        """(path, state) of the checkpoint loaded into the trainer, or None when ``where`` is
-        "latest" and there is none."""
-        path = None
-        if self.rank == 0:  # rank 0 alone needs to see the files
-            path = ckpt.latest_checkpoint(self.checkpoint_dir) if where == "latest" else Path(where)
-        path = distributed.broadcast_object(path)
-        if path is None:
-            return None
-        state = distributed.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                            scheduler=self.scheduler, generators={"shuffle": self.generator},
-                                            map_location=self.device)
-        self.step = int(state["step"])
-        self.load_extra_state(state)
-        return path, state
-
-
-class RLTrainer(Checkpointing):
-    """Base of PPOTrainer / GRPOTrainer (see their docstrings for the arguments)."""
+    Hooks: ``compute_advantages(batch)``, ``compute_loss(micro_batch) -> (loss, stats)``,
+    ``after_step(batch, metrics)``; class attributes ``uses_value_head``, properties
+    ``uses_reference`` and ``updates_per_rollout``."""
 
     config_class = RLConfig
     uses_value_head = False
@@ -134,13 +64,9 @@ class RLTrainer(Checkpointing):
             raise TypeError("reward_fn must be callable as reward_fn(prompts, completions)")
         if tokenizer is None:
             raise ValueError("tokenizer is required (prompts are text; completions are decoded for reward_fn)")
-        self.config = cfg = config
-        distributed.init_distributed(cfg.device, cfg.dist_timeout_s)  # under torchrun: join the job
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.setup_runtime(config)
+        cfg = config
         cfg.check_world_size(self.world_size)
-        self.device = distributed.rank_device(cfg.device) if distributed.is_distributed() else resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)  # mini-batch shuffling
 
         # the policy (+ value head) ...
         if not isinstance(model, PolicyValueModel):
@@ -167,8 +93,7 @@ class RLTrainer(Checkpointing):
             model.value_head.requires_grad_(False)  # never in the loss (DDP refuses unused parameters)
         # self.model: the PolicyValueModel (FSDP-sharded in place); self.train_model: what the
         # loss's forward goes through (self.model, or its DDP wrapper)
-        self.model, self.train_model = distributed.prepare_trainable(model.train(), cfg.distributed_strategy,
-                                                                     self.device)
+        self.model, self.train_model = prepare_trainable(model.train(), cfg.distributed_strategy, self.device)
 
         self.tokenizer = tokenizer
         self.eos_id, self.pad_id = special_ids(tokenizer)
@@ -181,38 +106,60 @@ class RLTrainer(Checkpointing):
                              f"{cfg.max_prompt_length}) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings={limit}")
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         self.total_optimizer_steps = cfg.total_steps * self.updates_per_rollout * (
             cfg.sequences_per_step // cfg.mini_batch_size)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_multiplier, warmup=cfg.warmup_steps, total=self.total_optimizer_steps, schedule=cfg.lr_scheduler,
-            min_ratio=cfg.min_lr_ratio))
-        self.output_dir = Path(cfg.output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.step = 0
+        self.build_optimizer([p for p in self.model.parameters() if p.requires_grad], self.total_optimizer_steps)
         self.init_state()
-        if cfg.resume_from:
-            self.resume(cfg.resume_from)
+        self.start_run()
 
+    # ------------------------------------------------------------------ hooks
     @property
     def updates_per_rollout(self) -> int:
+        """Passes over a step's sequences."""
         raise NotImplementedError
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the experience needs the frozen reference's log-probs."""
+        return True
+
+    def init_state(self) -> None:
+        """Trainer-specific state that checkpoints hold (created before a resume)."""
+
+    def compute_advantages(self, batch: Rollout) -> None:
+        raise NotImplementedError
+
+    def compute_loss(self, mb: Rollout):
+        raise NotImplementedError
+
+    def after_step(self, batch: Rollout, metrics: dict) -> None:
+        """Adds to / acts on a finished step's metrics (before they are logged)."""
 
     def _frozen(self, m: nn.Module) -> nn.Module:
         disable_dropout(m)
         m = m.eval().requires_grad_(False)
-        return distributed.prepare_frozen(m, self.config.frozen_model_sharding, self.device)
+        return prepare_frozen(m, self.config.frozen_model_sharding, self.device)
 
-    # ------------------------------------------------------------------ precision
-    def autocast(self):
-        """bf16 autocast on CUDA ("auto" / "bf16"), and on CPU only with precision="bf16"."""
-        p, dev = self.config.precision, self.device.type
-        enabled = p == "bf16" or (p == "auto" and dev == "cuda")
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=enabled)
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> None:
+        cfg = self.config
+        with self.metrics_logger(cfg.total_steps) as log:
+            for step in range(self.step, cfg.total_steps):
+                t0 = time.perf_counter()
+                batch = self.make_experience(step)
+                self.compute_advantages(batch)
+                t1 = time.perf_counter()
+                stats = self.update(batch, step)
+                t2 = time.perf_counter()
+                metrics = {**self.rollout_metrics(batch, t1 - t0, t2 - t1), **stats}
+                self.after_step(batch, metrics)
+                self.step = step + 1
+                log.log(self.step, metrics)
+                if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
+                    self.save()
+        self.export()
 
-    # ------------------------------------------------------------------ rollouts
+    # ------------------------------------------------------------------ 1. experience
     def prompt_indices(self, step: int) -> list[int]:
         """The prompts of ``step``: consecutive slices of a fresh seeded permutation per pass over
         the prompt list (a function of the step alone, so resuming needs no sampler state)."""
@@ -242,22 +189,65 @@ class RLTrainer(Checkpointing):
         idx = [i for i in mine for _ in range(repeat)]
         if self.world_size > 1:  # a sampling stream per (step, rank), whatever happened before
             torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank) % 2**63)
-        with (distributed.gathered(self.model, within=self.model.policy),
-              distributed.gathered(self.reward_model, full=False)):
+        with gathered(self.model, within=self.model.policy), gathered(self.reward_model, full=False):
             return sample_rollout(self.model.policy, self.tokenizer, [self.prompts[i] for i in idx],
                                   [self.prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
                                   temperature=cfg.temperature, device=self.device, reward_fn=self.reward_fn,
                                   reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
                                   autocast=self.autocast)
 
-    def frozen_logprobs(self, batch: Rollout) -> torch.Tensor:
-        """(B, R) log-probs of the frozen reference at the sampling temperature."""
+    def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
+        """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,
+        under no_grad, the policy's log-probs at the sampling temperature (the "old" ones), its
+        values (with a value head) and the reference's log-probs (when ``uses_reference``)."""
         cfg = self.config
-        with distributed.gathered(self.ref_model, full=False):
-            return rollout_logprobs(self.ref_model, batch, temperature=cfg.temperature,
-                                    micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)[0]
+        if batch is None:
+            batch = self.sample(step, repeat=cfg.sequences_per_step // cfg.rollout_batch_size)
+        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
+        batch.logprobs, values = rollout_logprobs(self.model, batch, with_values=self.uses_value_head, **kw)
+        if self.uses_value_head:
+            batch.values = values
+        if self.uses_reference:
+            with gathered(self.ref_model, full=False):
+                batch.ref_logprobs = rollout_logprobs(self.ref_model, batch, **kw)[0]
+        for name in ("logprobs", "values", "ref_logprobs"):
+            if getattr(batch, name) is not None:
+                self.check_finite(name, getattr(batch, name), step + 1)
+        return batch
 
-    # ------------------------------------------------------------------ batching
+    def check_finite(self, name: str, x: torch.Tensor, step: int) -> None:
+        """Stops the run (every rank) when a rollout quantity holds NaN/Inf on any rank (one host sync)."""
+        bad = int(all_reduce((~torch.isfinite(x)).sum()))
+        if bad:
+            self.stop_non_finite(step, f"{name} has {bad} non-finite value(s)")
+
+    # ------------------------------------------------------------------ 2. advantages: global rows
+    def global_batch(self, *xs: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's rows of each (B, ...) tensor, in rank order (the global batch; response
+        columns padded to the longest rank's): advantages are computed on it, then ``own_rows``."""
+        width = global_max(xs[0].shape[1]) if xs[0].dim() > 1 else None
+        return [gather_rows(x, width if x.dim() > 1 else None) for x in xs]
+
+    def own_rows(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """This rank's rows (and ``like``'s columns) of a global-batch tensor."""
+        n = like.shape[0]
+        x = x[self.rank * n : (self.rank + 1) * n]
+        return x[:, : like.shape[1]] if x.dim() > 1 and like.dim() > 1 else x
+
+    # ------------------------------------------------------------------ 3. update
+    def update(self, batch: Rollout, step: int) -> dict:
+        """``updates_per_rollout`` passes over shuffled mini-batches, one optimizer step each;
+        returns the mean stats and grad norm."""
+        stats, grad_norms = [], []
+        for _ in range(self.updates_per_rollout):
+            for mini in self.mini_batches(len(batch)):
+                s, grad_norm = self.optimize_mini_batch(batch, mini, step)
+                stats += s
+                grad_norms.append(grad_norm)
+        out = self.reduce_stats(stats)
+        out["grad_norm"] = torch.stack(grad_norms).mean().item()
+        return out
+
     def mini_batches(self, n: int) -> list[torch.Tensor]:
         """This rank's rows (of its ``n``) in each mini-batch of one shuffled pass over the step's
         sequences (stratified, see the module docstring; the same on every rank)."""
@@ -265,75 +255,38 @@ class RLTrainer(Checkpointing):
                                                               self.rank, self.world_size)]
 
     def micro_batches(self, batch: Rollout, mini: torch.Tensor):
-        """Yields (micro_batch, scale): summing ``scale * loss(micro_batch)`` over the micro-batches
-        gives exactly ``loss(mini-batch)`` for the configured ``loss_agg`` (token-mean weighs each
-        micro-batch by its share of the valid tokens, the sequence means by its share of the
-        sequences that have tokens, the "-norm" sum by its share of sequences).
-
-        Under ``world`` ranks the shares are of the global mini-batch (the totals are
-        all-reduced) and scaled by ``world``, since DDP / FSDP average the ranks' gradients:
-        ``mean_r(sum_m scale * grad loss(micro))`` is the gradient of the global mini-batch loss."""
-        agg = self.config.loss_agg
+        """Yields (micro_batch, scale) with ``sum(scale * loss(micro_batch)) == loss(mini-batch)``
+        for the configured ``loss_agg``: a token's weight in the global mini-batch loss
+        (``aggregation_weights`` of the gathered mini-batch mask) over its weight in its
+        micro-batch's loss, times the world size (DDP / FSDP average the ranks' gradients)."""
+        cfg = self.config
+        agg, n_tok = cfg.loss_agg, cfg.max_new_tokens
         mask = batch.response_mask[mini]
-        if agg == "token-mean":
-            per_row = mask.sum(-1).float()
-        elif agg == "seq-mean-token-sum-norm":
-            per_row = torch.ones(mask.shape[0], device=mask.device)
-        else:
-            per_row = mask.any(-1).float()
-        total = distributed.all_reduce(per_row.sum()).clamp(min=1)
-        world = distributed.world_size()
-        for part, rows in zip(mini.split(self.config.micro_batch_size),
-                              per_row.split(self.config.micro_batch_size)):
-            yield batch.select(part), rows.sum() * world / total
+        width = global_max(mask.shape[1])
+        w_mini = aggregation_weights(gather_rows(mask, width), agg, max_tokens=n_tok, dtype=torch.float64)
+        n = mask.shape[0]
+        w_mini = w_mini[rank() * n : (rank() + 1) * n, : mask.shape[1]]
+        for part, w in zip(mini.split(cfg.micro_batch_size), w_mini.split(cfg.micro_batch_size)):
+            w_micro = aggregation_weights(batch.response_mask[part], agg, max_tokens=n_tok, dtype=torch.float64)
+            ratio = torch.where(w_micro > 0, w / w_micro.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+            yield batch.select(part), (ratio.amax() * world_size()).float()
 
-    # ------------------------------------------------------------------ optimisation
     def optimize_mini_batch(self, batch: Rollout, mini: torch.Tensor, step: int):
         """One optimizer step on mini-batch ``mini``: forward/backward per micro-batch (gradients
-        accumulate; DDP all-reduces at the last one only), then ``optimizer_step``. Returns
-        (per-micro-batch stats, grad norm)."""
+        accumulate; DDP all-reduces at the last one only), then ``optimizer_step`` on the global
+        mini-batch loss. Returns (per-micro-batch stats, grad norm)."""
         micros = list(self.micro_batches(batch, mini))
         loss_sum = torch.zeros((), device=self.device)
         stats = []
         for i, (micro, scale) in enumerate(micros):
-            with distributed.no_sync(self.train_model, skip=i < len(micros) - 1):
+            with no_sync(self.train_model, skip=i < len(micros) - 1):
                 loss, s = self.compute_loss(micro)
                 (loss * scale).backward()
             loss_sum = loss_sum + loss.detach() * scale
             stats.append(s)
-        return stats, self.optimizer_step(step, loss_sum)
+        return stats, self.optimizer_step(step, all_reduce(loss_sum) / self.world_size)
 
-    def optimizer_step(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
-        """Clips, checks loss and gradient norm are finite (one host sync), steps optimizer and LR.
-        ``loss_sum``: this rank's sum of ``scale * loss(micro)`` (all-reduced here, so every rank
-        takes the same decision)."""
-        cfg = self.config
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        grad_norm = distributed.local_tensor(grad_norm)  # FSDP: the global norm, as a replicated DTensor
-        loss_sum = distributed.all_reduce(loss_sum) / self.world_size
-        ok = torch.isfinite(loss_sum) & torch.isfinite(grad_norm)
-        if not bool(ok):
-            what = "loss" if not bool(torch.isfinite(loss_sum)) else "gradient norm"
-            self.optimizer.zero_grad(set_to_none=True)
-            self.stop_non_finite(step + 1, f"non-finite {what} (loss {float(loss_sum)}, grad norm "
-                                           f"{float(grad_norm)}); stopped before the optimizer step")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach()
-
-    def check_finite(self, name: str, x: torch.Tensor, step: int) -> None:
-        """Stops the run (every rank) when a rollout quantity holds NaN/Inf on any rank (one host sync)."""
-        bad = int(distributed.all_reduce((~torch.isfinite(x)).sum()))
-        if bad:
-            self.stop_non_finite(step, f"{name} has {bad} non-finite value(s)")
-
-    def stop_non_finite(self, step: int, what: str):
-        latest = ckpt.latest_checkpoint(self.checkpoint_dir) if self.checkpoint_dir.exists() else None
-        raise NonFiniteError(f"step {step}: {what}. Nothing was saved for this step; the last good checkpoint is "
-                             f"{latest if latest is not None else 'none (no checkpoint saved yet)'}")
-
+    # ------------------------------------------------------------------ metrics
     @staticmethod
     def reduce_stats(stats: list[dict]) -> dict:
         """Means of per-micro-batch 0-d tensor stats over every rank's micro-batches (ranks run
@@ -342,7 +295,7 @@ class RLTrainer(Checkpointing):
             return {}
         keys = list(stats[0])
         means = torch.stack([torch.stack([s[k].detach().float() for s in stats]).mean() for k in keys])
-        means = distributed.all_reduce(means) / distributed.world_size()
+        means = all_reduce(means) / world_size()
         return dict(zip(keys, means.tolist()))
 
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
@@ -354,8 +307,8 @@ class RLTrainer(Checkpointing):
                 batch.has_eos.float().sum()]
         if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
             sums.append(((batch.logprobs - batch.ref_logprobs) * m).sum(-1).sum())
-        sums = distributed.all_reduce(torch.stack(sums).double())
-        std = distributed.global_moments(batch.scores)[2].sqrt()
+        sums = all_reduce(torch.stack(sums).double())
+        std = global_moments(batch.scores)[2].sqrt()
         n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
         out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}
         if kl:
@@ -364,7 +317,7 @@ class RLTrainer(Checkpointing):
         if self.device.type == "cuda":
             times.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
             torch.cuda.reset_peak_memory_stats(self.device)
-        times = distributed.all_reduce(torch.tensor(times, dtype=torch.float64, device=self.device), "max").tolist()
+        times = all_reduce(torch.tensor(times, dtype=torch.float64, device=self.device), "max").tolist()
         out.update({"time/rollout_s": times[0], "time/update_s": times[1],
                     "perf/tokens_per_s": float(sums[2]) / max(times[0] + times[1], 1e-9),
                     "lr": self.scheduler.get_last_lr()[0]})
@@ -372,43 +325,15 @@ class RLTrainer(Checkpointing):
             out["perf/peak_mem_gib"] = times[2]
         return out
 
-    @staticmethod
-    def timer():
-        return time.perf_counter()
-
-    # ------------------------------------------------------------------ checkpoints
-    def metrics_logger(self) -> MetricsLogger:
-        cfg = self.config
-        return MetricsLogger(self.output_dir, cfg.total_steps, start_step=self.step, progress=cfg.progress_bar,
-                             tensorboard=cfg.tensorboard, plot=cfg.plot, desc=type(self).__name__)
-
-    def init_state(self) -> None:
-        """Hook: trainer-specific state that checkpoints hold (created before a resume)."""
-
-    def maybe_save(self) -> None:
-        cfg = self.config
-        if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
-            self.save()
-
-    def resume(self, where: str) -> None:
-        """Restores a checkpoint (``Checkpointing.resume``) and warns about config fields that
-        changed since it was written."""
-        loaded = self._restore(where)
-        if loaded is None:
-            return
-        path, state = loaded
+    # ------------------------------------------------------------------ resume
+    def check_resumed(self, path, state: dict) -> None:
+        """Warns about config fields that changed since the checkpoint was written."""
         saved = state.get("config", {})
         changed = sorted(k for k, v in self.config.to_dict().items()
-                         if k in saved and saved[k] != v and k not in _FREE_ON_RESUME)
+                         if k in saved and saved[k] != v and k not in FREE_ON_RESUME)
         if changed and self.rank == 0:
             warnings.warn(f"resuming {path} with changed config fields: "
                           + ", ".join(f"{k}={saved[k]!r} -> {getattr(self.config, k)!r}" for k in changed))
-
-    def export(self, path=None) -> Path:
-        """Writes the trained model (HF checkpoint + value head) and tokenizer to ``path``
-        (default ``output_dir/final``)."""
-        path = Path(path) if path is not None else self.output_dir / "final"
-        return distributed.export_pretrained(self.model, path, self.tokenizer)  # rank 0 writes
 
 
 def mini_batch_indices(n: int, mini_batch_size: int, generator: torch.Generator, rank: int = 0,
@@ -430,14 +355,3 @@ def mini_batch_indices(n: int, mini_batch_size: int, generator: torch.Generator,
     order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)
     local = torch.arange(per_rank)[:, None] * k + order[rank * per_rank : (rank + 1) * per_rank]
     return list(local.t().unbind())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass

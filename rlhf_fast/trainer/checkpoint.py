@@ -1,50 +1,57 @@
-"""Atomic training checkpoints: a crash mid-save never leaves a corrupt latest checkpoint.
+"""Atomic, verified training checkpoints, for one process or every rank of a torchrun job.
 
 Layout under ``root``::
 
-    root/step-000010/model/          model.save_pretrained(...) (safetensors), or model.safetensors
-    root/step-000010/optimizer.pt    optimizer.state_dict()
-    root/step-000010/trainer_state.pt  {"step", "scheduler", "rng", **state}
+    root/step-000010/model/              the model's weights (``hf_io.save_weights``)
+    root/step-000010/optimizer.pt        optimizer.state_dict()
+    root/step-000010/trainer_state.pt    {"step", "scheduler", "rng", **state}
     root/step-000010/trainer_state.json  {"step": 10} (for humans and tools)
-    root/latest                      text file naming the newest complete checkpoint ("step-000010")
+    root/step-000010/manifest.json       size and sha256 of every other file, written last
+    root/latest                          text file naming the newest complete checkpoint
 
-How a save stays atomic: everything is written into ``root/.tmp-step-000010-<pid>``, each file
-and the folder are fsync'ed, the folder is renamed to ``step-000010`` (``os.replace``), and only
-then is ``latest`` rewritten (temp file + fsync + ``os.replace``). A crash at any point leaves
-``latest`` naming the previous complete checkpoint; stale ``.tmp-*`` folders are removed by the
-next save.
+A save writes everything into ``root/.tmp-step-000010-<pid>``, the manifest last, fsyncs each
+file and the folder, renames the folder to ``step-000010`` and only then rewrites ``latest``
+(temp file + fsync + ``os.replace``). Stale ``.tmp-step-*`` folders and ``.latest.tmp-*`` files
+of killed runs are removed by the next save.
 
-Usage (any trainer)::
+A load verifies the manifest first and names the file that is missing, truncated or changed
+(``CorruptCheckpointError``). ``latest_checkpoint`` falls back to the newest checkpoint that
+verifies, with a warning, when ``latest`` is empty, dangling or names a corrupt checkpoint.
 
-    from rlhf_fast.trainer.checkpoint import save_checkpoint, load_checkpoint, latest_checkpoint
+Under a process group every rank calls ``save_checkpoint`` / ``load_checkpoint`` /
+``export_pretrained``: rank 0 writes the full state gathered from the shards (the files of a
+single-process run, so any world size resumes any other) and reads it back, broadcasting it.
+
     save_checkpoint(out / "checkpoints", step, model=model, optimizer=opt, scheduler=sched,
-                    state={"kl_coef": 0.05}, keep_last=2)
+                    state={"kl_coef": 0.05}, generators={"shuffle": gen}, keep_last=2)
     path = latest_checkpoint(out / "checkpoints")          # None when there is none
-    if path is not None:
-        state = load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
-        start = state["step"]                              # RNG states are restored too
-
-``model`` may be a PolicyValueModel (saved as an HF checkpoint + value head), any Hugging Face
-``PreTrainedModel`` (``save_pretrained``), or any ``nn.Module`` (one safetensors file).
-RNG states (python, numpy, torch CPU and CUDA) are saved and restored by default; pass extra
-``torch.Generator`` objects through ``generators={"name": gen}`` to save and restore them too.
-Under torch.distributed, ``rlhf_fast.trainer.distributed.save_checkpoint`` / ``load_checkpoint``
-gather a sharded model's state to rank 0 and write it through these functions (same files), and
-broadcast it back on load.
+    state = load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)   # RNGs restored too
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
+from rlhf_fast.trainer import hf_io
+from rlhf_fast.trainer.collectives import broadcast_object
+from rlhf_fast.trainer.process_group import barrier, is_distributed, rank
+from rlhf_fast.trainer.sharding import full_state_dicts, load_full_state_dicts
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated or changed since it was written (named in the message)."""
 
 
 # ---------------------------------------------------------------------------- RNG states
@@ -79,154 +86,8 @@ def set_rng_state(state: dict, generators: dict | None = None) -> None:
         g.set_state(state["generators"][k])
 
 
-# ---------------------------------------------------------------------------- model weights
-def save_model_weights(model: torch.nn.Module, directory: Path, state_dict: dict | None = None) -> None:
-    """``model.save_pretrained(directory)`` when the model has it, else one safetensors file.
-
-    ``state_dict``: the weights to write instead of the model's own (keys as
-    ``model.state_dict()``), e.g. the full state gathered from a sharded model; written in the
-    same layout (see :func:`_save_state_dict`)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None:
-        from rlhf_fast.trainer.model import quiet_hf_progress
-
-        with quiet_hf_progress():
-            _save_state_dict(model, state_dict, directory)
-        return
-    if hasattr(model, "save_pretrained"):
-        from rlhf_fast.trainer.model import quiet_hf_progress
-
-        with quiet_hf_progress():
-            model.save_pretrained(directory)
-    else:
-        from safetensors.torch import save_model
-
-        save_model(model, str(directory / "model.safetensors"))
-
-
-def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Loads what :func:`save_model_weights` wrote into ``model`` in place (exact copies).
-
-    Uses ``model.load_weights(directory)`` when the model defines it (PolicyValueModel);
-    otherwise reads ``directory/model*.safetensors`` (one file or HF shards) into the model.
-    Keys missing from the files are allowed only for tied parameters (e.g. an LM head tied
-    to the embeddings, which ``save_pretrained`` stores once).
-    """
-    directory = Path(directory)
-    if hasattr(model, "load_weights"):
-        model.load_weights(directory)
-        return
-    load_state_dict_files(model, directory)
-
-
-def _sub(sd: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _save_state_dict(model: torch.nn.Module, sd: dict, directory: Path) -> None:
-    """Writes ``sd`` where ``save_model_weights(model, directory)`` would write the model's own
-    weights: a PolicyValueModel as its HF policy checkpoint + value head + critic, a Hugging Face
-    model through ``save_pretrained(state_dict=...)``, anything else as model.safetensors."""
-    from rlhf_fast.trainer.model import META_FILE, VALUE_HEAD_FILE, PolicyValueModel
-
-    if isinstance(model, PolicyValueModel):
-        from safetensors.torch import save_file
-
-        model.policy.save_pretrained(directory, state_dict=_sub(sd, "policy."), safe_serialization=True)
-        meta = {"value_head": model.value_head is not None, "separate_critic": model.critic is not None}
-        (directory / META_FILE).write_text(json.dumps(meta) + "\n")
-        if model.value_head is not None:
-            save_file({k: v.contiguous() for k, v in _sub(sd, "value_head.").items()}, str(directory / VALUE_HEAD_FILE))
-        if model.critic is not None:
-            model.critic.save_pretrained(directory / "critic", state_dict=_sub(sd, "critic."), safe_serialization=True)
-    elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory, state_dict=sd, safe_serialization=True)
-    else:
-        from safetensors.torch import save_file
-
-        save_file(_untied(model, sd), str(directory / "model.safetensors"))
-
-
-def _untied(model: torch.nn.Module, sd: dict) -> dict:
-    """``sd`` with one key per tied parameter (safetensors refuses shared tensors)."""
-    first = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        first.setdefault(id(p), name)
-    dup = {n for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
-    return {k: v.contiguous() for k, v in sd.items() if k not in dup}
-
-
-def read_model_weights(model: torch.nn.Module, directory: Path) -> dict:
-    """The full state dict (keys as ``model.state_dict()``, CPU tensors) that
-    :func:`save_model_weights` wrote to ``directory``, for loading into a model that cannot read
-    the files in place (a sharded one). Tied parameters saved once are filled in under every
-    name."""
-    from safetensors.torch import load_file
-
-    from rlhf_fast.trainer.model import META_FILE, VALUE_HEAD_FILE, PolicyValueModel
-
-    directory = Path(directory)
-
-    def files(d: Path, prefix: str = "") -> dict:
-        found = sorted(d.glob("model*.safetensors"))
-        if not found:
-            raise FileNotFoundError(f"no model*.safetensors weights in {d}")
-        return {prefix + k: v for f in found for k, v in load_file(str(f)).items()}
-
-    if isinstance(model, PolicyValueModel):
-        meta = json.loads((directory / META_FILE).read_text())
-        mine = {"value_head": model.value_head is not None, "separate_critic": model.critic is not None}
-        if meta != mine:
-            raise ValueError(f"{directory} holds a model with {meta}, this one has {mine}")
-        sd = files(directory, "policy.")
-        if model.value_head is not None:
-            sd.update({"value_head." + k: v for k, v in load_file(str(directory / VALUE_HEAD_FILE)).items()})
-        if model.critic is not None:
-            sd.update(files(directory / "critic", "critic."))
-    else:
-        sd = files(directory)
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        aliases.setdefault(id(p), []).append(name)
-    for names in aliases.values():
-        have = [n for n in names if n in sd]
-        for n in names:
-            if n not in sd and have:
-                sd[n] = sd[have[0]]
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unexpected:
-        raise KeyError(f"{directory}: weights missing for {missing[:5]}, unknown weights {unexpected[:5]}")
-    return sd
-
-
-def load_state_dict_files(model: torch.nn.Module, directory: Path, pattern: str = "model*.safetensors") -> None:
-    """Loads ``directory/pattern`` files into ``model`` (strict, except for tied parameters)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob(pattern))
-    if not files:
-        raise FileNotFoundError(f"no {pattern} weights in {directory}")
-    sd = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if unexpected:
-        raise KeyError(f"{directory}: weights for unknown parameters {unexpected[:5]}")
-    if missing:
-        params = dict(model.named_parameters(remove_duplicate=False))
-        params.update(dict(model.named_buffers(remove_duplicate=False)))
-        loaded = {params[k].data_ptr() for k in sd if k in params}
-        untied = [k for k in missing if k not in params or params[k].data_ptr() not in loaded]
-        # non-persistent buffers (e.g. rotary inv_freq) never appear in state_dict, so only
-        # parameters and persistent buffers can be reported missing here
-        if untied:
-            raise KeyError(f"{directory}: no weights for {untied[:5]}")
-
-
-# ---------------------------------------------------------------------------- fsync helpers
-def _fsync_tree(path: Path) -> None:
+# ---------------------------------------------------------------------------- durable files
+def fsync_tree(path: Path) -> None:
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
@@ -234,10 +95,10 @@ def _fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -250,78 +111,149 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """``path`` holds the old text or ``text``, never a part (temp file + fsync + rename)."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-# ---------------------------------------------------------------------------- save / load
+# ---------------------------------------------------------------------------- manifest
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``folder/manifest.json``: {"files": {relative path: {"size", "sha256"}}} of every file."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_checkpoint(path) -> Path:
+    """``path`` when its manifest and every file it lists are intact, else CorruptCheckpointError
+    naming the bad file."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no such folder)")
+    try:
+        entries = json.loads(manifest.read_text())["files"]
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{manifest} is missing (the save did not finish)") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptCheckpointError(f"{manifest} is unreadable: {e}") from None
+    for rel, meta in entries.items():
+        f = path / rel
+        if not f.is_file():
+            raise CorruptCheckpointError(f"{f} is missing")
+        if f.stat().st_size != meta["size"]:
+            raise CorruptCheckpointError(f"{f} has {f.stat().st_size} bytes, the manifest says {meta['size']}")
+        if _sha256(f) != meta["sha256"]:
+            raise CorruptCheckpointError(f"{f} differs from its sha256 in the manifest")
+    return path
+
+
+# ---------------------------------------------------------------------------- finding checkpoints
 def list_checkpoints(root) -> list[Path]:
-    """Complete checkpoints under ``root``, oldest first."""
+    """Checkpoint folders under ``root`` (complete or not), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found) if (p / "trainer_state.pt").exists()]
+    return [p for _, p in sorted(found)]
 
 
 def latest_checkpoint(root) -> Path | None:
-    """The checkpoint ``root/latest`` names, or None when there is none yet."""
+    """The checkpoint ``root/latest`` names, verified; when ``latest`` is empty, dangling or names a
+    corrupt checkpoint, the newest one that verifies (with a warning). None when ``root`` holds no
+    checkpoint at all; CorruptCheckpointError when it holds some and none verifies."""
     root = Path(root)
     pointer = root / LATEST
-    if not pointer.exists():
+    candidates = list_checkpoints(root)
+    if not pointer.exists() and not candidates:
         return None
-    path = root / pointer.read_text().strip()
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete")
-    return path
+    problem = f"{pointer} is missing"
+    if pointer.exists():
+        name = pointer.read_text().strip()
+        if not name:
+            problem = f"{pointer} is empty"
+        else:
+            try:
+                return verify_checkpoint(root / name)
+            except (CorruptCheckpointError, FileNotFoundError) as e:
+                problem = f"{pointer} names {name}: {e}"
+    for path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+        except (CorruptCheckpointError, FileNotFoundError) as e:
+            problem += f"; skipped {path.name}: {e}"
+            continue
+        warnings.warn(f"{problem}; falling back to {path}")
+        return path
+    raise CorruptCheckpointError(f"no complete checkpoint under {root}: {problem}")
 
 
+# ---------------------------------------------------------------------------- save / load
 def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=None, state: dict | None = None,
-                    generators: dict | None = None, keep_last: int | None = 2, model_state_dict: dict | None = None,
-                    optimizer_state_dict: dict | None = None) -> Path:
+                    generators: dict | None = None, keep_last: int | None = 2) -> Path | None:
     """Writes checkpoint ``root/step-{step:06d}`` atomically and points ``root/latest`` at it.
 
     Args:
         root: folder holding the checkpoints.
         step: the number of completed training steps (resume starts at this step).
-        model: saved with :func:`save_model_weights`.
+        model: saved with ``hf_io.save_weights`` (its full state, gathered under a process group).
         optimizer, scheduler: their ``state_dict()`` is saved.
         state: extra picklable trainer state (e.g. a KL controller's ``state_dict()``).
         generators: named ``torch.Generator`` objects whose states are saved with the global RNGs.
         keep_last: delete all but the newest ``keep_last`` checkpoints (None keeps all).
-        model_state_dict, optimizer_state_dict: states to write instead of ``model``'s and
-            ``optimizer.state_dict()`` (e.g. gathered from a sharded model; same layout on disk).
-    Returns the checkpoint's path.
+    Returns the checkpoint's path (on rank 0; None on the other ranks, which only help gather).
     """
     if not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last!r}")
-    root = Path(root)
+    msd = osd = None
+    if is_distributed() and model is not None:
+        msd, osd = full_state_dicts(model, optimizer)  # every rank all-gathers; rank 0 keeps the result
+    path = None
+    if rank() == 0:
+        osd = osd if osd is not None else (optimizer.state_dict() if optimizer is not None else None)
+        path = _write(Path(root), step, model, msd, osd, scheduler, state, generators, keep_last)
+    barrier()  # the checkpoint is complete on disk when any rank goes on
+    return path
+
+
+def _write(root: Path, step, model, msd, osd, scheduler, state, generators, keep_last) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in root.glob(f".{LATEST}.tmp-*"):
+        stale.unlink(missing_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     if model is not None:
-        save_model_weights(model, tmp / "model", state_dict=model_state_dict)
-    if optimizer is not None or optimizer_state_dict is not None:
-        torch.save(optimizer_state_dict if optimizer_state_dict is not None else optimizer.state_dict(),
-                   tmp / "optimizer.pt")
+        hf_io.save_weights(model, tmp / "model", state_dict=msd)
+    if osd is not None:
+        torch.save(osd, tmp / "optimizer.pt")
     full = dict(state or {})
     full.update(step=step, rng=rng_state(generators))
     if scheduler is not None:
         full["scheduler"] = scheduler.state_dict()
     torch.save(full, tmp / "trainer_state.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
-    _fsync_tree(tmp)
+    write_manifest(tmp)  # last: a folder with a valid manifest is complete
+    fsync_tree(tmp)
     final = root / name
     if final.exists():  # re-saving a step (e.g. after a resume): move the old copy out first
         old = root / f".tmp-{name}-old-{os.getpid()}"
@@ -330,8 +262,8 @@ def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=No
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
-    _write_atomic(root / LATEST, name + "\n")
+    fsync_dir(root)
+    write_atomic(root / LATEST, name + "\n")
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
@@ -339,20 +271,53 @@ def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=No
     return final
 
 
+def _read(path: Path, what: str, map_location="cpu"):
+    try:
+        return torch.load(path / what, map_location=map_location, weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a corrupt file
+        raise CorruptCheckpointError(f"{path / what} cannot be read: {e}") from None
+
+
 def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, generators: dict | None = None,
                     restore_rng: bool = True, map_location="cpu") -> dict:
-    """Restores what :func:`save_checkpoint` wrote, in place; returns the trainer state dict
-    (``state["step"]`` and any extra keys given to ``save_checkpoint``)."""
+    """Restores what :func:`save_checkpoint` wrote, in place, after verifying it; returns the
+    trainer state dict (``state["step"]`` and the extra keys given to ``save_checkpoint``).
+    Under a process group only rank 0 reads ``path`` (no shared file system needed) and the
+    states are broadcast; each rank keeps its shard. CUDA RNG states are then not restored."""
     path = Path(path)
-    if not (path / "trainer_state.pt").exists():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.pt)")
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if model is not None:
-        load_model_weights(model, path / "model")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=False))
+    state = msd = osd = None
+    if rank() == 0:
+        verify_checkpoint(path)
+        state = _read(path, "trainer_state.pt")
+        if is_distributed():
+            msd = hf_io.read_weights(model, path / "model") if model is not None else None
+            osd = _read(path, "optimizer.pt") if optimizer is not None else None
+        else:
+            if model is not None:
+                hf_io.load_weights(model, path / "model")
+            if optimizer is not None:
+                optimizer.load_state_dict(_read(path, "optimizer.pt", map_location))
+    if is_distributed():
+        state = broadcast_object(state)
+        if model is not None:
+            load_full_state_dicts(model, optimizer, msd, osd)
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        set_rng_state(state["rng"], generators)
+        rng = state["rng"] if not is_distributed() else {k: v for k, v in state["rng"].items() if k != "cuda"}
+        set_rng_state(rng, generators)
     return state
+
+
+def export_pretrained(model: torch.nn.Module, path, tokenizer=None) -> Path:
+    """Writes ``model`` as a Hugging Face folder (``save_pretrained``; a PolicyValueModel with its
+    value head) and the tokenizer to ``path``. Under a process group every rank calls it and rank
+    0 writes the gathered full weights."""
+    path = Path(path)
+    msd = full_state_dicts(model)[0] if is_distributed() else None
+    if rank() == 0:
+        hf_io.save_weights(model, path, state_dict=msd)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(path)
+    barrier()
+    return path

@@ -20,7 +20,8 @@ import math
 import typing
 from dataclasses import dataclass
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+from rlhf_fast.ops import LOSS_AGGS
+
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
 
 
@@ -56,6 +57,7 @@ class RunConfig:
     save_steps: int = 0  # 0: a checkpoint at the end only
     keep_checkpoints: int = 2
     resume_from: str = ""  # "" fresh run | "latest" (output_dir/checkpoints) | a checkpoint folder
+    overwrite_output_dir: bool = False  # a fresh run may replace the run already in output_dir
     progress_bar: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -64,23 +66,23 @@ class RunConfig:
     dist_timeout_s: float = 1800.0  # a collective waiting longer (a peer died or hangs) fails the run
 
     def __post_init__(self):
-        _check_types(self)
-        _check(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+        check_types(self)
+        check_field(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
                "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         for name in ("micro_batch_size", "keep_checkpoints"):
-            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+            check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
         for name in ("warmup_steps", "save_steps"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "learning_rate", self.learning_rate > 0, "must be > 0")
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
+        check_field(self, "learning_rate", self.learning_rate > 0, "must be > 0")
         for name in ("weight_decay", "max_grad_norm", "adam_eps"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         for name in ("adam_beta1", "adam_beta2", "min_lr_ratio"):
-            _check(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
-        _choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
-        _choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
-        _choice(self, "precision", ("auto", "bf16", "fp32"))
-        _choice(self, "distributed_strategy", ("fsdp", "ddp"))
-        _check(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
+            check_field(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
+        check_choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
+        check_choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
+        check_choice(self, "precision", ("auto", "bf16", "fp32"))
+        check_choice(self, "distributed_strategy", ("fsdp", "ddp"))
+        check_field(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,19 +120,19 @@ class RLConfig(RunConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self, "total_steps", self.total_steps >= 1, "must be >= 1")
+        check_field(self, "total_steps", self.total_steps >= 1, "must be >= 1")
         for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size"):
-            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
-        _choice(self, "prompt_truncation", ("left", "right", "error"))
-        _choice(self, "loss_agg", LOSS_AGGS)
-        _choice(self, "frozen_model_sharding", ("shard", "replicate"))
-        _check(self, "temperature", self.temperature > 0, "must be > 0")
+            check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
+        check_choice(self, "prompt_truncation", ("left", "right", "error"))
+        check_choice(self, "loss_agg", LOSS_AGGS)
+        check_choice(self, "frozen_model_sharding", ("shard", "replicate"))
+        check_field(self, "temperature", self.temperature > 0, "must be > 0")
         for name in ("missing_eos_penalty", "entropy_coef"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)")
-        _check(self, "mini_batch_size", self.sequences_per_step % self.mini_batch_size == 0,
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
+        check_field(self, "clip_eps", 0 < self.clip_eps < 1, "must lie in (0, 1)")
+        check_field(self, "mini_batch_size", self.sequences_per_step % self.mini_batch_size == 0,
                f"must divide the {self.sequences_per_step} sequences sampled per step")
-        _check(self, "micro_batch_size", self.mini_batch_size % self.micro_batch_size == 0,
+        check_field(self, "micro_batch_size", self.mini_batch_size % self.micro_batch_size == 0,
                f"must divide mini_batch_size={self.mini_batch_size}")
 
     @property
@@ -140,10 +142,10 @@ class RLConfig(RunConfig):
     def check_world_size(self, world: int) -> None:
         """The batch sizes split evenly over ``world`` ranks (module docstring)."""
         for name in ("rollout_batch_size", "mini_batch_size"):
-            _check(self, name, getattr(self, name) % world == 0,
+            check_field(self, name, getattr(self, name) % world == 0,
                    f"must be divisible by the world size {world} (each rank takes an equal share)")
         local = self.mini_batch_size // world
-        _check(self, "micro_batch_size", local % self.micro_batch_size == 0,
+        check_field(self, "micro_batch_size", local % self.micro_batch_size == 0,
                f"must divide the {local} sequences of a mini-batch each of the {world} ranks holds")
 
     @property
@@ -170,15 +172,15 @@ class PPOConfig(RLConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self, "ppo_epochs", self.ppo_epochs >= 1, "must be >= 1")
-        _check(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
-        _check(self, "lam", 0 <= self.lam <= 1, "must lie in [0, 1]")
-        _choice(self, "kl_estimator", KL_ESTIMATORS)
+        check_field(self, "ppo_epochs", self.ppo_epochs >= 1, "must be >= 1")
+        check_field(self, "gamma", 0 <= self.gamma <= 1, "must lie in [0, 1]")
+        check_field(self, "lam", 0 <= self.lam <= 1, "must lie in [0, 1]")
+        check_choice(self, "kl_estimator", KL_ESTIMATORS)
         for name in ("kl_coef", "vf_clip"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "vf_coef", self.vf_coef > 0, "must be > 0 (the value head is trained by this loss)")
-        _check(self, "kl_target", self.kl_target > 0, "must be > 0")
-        _check(self, "kl_horizon", self.kl_horizon >= 1, "must be >= 1")
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
+        check_field(self, "vf_coef", self.vf_coef > 0, "must be > 0 (the value head is trained by this loss)")
+        check_field(self, "kl_target", self.kl_target > 0, "must be > 0")
+        check_field(self, "kl_horizon", self.kl_horizon >= 1, "must be >= 1")
 
 
 @dataclass
@@ -196,20 +198,20 @@ class GRPOConfig(RLConfig):
     loss_agg: str = ""  # derived from loss_type; leave empty
 
     def __post_init__(self):
-        _choice(self, "loss_type", tuple(GRPO_LOSS_AGG))
+        check_choice(self, "loss_type", tuple(GRPO_LOSS_AGG))
         if self.loss_agg in ("", None):
             self.loss_agg = GRPO_LOSS_AGG[self.loss_type]
         elif self.loss_agg != GRPO_LOSS_AGG[self.loss_type]:
             raise ConfigError(f"GRPOConfig.loss_agg={self.loss_agg!r}: set loss_type instead "
                               f"(loss_type={self.loss_type!r} means loss_agg={GRPO_LOSS_AGG[self.loss_type]!r})")
         super().__post_init__()
-        _check(self, "group_size", self.group_size >= 2, "must be >= 2 (advantages compare completions of one prompt)")
-        _check(self, "num_iterations", self.num_iterations >= 1, "must be >= 1")
-        _check(self, "beta", self.beta >= 0, "must be >= 0")
+        check_field(self, "group_size", self.group_size >= 2, "must be >= 2 (advantages compare completions of one prompt)")
+        check_field(self, "num_iterations", self.num_iterations >= 1, "must be >= 1")
+        check_field(self, "beta", self.beta >= 0, "must be >= 0")
         if self.clip_eps_high is not None:
-            _check(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps, f"must be >= clip_eps={self.clip_eps}")
-        _choice(self, "baseline", ("mean", "leave_one_out"))
-        _choice(self, "scale", ("group", "batch", "none"))
+            check_field(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps, f"must be >= clip_eps={self.clip_eps}")
+        check_choice(self, "baseline", ("mean", "leave_one_out"))
+        check_choice(self, "scale", ("group", "batch", "none"))
 
     @property
     def sequences_per_step(self) -> int:
@@ -224,16 +226,16 @@ GRPO_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "t
 
 
 # ---------------------------------------------------------------------------- checks
-def _check(cfg, name, ok, why):
+def check_field(cfg, name, ok, why):
     if not ok:
         raise ConfigError(f"{type(cfg).__name__}.{name}={getattr(cfg, name)!r}: {why}")
 
 
-def _choice(cfg, name, choices):
-    _check(cfg, name, getattr(cfg, name) in choices, f"must be one of {', '.join(map(repr, choices))}")
+def check_choice(cfg, name, choices):
+    check_field(cfg, name, getattr(cfg, name) in choices, f"must be one of {', '.join(map(repr, choices))}")
 
 
-def _check_types(cfg):
+def check_types(cfg):
     """Each field must hold its annotated simple type (an int is accepted for a float, and
     coerced); non-finite floats are rejected."""
     hints = typing.get_type_hints(type(cfg))

@@ -14,22 +14,21 @@ Each step:
      entropy bonus, aggregated as TRL's ``loss_type`` ("grpo", "bnpo", "dr_grpo", "dapo").
   4. metrics and, every ``save_steps``, an atomic checkpoint.
 
-Under torchrun each rank samples whole groups for its share of the prompts; ``scale="batch"``
-takes the std over the global batch, and the loss normalisation and metrics are global.
+The loop, the experience, the mini/micro-batching and the optimizer step are the RL base's
+(``base.py``); this file holds what is GRPO's: the advantages and the loss. Under torchrun each
+rank samples whole groups for its share of the prompts; the advantages are computed on the
+gathered global batch (so ``scale="batch"`` takes the std of every rank's scores), and the loss
+normalisation and metrics are global.
 
 Left out: reward-function weighting of several rewards, dynamic sampling (DAPO's filtering of
 all-equal groups), overlong reward shaping.
 """
 from __future__ import annotations
 
-import torch
-
-from rlhf_fast.ops.advantages import group_advantages
-from rlhf_fast.ops.policy_loss import ppo_policy_loss
-from rlhf_fast.trainer import distributed
+from rlhf_fast.ops import group_advantages, ppo_policy_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.config import GRPOConfig
-from rlhf_fast.trainer.rollout import Rollout, rollout_logprobs
+from rlhf_fast.trainer.rollout import Rollout
 
 
 class GRPOTrainer(RLTrainer):
@@ -50,59 +49,19 @@ class GRPOTrainer(RLTrainer):
     def updates_per_rollout(self) -> int:
         return self.config.num_iterations
 
-    def train(self) -> None:
-        cfg = self.config
-        with self.metrics_logger() as log:
-            for step in range(self.step, cfg.total_steps):
-                t0 = self.timer()
-                batch = self.make_experience(step)
-                self.compute_advantages(batch)
-                t1 = self.timer()
-                stats = self.update(batch, step)
-                t2 = self.timer()
-                self.step = step + 1
-                log.log(self.step, {**self.rollout_metrics(batch, t1 - t0, t2 - t1), **stats})
-                self.maybe_save()
-        self.export()
-
-    # ------------------------------------------------------------------ 1. rollout
-    def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
-        """Samples this rank's groups (or takes ``batch``, already sampled and scored) and adds the
-        old log-probs and, when ``beta > 0``, the reference's."""
-        cfg = self.config
-        batch = self.sample(step, repeat=cfg.group_size) if batch is None else batch
-        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
-        batch.logprobs, _ = rollout_logprobs(self.model, batch, **kw)
-        self.check_finite("logprobs", batch.logprobs, step + 1)
-        if cfg.beta > 0:
-            batch.ref_logprobs = self.frozen_logprobs(batch)
-            self.check_finite("ref_logprobs", batch.ref_logprobs, step + 1)
-        return batch
+    @property
+    def uses_reference(self) -> bool:
+        return self.config.beta > 0
 
     # ------------------------------------------------------------------ 2. advantages
     def compute_advantages(self, batch: Rollout) -> None:
-        """Group-relative advantages (a group lives on one rank); ``scale="batch"`` divides by
-        the std of every rank's scores."""
+        """Group-relative advantages (one per sequence) on the global batch's scores."""
         cfg = self.config
-        if cfg.scale == "batch" and self.world_size > 1:
-            adv = group_advantages(batch.scores, cfg.group_size, baseline=cfg.baseline, scale="none")
-            std = distributed.global_moments(batch.scores)[2].sqrt()
-            batch.advantages = (adv / (std + 1e-6)).to(adv.dtype)  # group_advantages' eps
-        else:
-            batch.advantages = group_advantages(batch.scores, cfg.group_size, baseline=cfg.baseline, scale=cfg.scale)
+        (scores,) = self.global_batch(batch.scores)
+        adv = group_advantages(scores, cfg.group_size, baseline=cfg.baseline, scale=cfg.scale)
+        batch.advantages = self.own_rows(adv, batch.scores)
 
-    # ------------------------------------------------------------------ 3. update
-    def update(self, batch: Rollout, step: int) -> dict:
-        stats, grad_norms = [], []
-        for _ in range(self.config.num_iterations):
-            for mini in self.mini_batches(len(batch)):
-                s, grad_norm = self.optimize_mini_batch(batch, mini, step)
-                stats += s
-                grad_norms.append(grad_norm)
-        out = self.reduce_stats(stats)
-        out["grad_norm"] = torch.stack(grad_norms).mean().item()
-        return out
-
+    # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
         """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
         with per-sequence advantages and ``beta`` * k3 KL to the reference."""

@@ -16,7 +16,6 @@ the policy) with ``value_head.safetensors``, ``value_model.json`` and, for a sep
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from rlhf_fast.trainer.hf_io import load_weights, quiet_hf_progress, read_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 META_FILE = "value_model.json"
@@ -36,20 +37,6 @@ def resolve_attn_implementation(requested: str, device) -> str:
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
-
-
-@contextlib.contextmanager
-def quiet_hf_progress():
-    """No "Writing model shards" bars from transformers while saving (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -158,48 +145,57 @@ class PolicyValueModel(nn.Module):
             critic = AutoModel.from_pretrained(path / "critic", **kwargs)
         model = cls(policy, value_head=value_head, separate_critic=separate_critic, critic=critic)
         if value_head and (path / VALUE_HEAD_FILE).exists():
-            model._load_value_head(path)
+            head = read_safetensors(path, pattern=VALUE_HEAD_FILE)
+            model.value_head.load_state_dict({k: v.to(model.value_head.weight.device) for k, v in head.items()})
         return model
 
-    def save_pretrained(self, path) -> None:
-        """Policy as a HF safetensors checkpoint; value head and critic beside it."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        with quiet_hf_progress():
-            self._save_pretrained(path)
+    # ------------------------------------------------------------------ the file format (one writer, one reader)
+    def file_meta(self) -> dict:
+        """What ``value_model.json`` records: which parts the folder holds."""
+        return {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
 
-    def _save_pretrained(self, path: Path) -> None:
+    def save_pretrained(self, path, state_dict: dict | None = None, **_) -> None:
+        """The policy as a HF safetensors checkpoint; ``value_model.json``, the value head and
+        the critic (``critic/``) beside it. ``state_dict``: weights to write instead of the
+        model's own (keys as ``self.state_dict()``, e.g. gathered from a sharded model)."""
         from safetensors.torch import save_file
 
-        self.policy.save_pretrained(path, safe_serialization=True)
-        meta = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
-        (path / META_FILE).write_text(json.dumps(meta) + "\n")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        own = state_dict is None
+        sd = self.state_dict() if own else state_dict
+
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+        with quiet_hf_progress():
+            kw = {} if own else {"state_dict": part("policy.")}
+            self.policy.save_pretrained(path, safe_serialization=True, **kw)
+            (path / META_FILE).write_text(json.dumps(self.file_meta()) + "\n")
+            if self.value_head is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in part("value_head.").items()},
+                          str(path / VALUE_HEAD_FILE))
+            if self.critic is not None:
+                kw = {} if own else {"state_dict": part("critic.")}
+                self.critic.save_pretrained(path / "critic", safe_serialization=True, **kw)
+
+    def read_weights(self, path) -> dict:
+        """The state dict (keys as ``self.state_dict()``, tied weights once) that
+        ``save_pretrained`` wrote to ``path``; an error when the folder holds other parts."""
+        path = Path(path)
+        meta = json.loads((path / META_FILE).read_text())
+        if meta != self.file_meta():
+            raise ValueError(f"{path} holds a model with {meta}, this one has {self.file_meta()}")
+        sd = read_safetensors(path, "policy.")
         if self.value_head is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
-                      str(path / VALUE_HEAD_FILE))
+            sd.update(read_safetensors(path, "value_head.", pattern=VALUE_HEAD_FILE))
         if self.critic is not None:
-            self.critic.save_pretrained(path / "critic", safe_serialization=True)
+            sd.update(read_safetensors(path / "critic", "critic."))
+        return sd
 
     def load_weights(self, path) -> None:
         """Loads what ``save_pretrained`` wrote into this model in place (exact copies)."""
-        from rlhf_fast.trainer.checkpoint import load_state_dict_files
-
-        path = Path(path)
-        meta = json.loads((path / META_FILE).read_text())
-        mine = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
-        if meta != mine:
-            raise ValueError(f"{path} holds a model with {meta}, this one has {mine}")
-        load_state_dict_files(self.policy, path)
-        if self.value_head is not None:
-            self._load_value_head(path)
-        if self.critic is not None:
-            load_state_dict_files(self.critic, path / "critic")
-
-    def _load_value_head(self, path) -> None:
-        from safetensors.torch import load_file
-
-        sd = load_file(str(Path(path) / VALUE_HEAD_FILE))
-        self.value_head.load_state_dict({k: v.to(self.value_head.weight.device) for k, v in sd.items()})
+        load_weights(self, path)
 
     # ------------------------------------------------------------------ running
     @property

@@ -16,24 +16,23 @@ Each step:
 Logits are computed for response positions only and go straight into the fused ops, so no
 step materialises a log-softmax over the vocabulary.
 
-Under torchrun each rank samples its share of the prompts; the whitening, loss normalisation,
-KL controller input and metrics are global (``base.py``, ``distributed.py``).
+The loop, the experience, the mini/micro-batching and the optimizer step are the RL base's
+(``base.py``); this file holds what is PPO's: the advantages, the loss and the KL controller.
+Under torchrun each rank samples its share of the prompts; the advantages (and their
+whitening) are computed on the gathered global batch, and the loss normalisation, KL
+controller input and metrics are global.
 
 Left out: reward normalisation/clipping, value-head pretraining, early stopping on approx KL,
 multiple rollouts per step.
 """
 from __future__ import annotations
 
-import torch
-
-from rlhf_fast.losses import value_loss
-from rlhf_fast.ops.advantages import ppo_advantages
-from rlhf_fast.ops.policy_loss import ppo_policy_loss
-from rlhf_fast.trainer import distributed
+from rlhf_fast.ops import ppo_advantages, ppo_policy_loss, value_loss
 from rlhf_fast.trainer.base import RLTrainer
+from rlhf_fast.trainer.collectives import global_moments
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
-from rlhf_fast.trainer.rollout import Rollout, rollout_logprobs
+from rlhf_fast.trainer.rollout import Rollout
 
 
 class PPOTrainer(RLTrainer):
@@ -62,63 +61,16 @@ class PPOTrainer(RLTrainer):
     def updates_per_rollout(self) -> int:
         return self.config.ppo_epochs
 
-    def train(self) -> None:
-        cfg = self.config
-        with self.metrics_logger() as log:
-            for step in range(self.step, cfg.total_steps):
-                t0 = self.timer()
-                batch = self.make_experience(step)
-                self.compute_advantages(batch)
-                t1 = self.timer()
-                stats = self.update(batch, step)
-                t2 = self.timer()
-                metrics = self.rollout_metrics(batch, t1 - t0, t2 - t1)
-                metrics["kl/coef"] = self.kl_ctl.value
-                self.kl_ctl.update(metrics["kl/ref"], len(batch) * self.world_size)
-                self.step = step + 1
-                log.log(self.step, {**metrics, **stats})
-                self.maybe_save()
-        self.export()
-
-    # ------------------------------------------------------------------ 1. rollout
-    def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
-        """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds
-        the old log-probs, values and reference log-probs."""
-        cfg = self.config
-        batch = self.sample(step) if batch is None else batch
-        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
-        batch.logprobs, batch.values = rollout_logprobs(self.model, batch, with_values=True, **kw)
-        batch.ref_logprobs = self.frozen_logprobs(batch)
-        for name in ("logprobs", "values", "ref_logprobs"):
-            self.check_finite(name, getattr(batch, name), step + 1)
-        return batch
-
     # ------------------------------------------------------------------ 2. advantages
     def compute_advantages(self, batch: Rollout) -> None:
-        """KL-shaped rewards and GAE per sequence; the whitening's mean and variance over the
-        global batch (all ranks)."""
+        """KL-shaped rewards, GAE and the whitening, on the global batch (every rank's rows)."""
         cfg = self.config
-        local_whiten = cfg.whiten_advantages and self.world_size == 1
-        batch.advantages, batch.returns, batch.rewards = ppo_advantages(
-            batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, batch.response_mask,
-            kl_coef=self.kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam, estimator=cfg.kl_estimator,
-            whiten=local_whiten)
-        if cfg.whiten_advantages and not local_whiten:
-            batch.advantages = distributed.masked_whiten(batch.advantages, batch.response_mask)
+        glob = self.global_batch(batch.scores, batch.logprobs, batch.ref_logprobs, batch.values, batch.response_mask)
+        out = ppo_advantages(*glob, kl_coef=self.kl_ctl.value, gamma=cfg.gamma, lam=cfg.lam,
+                             estimator=cfg.kl_estimator, whiten=cfg.whiten_advantages)
+        batch.advantages, batch.returns, batch.rewards = (self.own_rows(x, batch.logprobs) for x in out)
 
-    # ------------------------------------------------------------------ 3. update
-    def update(self, batch: Rollout, step: int) -> dict:
-        stats, grad_norms = [], []
-        for _ in range(self.config.ppo_epochs):
-            for mini in self.mini_batches(len(batch)):
-                s, grad_norm = self.optimize_mini_batch(batch, mini, step)
-                stats += s
-                grad_norms.append(grad_norm)
-        out = self.reduce_stats(stats)
-        out["grad_norm"] = torch.stack(grad_norms).mean().item()
-        out["value/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
-        return out
-
+    # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
         """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
         plus ``vf_coef`` times the clipped value loss."""
@@ -138,6 +90,13 @@ class PPOTrainer(RLTrainer):
                  "value/clip_frac": vf["clip_frac"]}
         return loss, stats
 
+    # ------------------------------------------------------------------ 4. KL controller
+    def after_step(self, batch: Rollout, metrics: dict) -> None:
+        """The value head's fit before the update; the KL coefficient used, then adapted."""
+        metrics["value/explained_variance"] = explained_variance(batch.values, batch.returns, batch.response_mask)
+        metrics["kl/coef"] = self.kl_ctl.value
+        self.kl_ctl.update(metrics["kl/ref"], len(batch) * self.world_size)
+
     # ------------------------------------------------------------------ checkpoint state
     def init_state(self) -> None:
         cfg = self.config
@@ -151,10 +110,9 @@ class PPOTrainer(RLTrainer):
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks
-    (the value head's fit before the update)."""
-    var_r = distributed.global_moments(returns, mask, unbiased=False)[2]
-    var_e = distributed.global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
+    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks."""
+    var_r = global_moments(returns, mask, unbiased=False)[2]
+    var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
     if var_r == 0:
         return float("nan")
     return float(1 - var_e / var_r)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_fast.data import PREFERENCE_FIELDS, encode_example, pad_batch
-from rlhf_fast.losses import reward_model_loss
+from rlhf_fast.ops import reward_model_loss
 from rlhf_fast.trainer.rollout import sequence_scores
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 

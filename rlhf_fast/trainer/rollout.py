@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rlhf_fast.ops.logprobs import token_logprobs
+from rlhf_fast.ops import token_logprobs
 from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_hidden
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_fast.data import SFT_FIELDS, encode_example, pad_batch
-from rlhf_fast.ops.logprobs import token_logprobs
+from rlhf_fast.ops import token_logprobs
 from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 

@@ -24,18 +24,16 @@ Checkpoints hold the full state, so any world size resumes them.
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from rlhf_fast.trainer import distributed
-from rlhf_fast.trainer.base import Checkpointing, NonFiniteError, lr_multiplier, resolve_device, seed_everything
-from rlhf_fast.trainer.config import RunConfig, _check
-from rlhf_fast.trainer.metrics import MetricsLogger
+from rlhf_fast.trainer.collectives import all_reduce
+from rlhf_fast.trainer.config import RunConfig, check_field
 from rlhf_fast.trainer.model import resolve_attn_implementation
+from rlhf_fast.trainer.runtime import Runtime
+from rlhf_fast.trainer.sharding import CallThrough, no_sync, prepare_trainable
 
 
 @dataclass
@@ -58,14 +56,14 @@ class SupervisedConfig(RunConfig):
     def __post_init__(self):
         super().__post_init__()
         for name in ("epochs", "batch_size", "max_length", "eval_batch_size"):
-            _check(self, name, getattr(self, name) >= 1, "must be >= 1")
+            check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
         for name in ("max_steps", "eval_steps"):
-            _check(self, name, getattr(self, name) >= 0, "must be >= 0")
-        _check(self, "micro_batch_size", self.batch_size % self.micro_batch_size == 0,
+            check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
+        check_field(self, "micro_batch_size", self.batch_size % self.micro_batch_size == 0,
                f"must divide batch_size={self.batch_size}")
 
 
-class SupervisedTrainer(Checkpointing):
+class SupervisedTrainer(Runtime):
     """Base of SFTTrainer / RewardTrainer (see their docstrings for the arguments)."""
 
     config_class = SupervisedConfig
@@ -76,12 +74,8 @@ class SupervisedTrainer(Checkpointing):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         if tokenizer is None:
             raise ValueError("tokenizer is required (the data is text)")
-        self.config = cfg = config
-        distributed.init_distributed(cfg.device, cfg.dist_timeout_s)  # under torchrun: join the job
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        self.device = distributed.rank_device(cfg.device) if distributed.is_distributed() else resolve_device(cfg.device)
-        seed_everything(cfg.seed)
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.setup_runtime(config)
+        cfg = config
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_id is None:
@@ -95,8 +89,8 @@ class SupervisedTrainer(Checkpointing):
         # self.model: the model itself (FSDP-sharded in place); self.train_model: what the loss's
         # forward goes through (FSDP / DDP act at a module's forward): CallThrough(model, model_loss)
         # or its DDP wrapper
-        self.net, self.train_model = distributed.prepare_trainable(
-            distributed.CallThrough(model.train(), self._model_loss), cfg.distributed_strategy, self.device)
+        self.net, self.train_model = prepare_trainable(
+            CallThrough(model.train(), self._model_loss), cfg.distributed_strategy, self.device)
         self.model = self.net.module
 
         self.train_set = self._encode_all("train_data", train_data)
@@ -104,17 +98,8 @@ class SupervisedTrainer(Checkpointing):
         self.steps_per_epoch = math.ceil(len(self.train_set) / cfg.batch_size)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
-            lr_multiplier, warmup=cfg.warmup_steps, total=self.total_steps, schedule=cfg.lr_scheduler,
-            min_ratio=cfg.min_lr_ratio))
-        self.output_dir = Path(cfg.output_dir)
-        self.checkpoint_dir = self.output_dir / "checkpoints"
-        self.step = 0
-        if cfg.resume_from:
-            self.resume(cfg.resume_from)
+        self.build_optimizer([p for p in self.model.parameters() if p.requires_grad], self.total_steps)
+        self.start_run()
 
     # ------------------------------------------------------------------ subclass hooks
     def encode(self, example):
@@ -160,18 +145,12 @@ class SupervisedTrainer(Checkpointing):
         bs = self.config.batch_size
         return perm[pos * bs : (pos + 1) * bs]
 
-    def autocast(self):
-        p, dev = self.config.precision, self.device.type
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=p == "bf16" or (p == "auto" and dev == "cuda"))
-
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         """Runs the remaining steps; returns the final evaluation (or the last training stats)."""
         cfg = self.config
         result = {}
-        with MetricsLogger(self.output_dir, self.total_steps, start_step=self.step, progress=cfg.progress_bar,
-                           tensorboard=cfg.tensorboard, plot=cfg.plot, desc=type(self).__name__,
-                           progress_keys=("train/loss", f"eval/{self.primary_metric}")) as log:
+        with self.metrics_logger(self.total_steps, progress_keys=("train/loss", f"eval/{self.primary_metric}")) as log:
             for step in range(self.step, self.total_steps):
                 stats = self.train_step(step)
                 self.step = step + 1
@@ -211,35 +190,21 @@ class SupervisedTrainer(Checkpointing):
         stats = []
         for i, (part, w) in enumerate(parts):
             share = w / total
-            with distributed.no_sync(self.train_model, skip=i < len(parts) - 1):
+            with no_sync(self.train_model, skip=i < len(parts) - 1):
                 with self.autocast():
                     loss, st = self.compute_loss(part)
                 (loss * (share * self.world_size)).backward()  # x world: DDP / FSDP average the ranks' gradients
             loss_sum = loss_sum + loss.detach() * share
             stats.append({k: v.detach().float() * share for k, v in st.items()})
-        loss_sum = distributed.all_reduce(loss_sum)  # the global batch's loss, the same on every rank
+        loss_sum = all_reduce(loss_sum)  # the global batch's loss, the same on every rank
         grad_norm = self.optimizer_step(step, loss_sum)
         keys = list(stats[0])
         sums = torch.stack([torch.stack([s[k] for s in stats]).sum() for k in keys] + [loss_sum.new_zeros(())])
-        sums = distributed.all_reduce(sums[:-1]) if keys else sums[:0]  # loss_sum is already global
+        sums = all_reduce(sums[:-1]) if keys else sums[:0]  # loss_sum is already global
         values = torch.cat([sums, loss_sum.reshape(1), grad_norm.float().reshape(1)]).tolist()  # one host sync
         out = {f"train/{k}": v for k, v in zip(keys, values)}
         out["train/loss"], out["grad_norm"] = values[-2], values[-1]
         return out
-
-    def optimizer_step(self, step: int, loss_sum: torch.Tensor) -> torch.Tensor:
-        cfg = self.config
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-        grad_norm = distributed.local_tensor(grad_norm)  # FSDP: the global norm, as a replicated DTensor
-        if not bool(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteError(f"step {step + 1}: non-finite loss ({float(loss_sum)}) or gradient norm "
-                                 f"({float(grad_norm)}); stopped before the optimizer step")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm.detach()
 
     @torch.no_grad()
     def evaluate(self, data=None) -> dict:
@@ -263,14 +228,6 @@ class SupervisedTrainer(Checkpointing):
         keys = list(sums)
         local = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=self.device) for k in keys]
                             + [torch.tensor(float(total), dtype=torch.float64, device=self.device)])
-        glob = distributed.all_reduce(local)
+        glob = all_reduce(local)
         values = (glob[:-1] / glob[-1].clamp(min=1e-12)).tolist()
         return dict(zip(keys, values))
-
-    # ------------------------------------------------------------------ export (save / resume: Checkpointing)
-    def export(self, path=None) -> Path:
-        """Writes the model (``save_pretrained``) and tokenizer to ``path`` (default output_dir/final):
-        a folder ``AutoModelForCausalLM`` / ``AutoModelForSequenceClassification`` and
-        ``AutoTokenizer`` load."""
-        path = Path(path) if path is not None else self.output_dir / "final"
-        return distributed.export_pretrained(self.model, path, self.tokenizer)  # every rank; rank 0 writes

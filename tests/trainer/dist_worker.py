@@ -1,7 +1,7 @@
-"""The per-rank side of tests/test_distributed.py, launched by torchrun with 2 gloo ranks:
+"""The per-rank side of tests/trainer/test_distributed.py, launched by torchrun with 2 gloo ranks:
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py main OUT CKPT_1PROC
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py fail OUT
+    python -m torch.distributed.run --nproc_per_node 2 tests/trainer/dist_worker.py main OUT CKPT_1PROC
+    python -m torch.distributed.run --nproc_per_node 2 tests/trainer/dist_worker.py fail OUT
 
 ``main``: one PPO / GRPO update per CASE on a fixed global batch (each rank scores its
 contiguous share of it), results gathered to OUT/equivalence.pt; GRPO groups sampled per rank;
@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tiny_config  # noqa: E402
 from rlhf_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer  # noqa: E402
-from rlhf_fast.trainer import checkpoint as ckpt  # noqa: E402
+from rlhf_fast.trainer import hf_io  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
 from rlhf_fast.ops.logprobs import token_logprobs  # noqa: E402
 from rlhf_fast.trainer.rollout import Rollout, reward_model_scores  # noqa: E402
@@ -171,7 +171,7 @@ def _main(out, ckpt_1proc):
     assert tr.step == 1
     params, optim = distributed.full_state_dicts(tr.model, tr.optimizer)
     if rank == 0:
-        files = ckpt.read_model_weights(tr.model, os.path.join(ckpt_1proc, "model"))
+        files = hf_io.read_weights(tr.model, os.path.join(ckpt_1proc, "model"))
         assert set(files) == set(params) and all(torch.equal(files[k], params[k]) for k in files)
         saved = torch.load(os.path.join(ckpt_1proc, "optimizer.pt"), weights_only=False)
         assert saved["state"].keys() == optim["state"].keys()

@@ -9,7 +9,7 @@
 
 This file is also the per-rank worker (``python -m torch.distributed.run ... <this file> worker OUT``).
 
-Adam's eps is 1e-4 (as in tests/dist_worker.py): Adam moves an entry by ~ lr * g / (|g| + eps),
+Adam's eps is 1e-4 (as in tests/trainer/dist_worker.py): Adam moves an entry by ~ lr * g / (|g| + eps),
 so with eps=1e-8 a gradient entry that is 0 up to rounding (its sign set by the summation
 order, which differs when the batch is cut into other micro-batches) moves by up to lr; with
 1e-4 that inherent noise is ~1e-7 and the comparison can be tight (rtol 1e-5).
@@ -21,14 +21,14 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before rlhf_fast is imported
 
 import torch  # noqa: E402
-from helpers import torchrun as _torchrun  # noqa: E402
+from launch import torchrun as _torchrun  # noqa: E402
 
 from rlhf_fast.tokenizer import byte_tokenizer  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer  # noqa: E402
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TOK = byte_tokenizer()
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
 # 7 training examples in batches of 6: step 1 is the epoch's last example alone
@@ -112,16 +112,6 @@ if __name__ == "__main__":
 import pytest  # noqa: E402
 
 from rlhf_fast.trainer.metrics import read_jsonl  # noqa: E402
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

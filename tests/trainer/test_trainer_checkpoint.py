@@ -54,7 +54,7 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt, "_fsync_tree", boom)  # fails after the files are written, before the rename
+    monkeypatch.setattr(ckpt, "fsync_tree", boom)  # fails after the files are written, before the rename
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(tmp_path, 2, model=model, optimizer=opt)
     assert ckpt.latest_checkpoint(tmp_path) == good

@@ -8,9 +8,8 @@ from rlhf_fast import PolicyValueModel, token_logprobs
 from rlhf_fast.trainer.model import position_ids_from_mask, response_logits
 from rlhf_fast.trainer.rollout import completion_mask, left_pad, sample_completions
 
-from rl_utils import one_thread, seeded_model, tiny_config
+from rl_utils import seeded_model, tiny_config
 
-_one_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 def _batch(vocab=19, P=5, R=4, seed=0):

@@ -180,14 +180,14 @@ def test_bench_discovers_scripts_and_passes_quick(capsys, tmp_path):
 def test_repository_benchmarks_are_found():
     from rlhf_fast.cli import benchmarks_dir
 
-    root = Path(__file__).resolve().parent.parent / "benchmarks"
+    root = Path(__file__).resolve().parents[2] / "benchmarks"
     if not root.is_dir():
         pytest.skip("no benchmarks/ in this checkout")
     assert benchmarks_dir() == root
 
 
 def test_console_script_is_declared():
-    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    text = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert 'rlhf-fast = "rlhf_fast.cli:main"' in text
 
 
@@ -195,7 +195,7 @@ def test_console_script_is_declared():
 def test_example_configs_are_valid(command):
     from rlhf_fast.demo import DemoConfig
 
-    cfg, run = resolve_settings(command, Path(__file__).resolve().parent.parent / "configs" / f"{command}.yaml")
+    cfg, run = resolve_settings(command, Path(__file__).resolve().parents[2] / "configs" / f"{command}.yaml")
     if command == "demo":
         assert cfg == DemoConfig()  # configs/demo.yaml states the defaults
     else:

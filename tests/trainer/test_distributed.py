@@ -1,4 +1,4 @@
-"""Distribution on CPU: 2 gloo ranks under torchrun (tests/dist_worker.py) against one process.
+"""Distribution on CPU: 2 gloo ranks under torchrun (tests/trainer/dist_worker.py) against one process.
 
 - one PPO / GRPO update on a fixed global batch (FSDP2 and DDP, every loss_agg, reference
   sharded and replicated) gives the parameters, advantages, stats and metrics of one process;
@@ -17,20 +17,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import dist_worker as W
-from helpers import torchrun as _torchrun
-from rl_utils import one_thread, seeded_model
-from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten_ref
+from launch import torchrun as _torchrun
+from rl_utils import seeded_model
+from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
+from rlhf_fast.trainer import hf_io
 from rlhf_fast.trainer import distributed
 from rlhf_fast.trainer.base import mini_batch_indices
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import read_jsonl
 
-_one_thread = pytest.fixture(autouse=True)(one_thread)
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args, timeout: float, target=("tests/dist_worker.py",)):
+def torchrun(*args, timeout: float, target=("tests/trainer/dist_worker.py",)):
     return _torchrun(*args, timeout=timeout, target=target)
 
 
@@ -93,7 +93,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(job, tmp_path):
     final = AutoModelForCausalLM.from_pretrained(run / "final")  # the 2-rank export is a plain HF checkpoint
     tr = W.trainer("ppo", tmp_path, total_steps=3, save_steps=1, resume_from=str(saved), **RESUME_KW)
     assert tr.step == 2 and tr.world_size == 1
-    files = ckpt.read_model_weights(tr.model, saved / "model")
+    files = hf_io.read_weights(tr.model, saved / "model")
     for name, p in tr.model.state_dict().items():
         assert torch.equal(p, files[name]), name
     for name, p in final.state_dict().items():
@@ -166,7 +166,10 @@ def test_global_moments_and_whitening_in_one_process_match_the_ops():
     torch.testing.assert_close(mean.float(), x[mask].mean())
     torch.testing.assert_close(var.float(), x[mask].var())
     assert distributed.global_moments(x[:1, :1])[2] == 0  # one element: var 0
-    torch.testing.assert_close(distributed.masked_whiten(x, mask), masked_whiten_ref(x, mask), rtol=1e-6, atol=1e-6)
+    # the trainers whiten the gathered global batch with the op; on one process the gather is the identity
+    glob = [distributed.gather_rows(t, distributed.global_max(t.shape[1])) for t in (x, mask)]
+    assert glob[0] is x and glob[1] is mask
+    torch.testing.assert_close(masked_whiten(*glob), masked_whiten_ref(x, mask), rtol=1e-6, atol=1e-6)
     assert not distributed.is_distributed() and distributed.world_size() == 1 and distributed.all_reduce(x) is x
 
 
@@ -175,12 +178,12 @@ def test_checkpoint_from_a_state_dict_round_trips(tmp_path, separate_critic):
     """What a sharded run writes (a full state dict, tied embeddings included) reads back."""
     model = seeded_model(separate_critic=separate_critic)
     sd = {k: v + 1 for k, v in model.state_dict().items()}  # distinct from the model's own weights
-    ckpt.save_model_weights(model, tmp_path / "m", state_dict=sd)
-    back = ckpt.read_model_weights(model, tmp_path / "m")
+    hf_io.save_weights(model, tmp_path / "m", state_dict=sd)
+    back = hf_io.read_weights(model, tmp_path / "m")
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     other = seeded_model(seed=1, separate_critic=separate_critic)
-    ckpt.load_model_weights(other, tmp_path / "m")  # the single-process loader reads it too
+    hf_io.load_weights(other, tmp_path / "m")  # the single-process loader reads it too
     assert all(torch.equal(other.state_dict()[k], sd[k]) for k in sd)
     lin = torch.nn.Linear(3, 2)
-    ckpt.save_model_weights(lin, tmp_path / "lin", state_dict={"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
-    assert torch.equal(ckpt.read_model_weights(lin, tmp_path / "lin")["weight"], torch.ones(2, 3))
+    hf_io.save_weights(lin, tmp_path / "lin", state_dict={"weight": torch.ones(2, 3), "bias": torch.zeros(2)})
+    assert torch.equal(hf_io.read_weights(lin, tmp_path / "lin")["weight"], torch.ones(2, 3))

@@ -7,9 +7,8 @@ from rlhf_fast import GRPOConfig, GRPOTrainer, group_advantages_ref, ppo_policy_
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.model import position_ids_from_mask
 
-from rl_utils import one_thread, PROMPTS, char_tokenizer, seeded_model, target_fraction
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
-_one_thread = pytest.fixture(autouse=True)(one_thread)
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
 
 

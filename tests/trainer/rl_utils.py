@@ -45,14 +45,3 @@ def seeded_model(kind="llama", seed=0, **kw):
 
     torch.manual_seed(seed)
     return PolicyValueModel.from_config(tiny_config(kind), **kw)
-
-
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared, oversubscribed CPU
-    the threads' synchronisation dominates: the trainer tests run single-threaded."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
