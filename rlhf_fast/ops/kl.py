@@ -28,8 +28,8 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_es
 )
 from rlhf_fast.ops._common import Rows, as_rows, flat_arg
 from rlhf_fast.ops._triton_common import (
-    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, num_warps_for, online_softmax_update, row_offset,
-    vocab_block,
+    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, nonfinite_count, num_warps_for, online_softmax_update,
+    row_offset, vocab_block,
 )
 
 
@@ -143,18 +143,21 @@ def _full_kl_fwd_kernel(
     mq = float("-inf")
     sq = 0.0
     unused = 0.0
+    bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
         q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
         q_for_max = tl.where(ok, q, float("-inf"))
+        bad += nonfinite_count(z) + nonfinite_count(q_for_max)
         m, s, w = _online_kl_update(m, s, w, mq, z, q, q_for_max)
         mq, sq, unused = online_softmax_update(mq, sq, unused, q_for_max, False)
     log_s = tl.log(s)
     log_sq = tl.log(sq)
-    # KL = E_p[(z - m) - (z' - m')] - (log s - log s')
-    tl.store(kl_ptr + row, w / s - (log_s - log_sq))
+    # KL = E_p[(z - m) - (z' - m')] - (log s - log s'); NaN for a row with a NaN / +inf logit on either
+    # side (explicit: tl.max ignores NaN on the GPU), and (0 / 0) for a row of only -inf logits
+    tl.store(kl_ptr + row, tl.where(bad > 0, float("nan"), w / s - (log_s - log_sq)))
     tl.store(stats_ptr + row * 4, m)
     tl.store(stats_ptr + row * 4 + 1, log_s)
     tl.store(stats_ptr + row * 4 + 2, mq)
@@ -201,6 +204,7 @@ def _full_kl_bwd_kernel(
         logp = (z - m) - log_s
         p = tl.exp(logp)
         g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+        g = tl.where(scale == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 
 

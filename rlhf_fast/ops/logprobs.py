@@ -59,7 +59,8 @@ def _logprobs_fwd_kernel(
     m, log_s, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
     t = tl.load(targets_ptr + row).to(tl.int64)
     z_t = tl.load(row_ptr + t).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, tl.minimum((z_t - m) - log_s, 0.0))
+    lp = (z_t - m) - log_s
+    tl.store(logp_ptr + row, tl.where(lp > 0.0, 0.0, lp))  # not tl.minimum: NaN must stay NaN
     tl.store(lse_ptr + row, m + log_s)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, ent)
@@ -91,9 +92,11 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     t = tl.load(targets_ptr + row).to(tl.int64)
     g_lp = tl.load(g_logp_ptr + row)
+    zero_row = g_lp == 0.0  # no upstream gradient (e.g. a masked row): write 0, never 0 * NaN
     if WITH_ENTROPY:
         shift = tl.load(ent_ptr + row) - lse
         g_ent = tl.load(g_ent_ptr + row)
+        zero_row = zero_row & (g_ent == 0.0)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -103,6 +106,7 @@ def _logprobs_bwd_kernel(
         if WITH_ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
             g -= g_ent * p * tl.where(p > 0, z + shift, 0.0)
+        g = tl.where(zero_row, 0.0, g)
         tl.store(gx_ptr + offs, cast_for_store(g * inv_temp, grad_ptr.dtype.element_ty), mask=mask)
 
 

@@ -110,7 +110,10 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
     See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored."""
     del inplace_backward
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = logits.to(dtype)
+    valid = mask != 0
+    # a masked row may hold anything (NaN, inf): it must not reach the loss or its gradient
+    # (autograd of log_softmax would give 0 * NaN there), so it is replaced by zeros first
+    z = torch.where(valid.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
     if temperature != 1.0:
         z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
@@ -120,7 +123,6 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
         p = logp_all.exp()
         ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
 
-    valid = mask != 0
     zero = torch.zeros_like(logp)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     adv = advantages.to(dtype)
