@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, triton_interpreting
@@ -26,7 +25,7 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_es
     KL_ESTIMATOR_NAMES, VALUE_DTYPES, check_estimator, check_float, check_logits, check_positive, check_same_device,
     check_shape,
 )
-from rlhf_fast.ops._common import Rows, as_rows, flat_arg
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only, flat_arg
 from rlhf_fast.ops._triton_common import (
     KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, nonfinite_count, num_warps_for, online_softmax_update,
     row_offset, vocab_block,
@@ -314,6 +313,7 @@ class KLPenaltyFunction(torch.autograd.Function):
         return kl_penalty_fwd(a, b, est, backend).view(logprobs.shape)
 
     @staticmethod
+    @first_order_only("kl_penalty")
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         grad = kl_penalty_bwd(a, b, flat_arg(g.float()), ctx.est, ctx.backend)
@@ -336,6 +336,7 @@ class FullKLFunction(torch.autograd.Function):
         return kl.view(logits.shape[:-1])
 
     @staticmethod
+    @first_order_only("full_kl")
     def backward(ctx, g):
         xd, yd, kl, stats = ctx.saved_tensors
         x = Rows(xd, ctx.x.n, ctx.x.v, *ctx.x.layout())
