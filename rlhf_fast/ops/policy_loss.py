@@ -92,7 +92,9 @@ def policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_cl
             "dual_clip_frac": masked_mean(dual.to(ratio.dtype), valid),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
             "ratio_mean": masked_mean(ratio, valid),
-            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax(),
+            # (B = 0: no element to reduce; the shape, not the data, decides: no host sync)
+            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax() if ratio.numel()
+            else ratio.new_zeros(()),
             "nonfinite_inputs": nonfinite,
         }
         if ent is not None:
