@@ -209,7 +209,7 @@ def test_bad_input_table(family, call, error, name):
 
 
 def test_count_of_bad_inputs():
-    """The report quotes this count; keep it honest (the moved advantage-side test adds 25)."""
+    """The report quotes this count; keep it honest (the moved advantage-side test adds 22 more)."""
     assert len(CASES) >= 100
 
 
