@@ -101,15 +101,16 @@ def _available(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}"
 
 
-def select_backend(device: torch.device, launchers: Mapping[str, object] = (), *, backend: str | None = None,
-                   tensors: Iterable[torch.Tensor | None] = ()) -> str:
+def select_backend(device: torch.device, launchers: Mapping[str, object] | None = None, *,
+                   backend: str | None = None, tensors: Iterable[torch.Tensor | None] = ()) -> str:
     """The backend that runs an op on tensors living on ``device``.
 
-    launchers: the op's mapping backend -> launcher(s) (its keys are what the op implements);
-    backend: the op's per-call ``backend=`` argument; tensors: the op's floating inputs (fp64
-    among them selects "torch"). See the module docstring for the precedence.
+    launchers: the op's mapping backend -> launcher(s) (its keys are what the op implements;
+    None: every backend, e.g. to ask what an op with all of them would run); backend: the op's
+    per-call ``backend=`` argument; tensors: the op's floating inputs (fp64 among them selects
+    "torch"). See the module docstring for the precedence.
     """
-    has = tuple(launchers) + ("torch",)
+    has = BACKENDS if launchers is None else tuple(launchers) + ("torch",)
     if any(t is not None and t.dtype == torch.float64 for t in tensors):
         return "torch"
     if backend is not None:

@@ -10,9 +10,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Kernel backends exercised on this machine: Triton (interpreted on CPU), the C++ kernels on
-# CPU, the csrc CUDA kernels on GPU; "torch" is the *_ref fallback.
-KERNEL_BACKENDS = ["triton", "cuda"] if DEVICE == "cuda" else ["triton", "cpu"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -22,13 +19,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture(params=KERNEL_BACKENDS)
-def backend(request, monkeypatch):
-    """Runs the test once per kernel backend, forced through RLHF_FAST_BACKEND."""
-    monkeypatch.setenv("RLHF_FAST_BACKEND", request.param)
-    return request.param
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ constexpr int kRows = 8;
 constexpr int64_t kTile = 1024;  // 4 tile arrays of kTile * kRows floats: 128 KB of stack
 typedef float VecF __attribute__((vector_size(kRows * sizeof(float))));  // one step of kRows rows
 typedef int32_t VecI __attribute__((vector_size(kRows * sizeof(int32_t))));
+typedef double VecD __attribute__((vector_size(kRows * sizeof(double))));  // the whitening statistics
 
 inline VecF splat(float x) { return VecF{} + x; }
 inline VecF load_vec(const float* p) {
@@ -179,19 +180,22 @@ RLHF_FAST_ROW_FN void advantages_rows(const AdvArgs& A, int64_t r0) {
       store_rows(A.adv, A.T, r0, nr, lo, len, aa);
       store_rows(A.ret, A.T, r0, nr, lo, len, vv);
     }
-    if (kGae && A.stats) {  // the tile's (count, mean, M2) per row, all rows at once, merged in double
-      VecF cnt = zero, sum = zero, tm2 = zero;
+    if (kGae && A.stats) {  // the tile's (count, mean, M2) per row, all rows at once, in double:
+      // (adv - mean)^2 of fp32 advantages ~1e20 would overflow a float
+      const VecD zd = VecD{} + 0.0, oned = VecD{} + 1.0;
+      VecD cnt = zd, sum = zd, tm2 = zd;
       for (int64_t i = 0; i < len; ++i) {
-        cnt += load_vec(mk + i * kRows) != 0.0f ? one : zero;
-        sum += load_vec(aa + i * kRows);  // 0 where masked
+        cnt += __builtin_convertvector(load_vec(mk + i * kRows) != 0.0f ? one : zero, VecD);
+        sum += __builtin_convertvector(load_vec(aa + i * kRows), VecD);  // 0 where masked
       }
-      const VecF tm = sum / (cnt > 0.0f ? cnt : one);
+      const VecD tm = sum / (cnt > 0.0 ? cnt : oned);
       for (int64_t i = 0; i < len; ++i) {
-        const VecF dv = load_vec(aa + i * kRows) - tm;
-        tm2 += load_vec(mk + i * kRows) != 0.0f ? dv * dv : zero;
+        const VecD dv = __builtin_convertvector(load_vec(aa + i * kRows), VecD) - tm;
+        const VecD okd = __builtin_convertvector(load_vec(mk + i * kRows) != 0.0f ? one : zero, VecD);
+        tm2 += okd * (dv * dv);
       }
       for (int k = 0; k < nr; ++k) {  // Chan et al.
-        if (cnt[k] == 0.0f) continue;
+        if (cnt[k] == 0.0) continue;
         const double c = cnt[k], tot = n[k] + c, delta = tm[k] - mean[k];
         mean[k] += delta * c / tot;
         m2[k] += tm2[k] + delta * delta * n[k] * c / tot;

@@ -64,8 +64,8 @@ void whiten_apply(uintptr_t x_ptr, int x_dtype, uintptr_t mask_ptr, int mask_dty
     m2 += st[3 * p + 2] + st[3 * p] * dm * dm;
   }
   const double var_eps = m2 / (n - 1.0) + eps;
-  const float rstd = n >= 2.0 && var_eps != 0.0 ? static_cast<float>(1.0 / std::sqrt(var_eps)) : 0.0f;
-  const float mu = static_cast<float>(mean), add = shift_mean ? 0.0f : mu;
+  const double rstd = n >= 2.0 && var_eps != 0.0 ? 1.0 / std::sqrt(var_eps) : 0.0;
+  const double add = shift_mean ? 0.0 : mean;
   float* out = reinterpret_cast<float*>(out_ptr);
   dispatch_float(x_dtype, [&](auto* xt) {
     using X = std::remove_pointer_t<decltype(xt)>;
@@ -75,8 +75,9 @@ void whiten_apply(uintptr_t x_ptr, int x_dtype, uintptr_t mask_ptr, int mask_dty
       const M* m = reinterpret_cast<const M*>(mask_ptr);
 #pragma omp parallel for simd num_threads(num_threads(nthreads)) if (N >= kParallelMin)
       for (int64_t i = 0; i < N; ++i) {
-        const float y = (load_f32(x, i) - mu) * rstd + add;
-        out[i] = load_val(m, i) != 0.0f ? y : 0.0f;
+        // in double: a float mean would round away a small spread over a large offset
+        const double y = (static_cast<double>(load_f32(x, i)) - mean) * rstd + add;
+        out[i] = load_val(m, i) != 0.0f ? static_cast<float>(y) : 0.0f;
       }
     });
   });

@@ -14,15 +14,26 @@ __global__ void __launch_bounds__(kThreads) logprobs_fwd_kernel(
   const int64_t r = blockIdx.x;
   const T* row = x + lay.offset(r);
   Stats st{-INFINITY, 0.f, 0.f};
-  for_each_in_row<T, kThreads>(row, V, [&](int64_t, float v) { stats_push(st, v * inv_temp); });
+  int bad = 0;  // NaN / +inf logits: the row has no softmax (NaN out, as torch); kept out of the stats
+  for_each_in_row<T, kThreads>(row, V, [&](int64_t, float v) {
+    const float z = v * inv_temp;
+    const bool nonfinite = isnan(z) || z == INFINITY;
+    bad |= nonfinite;
+    stats_push(st, nonfinite ? -INFINITY : z);
+  });
   st = block_reduce_stats<kThreads>(st);
+  bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
-    const float log_s = logf(st.s);
+    const float log_s = bad || st.s == 0.f ? NAN : logf(st.s);  // all -inf: no softmax either
     const float lse = st.m + log_s;
     const int64_t t = load_index(targets, t_dtype, r);
-    logp[r] = fminf((to_f32(row[t]) * inv_temp - st.m) - log_s, 0.f);  // exact subtraction first
+    const float lp = (to_f32(row[t]) * inv_temp - st.m) - log_s;  // exact subtraction first
+    logp[r] = lp > 0.f ? 0.f : lp;  // not fminf: NaN must stay NaN
     lse_out[r] = lse;
-    if (ent) ent[r] = fmaxf(log_s - st.a / st.s, 0.f);
+    if (ent) {
+      const float h = log_s - st.a / st.s;
+      ent[r] = h < 0.f ? 0.f : h;
+    }
   }
 }
 
@@ -38,11 +49,13 @@ __global__ void __launch_bounds__(kThreads) logprobs_bwd_kernel(
   const int64_t t = load_index(targets, t_dtype, r);
   const float l = lse[r], glp = g_lp[r];
   const float ge = g_ent ? g_ent[r] : 0.f, shift = g_ent ? ent[r] - l : 0.f;
+  const bool zero_row = glp == 0.f && ge == 0.f;  // no upstream gradient (a masked row): 0, never 0 * NaN
   for_each_in_row<T, kThreads>(row, V, [&](int64_t j, float v) {
     const float z = v * inv_temp;
     const float p = __expf(z - l);
     float g = glp * ((j == t ? 1.f : 0.f) - p);
     if (g_ent && p > 0.f) g -= ge * p * (z + shift);
+    if (zero_row) g = 0.f;
     grow[j] = from_f32<T>(g * inv_temp);  // may alias row: element j was read above
   });
 }

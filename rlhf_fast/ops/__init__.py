@@ -28,8 +28,18 @@ dpo_loss           preference_losses    -- (plain torch)           test_losses.p
 Shared by every op: ``_checks.py`` (argument checks; errors name the argument), ``_common.py``
 (the ``Rows`` view of (..., V) tensors and the layout adapters ``as_rows`` / ``rows_arg`` /
 ``flat_arg`` every launcher passes its tensors through), ``_triton_common.py`` (online softmax,
-KL estimators). Bad-input tests for all ops: tests/ops/test_bad_inputs.py; every op x argument
-x strided view: tests/ops/test_strides.py. The nn.Modules are in rlhf_fast/losses.py.
+KL estimators). Cross-op tests in tests/ops/: test_bad_inputs.py (every op family's argument
+errors), test_strides.py (every op x argument x strided view), test_nonfinite.py (NaN / inf rule),
+test_autograd_safety.py (inplace_backward, double backward), test_dispatch.py (backend=).
+The nn.Modules are in rlhf_fast/losses.py.
+
+Rules every op keeps:
+  * non-finite: a NaN / +inf / all -inf logit row that is valid gives NaN out (as torch); a masked
+    row never reaches the loss or the gradient (backward writes 0 where the upstream grad is 0);
+  * layouts: any strides / offsets / broadcasts, via the layout adapters (one copy at most);
+  * inplace_backward=True: ignored for overlapping logits; one backward only (a second raises);
+  * kernel backwards are first-order: create_graph=True raises (backend="torch" supports it);
+  * statistics (whitening, group advantages) are shifted / two-pass in fp64.
 """
 from rlhf_fast.ops.gae import gae, gae_ref, kl_shaped_rewards, kl_shaped_rewards_ref, ppo_advantages, ppo_advantages_ref
 from rlhf_fast.ops.group_advantages import group_advantages, group_advantages_ref

@@ -10,6 +10,7 @@ adapter for its way, so no kernel ever reads a strided view as if it were contig
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -95,3 +96,38 @@ def result_dtype(*xs: torch.Tensor) -> torch.dtype:
     for x in xs:
         dtype = torch.promote_types(dtype, x.dtype)
     return dtype
+
+
+def may_overlap(x: torch.Tensor) -> bool:
+    """False only when x's elements provably sit at distinct memory locations (stride analysis:
+    dims by increasing stride, each stride past the extent of the smaller ones). True for expanded /
+    broadcast views (stride 0) and for layouts too tangled to prove, so a caller that then avoids
+    writing into x is always safe."""
+    extent = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(x.shape, x.stride()) if sz > 1):
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def mark_modified(x: torch.Tensor) -> None:
+    """Bumps the autograd version counter of x (and of every view of its storage) without touching
+    its data: after a kernel wrote into x through a raw pointer, any autograd node that saved x
+    then raises "modified by an inplace operation" instead of computing with the new contents."""
+    x.as_strided((0,), (1,)).zero_()
+
+
+def first_order_only(op: str):
+    """Decorates an autograd Function's backward whose kernels are not themselves differentiable:
+    a backward with create_graph=True (the first step of a double backward / Hessian-vector
+    product) raises instead of returning a gradient that silently lacks the op's second derivative."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():  # autograd runs backward with grad mode on only for create_graph=True
+                raise RuntimeError(f"{op} is not twice differentiable on its kernel backends (backward with "
+                                   f"create_graph=True); pass backend='torch' for higher-order gradients")
+            return backward(ctx, *grads)
+        return checked
+    return decorate

@@ -2,7 +2,8 @@
 and the KL estimators shared by the elementwise ones. Reuse these; do not re-derive them.
 
 Numerics: every load is converted to fp32 at once (also required by Triton's interpreter,
-whose fp16/bf16 arithmetic is wrong); -inf logits contribute nothing and never make NaN.
+whose fp16/bf16 arithmetic is wrong); -inf logits contribute nothing and never make NaN; a row
+with a NaN or +inf logit, or only -inf ones, gives NaN (as torch does), see row_softmax_stats.
 """
 import triton
 import triton.language as tl
@@ -73,22 +74,43 @@ def online_softmax_update(m, s, a, z, WITH_A: tl.constexpr):
 
 
 @triton.jit
+def nonfinite_count(z):
+    """How many of the block z (fp32, -inf where masked) are NaN or +inf: such a row has no
+    softmax; counted explicitly because tl.max ignores NaN on the GPU (fmax) but not in the interpreter."""
+    return tl.sum(((z != z) | (z == float("inf"))).to(tl.int32), 0)
+
+
+@triton.jit
+def finite_or_neginf(z):
+    """z with NaN and +inf replaced by -inf: keeps the running statistics finite (the row is
+    marked by nonfinite_count and made NaN at the end)."""
+    return tl.where((z != z) | (z == float("inf")), float("-inf"), z)
+
+
+@triton.jit
 def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
     """One streaming pass over a row of V logits at row_ptr (unit stride).
     Returns (m, log_s, entropy) of softmax(row * inv_temp): lse = m + log_s, and a log-prob is
     best formed as (z - m) - log_s (exact subtraction first, as torch's log_softmax does);
-    entropy is 0 unless WITH_ENTROPY."""
+    entropy is 0 unless WITH_ENTROPY.
+
+    Non-finite rule (as torch): a row holding a NaN or +inf, or only -inf, has no softmax: log_s
+    and entropy are NaN, so every log-prob and the lse formed from them are NaN."""
     m = float("-inf")
     s = 0.0
     a = 0.0
+    bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
-        m, s, a = online_softmax_update(m, s, a, z, WITH_ENTROPY)
-    log_s = tl.log(s)
+        bad += nonfinite_count(z)
+        m, s, a = online_softmax_update(m, s, a, finite_or_neginf(z), WITH_ENTROPY)
+    no_softmax = (bad > 0) | (s == 0.0)
+    log_s = tl.where(no_softmax, float("nan"), tl.log(s))
     ent = 0.0
     if WITH_ENTROPY:
-        ent = tl.maximum(log_s - a / s, 0.0)
+        h = log_s - a / s
+        ent = tl.where(h < 0.0, 0.0, h)  # not tl.maximum: NaN must stay NaN
     return m, log_s, ent
 
 

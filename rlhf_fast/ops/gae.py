@@ -109,7 +109,7 @@ def _advantages_fwd_kernel(
     rew_out_ptr,  # (B, T) fp32 contiguous out, written when SHAPE
     adv_ptr,  # (B, T) fp32 contiguous out, written when GAE
     ret_ptr,  # (B, T) fp32 contiguous out, written when GAE
-    stats_ptr,  # (B, 3) fp32 out (count, mean, M2 of the advantages over valid positions), when STATS
+    stats_ptr,  # (B, 3) fp64 out (count, mean, M2 of the advantages over valid positions), when STATS
     B,
     T,
     s_logp,
@@ -138,9 +138,10 @@ def _advantages_fwd_kernel(
     seen = zero  # 1 once the row's last valid position was given its score
     carry_a = zero
     carry_v = zero
-    n = zero
-    mean = zero
-    m2 = zero
+    zero64 = tl.zeros((BLOCK_B,), tl.float64)  # whitening statistics in fp64: no overflow, no cancellation
+    n = zero64
+    mean = zero64
+    m2 = zero64
     for k in range(0, tl.cdiv(T, BLOCK_T)):
         t = T - 1 - k * BLOCK_T - jj  # reversed: scan index j runs backwards in time
         io = row_ok[:, None] & (t >= 0)[None, :]
@@ -176,9 +177,10 @@ def _advantages_fwd_kernel(
             tl.store(adv_ptr + rows[:, None] * T + t2, adv, mask=io)
             tl.store(ret_ptr + rows[:, None] * T + t2, tl.where(valid, adv + v, 0.0), mask=io)
             if STATS:  # Chan et al.: merge the block's (count, mean, M2) into the row's
-                cnt = tl.sum(valid.to(tl.float32), axis=1)
-                bmean = tl.sum(adv, axis=1) / tl.maximum(cnt, 1.0)
-                bm2 = tl.sum(tl.where(valid, (adv - bmean[:, None]) * (adv - bmean[:, None]), 0.0), axis=1)
+                adv64 = adv.to(tl.float64)
+                cnt = tl.sum(valid.to(tl.float64), axis=1)
+                bmean = tl.sum(adv64, axis=1) / tl.maximum(cnt, 1.0)
+                bm2 = tl.sum(tl.where(valid, (adv64 - bmean[:, None]) * (adv64 - bmean[:, None]), 0.0), axis=1)
                 tot = n + cnt
                 delta = bmean - mean
                 mean += delta * cnt / tl.maximum(tot, 1.0)
@@ -266,7 +268,7 @@ def advantages_fwd(backend: str, mask: torch.Tensor, *, scores=None, logprobs=No
     ret = torch.empty_like(adv) if with_gae else None
     st = None
     if stats:
-        st = torch.empty(B, 3, dtype=torch.float64 if backend == "cpu" else torch.float32, device=dev)
+        st = torch.empty(B, 3, dtype=torch.float64, device=dev)
     if B * T == 0:
         if st is not None:
             st.zero_()

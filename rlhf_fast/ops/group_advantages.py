@@ -24,19 +24,20 @@ def group_advantages_ref(scores: torch.Tensor, group_size: int, baseline: str = 
                          eps: float = 1e-6) -> torch.Tensor:
     """scores (B,) as B // group_size consecutive groups. baseline "mean": s - group mean (GRPO);
     "leave_one_out": s - mean of the other members (RLOO). scale "group": / (group std + eps),
-    "batch": / (std of all scores + eps), "none": as is (Dr. GRPO); stds unbiased."""
+    "batch": / (std of all scores + eps), "none": as is (Dr. GRPO); stds unbiased.
+    Statistics are shifted (by each group's first score) and in fp64 where the device has it, so
+    scores ~1e9 with a spread of 100 do not cancel. Returns fp32 (fp64 for fp64 scores)."""
     dtype = result_dtype(scores)
-    s = scores.to(dtype).view(-1, group_size)
-    mean = s.mean(-1, keepdim=True)
-    if baseline == "mean":
-        adv = s - mean
-    else:
-        adv = (s - mean) * (group_size / (group_size - 1))  # s - (sum - s) / (G - 1)
+    stat = torch.float64 if scores.device.type in ("cpu", "cuda") else dtype
+    s = scores.to(stat).view(-1, group_size)
+    c = s - s[:, :1]  # shifted: exact for nearby values, so the mean does not cancel
+    d = c - c.mean(-1, keepdim=True)
+    adv = d if baseline == "mean" else d * (group_size / (group_size - 1))  # s - (sum - s) / (G - 1)
     if scale == "group":
-        adv = adv / (s.std(-1, keepdim=True) + eps)
+        adv = adv / (d.std(-1, keepdim=True) + eps)
     elif scale == "batch":
-        adv = adv / (s.std() + eps)
-    return adv.reshape(-1)
+        adv = adv / ((s - s[:1, :1]).std() + eps)
+    return adv.reshape(-1).to(dtype)
 
 
 # ---------------------------------------------------------------------------- triton
@@ -58,24 +59,29 @@ def _group_advantages_kernel(
     members = tl.arange(0, BLOCK_M)
     ok = (groups < n_groups)[:, None] & (members < G)[None, :]
     idx = groups.to(tl.int64)[:, None] * G + members[None, :]
-    s = tl.load(scores_ptr + idx, mask=ok, other=0.0).to(tl.float32)
+    # fp64 and shifted by each group's first score: no cancellation for scores ~1e9 with spread 100
+    s = tl.load(scores_ptr + idx, mask=ok, other=0.0).to(tl.float32).to(tl.float64)
+    first = tl.load(scores_ptr + groups.to(tl.int64) * G, mask=groups < n_groups, other=0.0).to(tl.float32)
+    s = tl.where(ok, s - first.to(tl.float64)[:, None], 0.0)
     c = tl.where(ok, s - (tl.sum(s, axis=1) / G)[:, None], 0.0)
     adv = c * baseline_factor
     if SCALE == 0:
         std = tl.sqrt(tl.sum(c * c, axis=1) / (G - 1))
         adv = adv / (std + eps)[:, None]
     elif SCALE == 1:  # every program reduces the whole batch: B is small (one score per completion)
-        total = 0.0
+        s0 = tl.load(scores_ptr).to(tl.float32).to(tl.float64)
+        total = tl.zeros((BLOCK_ALL,), tl.float64)
         for i0 in range(0, B, BLOCK_ALL):
             i = i0 + tl.arange(0, BLOCK_ALL)
-            total += tl.sum(tl.load(scores_ptr + i, mask=i < B, other=0.0).to(tl.float32), axis=0)
-        mu = total / B
-        m2 = 0.0
+            total += tl.where(i < B, tl.load(scores_ptr + i, mask=i < B, other=0.0).to(tl.float32) - s0, 0.0)
+        mu = tl.sum(total, axis=0) / B
+        m2 = tl.zeros((BLOCK_ALL,), tl.float64)
         for i0 in range(0, B, BLOCK_ALL):
             i = i0 + tl.arange(0, BLOCK_ALL)
-            dv = tl.where(i < B, tl.load(scores_ptr + i, mask=i < B, other=0.0).to(tl.float32) - mu, 0.0)
-            m2 += tl.sum(dv * dv, axis=0)
-        adv = adv / (tl.sqrt(m2 / (B - 1)) + eps)
+            dv = tl.where(i < B, (tl.load(scores_ptr + i, mask=i < B, other=0.0).to(tl.float32) - s0) - mu, 0.0)
+            m2 += dv * dv
+        adv = adv / (tl.sqrt(tl.sum(m2, axis=0) / (B - 1)) + eps)
+    adv = adv.to(tl.float32)
     tl.store(out_ptr + idx, adv, mask=ok)
 
 

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, triton_interpreting
@@ -26,10 +25,10 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_es
     KL_ESTIMATOR_NAMES, VALUE_DTYPES, check_estimator, check_float, check_logits, check_positive, check_same_device,
     check_shape,
 )
-from rlhf_fast.ops._common import Rows, as_rows, flat_arg
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only, flat_arg
 from rlhf_fast.ops._triton_common import (
-    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, num_warps_for, online_softmax_update, row_offset,
-    vocab_block,
+    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, nonfinite_count, num_warps_for, online_softmax_update,
+    row_offset, vocab_block,
 )
 
 
@@ -143,18 +142,21 @@ def _full_kl_fwd_kernel(
     mq = float("-inf")
     sq = 0.0
     unused = 0.0
+    bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
         z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
         q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
         q_for_max = tl.where(ok, q, float("-inf"))
+        bad += nonfinite_count(z) + nonfinite_count(q_for_max)
         m, s, w = _online_kl_update(m, s, w, mq, z, q, q_for_max)
         mq, sq, unused = online_softmax_update(mq, sq, unused, q_for_max, False)
     log_s = tl.log(s)
     log_sq = tl.log(sq)
-    # KL = E_p[(z - m) - (z' - m')] - (log s - log s')
-    tl.store(kl_ptr + row, w / s - (log_s - log_sq))
+    # KL = E_p[(z - m) - (z' - m')] - (log s - log s'); NaN for a row with a NaN / +inf logit on either
+    # side (explicit: tl.max ignores NaN on the GPU), and (0 / 0) for a row of only -inf logits
+    tl.store(kl_ptr + row, tl.where(bad > 0, float("nan"), w / s - (log_s - log_sq)))
     tl.store(stats_ptr + row * 4, m)
     tl.store(stats_ptr + row * 4 + 1, log_s)
     tl.store(stats_ptr + row * 4 + 2, mq)
@@ -201,6 +203,7 @@ def _full_kl_bwd_kernel(
         logp = (z - m) - log_s
         p = tl.exp(logp)
         g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+        g = tl.where(scale == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -310,6 +313,7 @@ class KLPenaltyFunction(torch.autograd.Function):
         return kl_penalty_fwd(a, b, est, backend).view(logprobs.shape)
 
     @staticmethod
+    @first_order_only("kl_penalty")
     def backward(ctx, g):
         a, b = ctx.saved_tensors
         grad = kl_penalty_bwd(a, b, flat_arg(g.float()), ctx.est, ctx.backend)
@@ -332,6 +336,7 @@ class FullKLFunction(torch.autograd.Function):
         return kl.view(logits.shape[:-1])
 
     @staticmethod
+    @first_order_only("full_kl")
     def backward(ctx, g):
         xd, yd, kl, stats = ctx.saved_tensors
         x = Rows(xd, ctx.x.n, ctx.x.v, *ctx.x.layout())

@@ -20,7 +20,7 @@ import triton.language as tl
 from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, ptr
 from rlhf_fast.ops._checks import check_logits, check_positive, check_targets
-from rlhf_fast.ops._common import Rows, as_rows
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only, mark_modified, may_overlap
 from rlhf_fast.ops._triton_common import cast_for_store, num_warps_for, row_offset, row_softmax_stats, vocab_block
 
 
@@ -59,7 +59,8 @@ def _logprobs_fwd_kernel(
     m, log_s, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
     t = tl.load(targets_ptr + row).to(tl.int64)
     z_t = tl.load(row_ptr + t).to(tl.float32) * inv_temp
-    tl.store(logp_ptr + row, tl.minimum((z_t - m) - log_s, 0.0))
+    lp = (z_t - m) - log_s
+    tl.store(logp_ptr + row, tl.where(lp > 0.0, 0.0, lp))  # not tl.minimum: NaN must stay NaN
     tl.store(lse_ptr + row, m + log_s)
     if WITH_ENTROPY:
         tl.store(ent_ptr + row, ent)
@@ -91,9 +92,11 @@ def _logprobs_bwd_kernel(
     lse = tl.load(lse_ptr + row)
     t = tl.load(targets_ptr + row).to(tl.int64)
     g_lp = tl.load(g_logp_ptr + row)
+    zero_row = g_lp == 0.0  # no upstream gradient (e.g. a masked row): write 0, never 0 * NaN
     if WITH_ENTROPY:
         shift = tl.load(ent_ptr + row) - lse
         g_ent = tl.load(g_ent_ptr + row)
+        zero_row = zero_row & (g_ent == 0.0)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
@@ -103,6 +106,7 @@ def _logprobs_bwd_kernel(
         if WITH_ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
             g -= g_ent * p * tl.where(p > 0, z + shift, 0.0)
+        g = tl.where(zero_row, 0.0, g)
         tl.store(gx_ptr + offs, cast_for_store(g * inv_temp, grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -187,6 +191,21 @@ def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_t
         LAUNCHERS[backend][1](rows, grad, targets, lse, ent, g_logp, g_ent, inv_temp)
 
 
+def can_write_inplace(rows: Rows, inplace_backward: bool) -> bool:
+    """inplace_backward=True is honoured only where the logits' elements do not share memory
+    (an expanded / broadcast view would sum the gradients of the rows that share storage):
+    there the gradient silently falls back to a new tensor."""
+    return bool(inplace_backward) and not may_overlap(rows.data)
+
+
+def check_first_inplace_backward(ctx) -> None:
+    """A second backward through a graph whose first backward wrote grad_logits into the logits'
+    storage would read the gradient as logits: refuse it."""
+    if getattr(ctx, "inplace_done", False):
+        raise RuntimeError("inplace_backward=True: the first backward overwrote the logits with their gradient, so "
+                           "this graph cannot be backpropagated again (retain_graph=True); use inplace_backward=False")
+
+
 def grad_rows(rows: Rows, shape, inplace: bool):
     """Where backward writes grad_logits: the logits' own storage, or a new contiguous tensor.
     Returns (grad tensor, its Rows view)."""
@@ -194,6 +213,13 @@ def grad_rows(rows: Rows, shape, inplace: bool):
         return rows.data, rows
     grad = torch.empty(shape, dtype=rows.data.dtype, device=rows.data.device)
     return grad, Rows(grad, rows.n, rows.v, max(rows.n, 1), 0, rows.v)
+
+
+def finish_inplace(ctx, rows: Rows) -> None:
+    """After an in-place backward: remember it (a second backward raises) and bump the logits'
+    version counter, so autograd nodes that saved the logits raise instead of reading the gradient."""
+    ctx.inplace_done = True
+    mark_modified(rows.data)
 
 
 class LogprobsFunction(torch.autograd.Function):
@@ -205,14 +231,17 @@ class LogprobsFunction(torch.autograd.Function):
         logp, lse, ent = logprobs_fwd(rows, targets, inv_temp, with_entropy, backend)
         ctx.save_for_backward(rows.data, targets, lse, ent)
         ctx.rows = Rows(None, rows.n, rows.v, *rows.layout())
-        ctx.shape, ctx.inv_temp, ctx.inplace, ctx.backend = logits.shape, inv_temp, inplace_backward, backend
+        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.inplace = can_write_inplace(rows, inplace_backward)
         shape = logits.shape[:-1]
         if with_entropy:
             return logp.view(shape), ent.view(shape)
         return logp.view(shape)
 
     @staticmethod
+    @first_order_only("token_logprobs")
     def backward(ctx, g_logp, g_ent=None):
+        check_first_inplace_backward(ctx)
         data, targets, lse, ent = ctx.saved_tensors
         rows = Rows(data, *(getattr(ctx.rows, f) for f in ("n", "v", "inner", "s_outer", "s_inner")))
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float().contiguous()
@@ -220,8 +249,10 @@ class LogprobsFunction(torch.autograd.Function):
             g_ent = g_ent.reshape(-1).float().contiguous()
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
         logprobs_bwd(rows, g_rows, targets, lse, ent, g_logp, g_ent, ctx.inv_temp, ctx.backend)
-        if ctx.inplace and grad.shape != ctx.shape:
-            grad = grad.view(ctx.shape)
+        if ctx.inplace:
+            finish_inplace(ctx, rows)
+            if grad.shape != ctx.shape:
+                grad = grad.view(ctx.shape)
         return grad, None, None, None, None, None
 
 
@@ -240,7 +271,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         temperature: > 0; logits are divided by it (match the sampler's temperature).
         return_entropy: also return the entropy of ``softmax(logits / temperature)``.
         inplace_backward: backward writes grad_logits into the logits' storage (the logits
-            must not be needed after backward). Saves one (N, V) allocation.
+            must not be needed after backward). Saves one (N, V) allocation. Ignored (a new
+            gradient tensor is used) for expanded / overlapping logits; a second backward through
+            the same graph raises, and so does any other autograd node that saved the logits.
         backend: None (automatic) | "triton" | "cpu" | "cuda" | "torch"; see rlhf_fast._backend.
 
     Returns:

@@ -27,16 +27,17 @@ Naming chain: ``logprobs_fwd`` / ``logprobs_bwd`` (shared kernels) -> ``PolicyLo
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from rlhf_fast import _backend
 from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inputs, check_loss_agg: re-exported)
     LOSS_AGGS, VALUE_DTYPES, check_estimator, check_finite_inputs, check_float, check_logits, check_loss_agg,
     check_number, check_positive, check_same_device, check_shape, check_targets,
 )
-from rlhf_fast.ops._common import Rows, as_rows, masked_mean
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only, masked_mean
 from rlhf_fast.ops.kl import kl_penalty_ref
-from rlhf_fast.ops.logprobs import LAUNCHERS, grad_rows, logprobs_bwd, logprobs_fwd
+from rlhf_fast.ops.logprobs import (
+    LAUNCHERS, can_write_inplace, check_first_inplace_backward, finish_inplace, grad_rows, logprobs_bwd, logprobs_fwd,
+)
 
 
 # ---------------------------------------------------------------------------- shared pieces
@@ -91,7 +92,9 @@ def policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_cl
             "dual_clip_frac": masked_mean(dual.to(ratio.dtype), valid),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
             "ratio_mean": masked_mean(ratio, valid),
-            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax(),
+            # (B = 0: no element to reduce; the shape, not the data, decides: no host sync)
+            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax() if ratio.numel()
+            else ratio.new_zeros(()),
             "nonfinite_inputs": nonfinite,
         }
         if ent is not None:
@@ -110,7 +113,10 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
     See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored."""
     del inplace_backward
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    z = logits.to(dtype)
+    valid = mask != 0
+    # a masked row may hold anything (NaN, inf): it must not reach the loss or its gradient
+    # (autograd of log_softmax would give 0 * NaN there), so it is replaced by zeros first
+    z = torch.where(valid.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
     if temperature != 1.0:
         z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
@@ -120,7 +126,6 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
         p = logp_all.exp()
         ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
 
-    valid = mask != 0
     zero = torch.zeros_like(logp)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     adv = advantages.to(dtype)
@@ -234,14 +239,17 @@ class PolicyLossFunction(torch.autograd.Function):
         c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
         ctx.save_for_backward(rows.data, flat_targets, lse, ent if c_ent is not None else None, c_lp, c_ent)
         ctx.layout = (rows.n, rows.v, *rows.layout())
-        ctx.shape, ctx.inv_temp, ctx.inplace, ctx.backend = logits.shape, inv_temp, opts["inplace_backward"], backend
+        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.inplace = can_write_inplace(rows, opts["inplace_backward"])
         opts["stat_names"][:] = list(stats)  # hands the (static) key order back to ppo_policy_loss
         values = tuple(stats.values())
         ctx.mark_non_differentiable(*values)
         return (loss, *values)
 
     @staticmethod
+    @first_order_only("ppo_policy_loss")
     def backward(ctx, g_loss, *unused):
+        check_first_inplace_backward(ctx)
         data, targets, lse, ent, c_lp, c_ent = ctx.saved_tensors
         rows = Rows(data, *ctx.layout)
         g_loss = g_loss.float()
@@ -249,8 +257,10 @@ class PolicyLossFunction(torch.autograd.Function):
         g_ent = None if c_ent is None else c_ent * g_loss
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
         logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
-        if ctx.inplace and grad.shape != ctx.shape:
-            grad = grad.view(ctx.shape)
+        if ctx.inplace:
+            finish_inplace(ctx, rows)
+            if grad.shape != ctx.shape:
+                grad = grad.view(ctx.shape)
         return grad, None, None, None, None, None, None, None
 
 
@@ -308,7 +318,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         max_tokens: the "-norm" aggregation's constant (default T).
         compute_entropy: also compute the entropy (for stats) when entropy_coef == 0. Otherwise
             no entropy work is done at all.
-        inplace_backward: write grad_logits into the logits' storage (logits unusable afterwards).
+        inplace_backward: write grad_logits into the logits' storage (logits unusable afterwards);
+            as in ``token_logprobs``: ignored for overlapping logits, one backward only.
         backend: None (automatic) | "triton" | "cpu" | "cuda" | "torch"; see rlhf_fast._backend.
 
     Returns:

@@ -20,8 +20,8 @@ LAUNCHERS: dict = {}  # no kernels: plain torch (the "torch" backend) is the imp
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: torch.Tensor, mask: torch.Tensor, *,
-               clip_eps: float | None = None,
-               loss_agg: str = "token-mean", backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               clip_eps: float | None = None, loss_agg: str = "token-mean",
+               backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, per valid token (mask != 0)::
 
         l = 0.5 * max((v - R) ** 2, (old + (v - old).clamp(-clip_eps, clip_eps) - R) ** 2)   # clip_eps given

@@ -23,18 +23,24 @@ from rlhf_fast.ops._common import flat_arg, mask_arg, result_dtype
 def masked_whiten_ref(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) * rsqrt(var + eps) over the positions where mask != 0 (all of x's elements
     together), var unbiased; with shift_mean=False the mean is added back. Masked positions are 0.
-    Fewer than 2 valid positions: var := 0 (so the output is 0, or x with shift_mean=False)."""
+    Fewer than 2 valid positions, or var + eps == 0 (a constant input with eps = 0): rstd := 0, so
+    the output is 0 (the mean with shift_mean=False), never NaN. Statistics are two-pass in fp64
+    (fp32 where the device has no fp64), so |x| ~ 1e20 does not overflow nor a large offset cancel.
+    Returns fp32 (fp64 for fp64 x)."""
     dtype = result_dtype(x)
+    stat = torch.float64 if x.device.type in ("cpu", "cuda") else dtype
     valid = mask != 0
-    x = torch.where(valid, x.to(dtype), 0.0)
-    n = valid.sum().to(dtype)
-    mean = x.sum() / n.clamp(min=1)
-    ss = torch.where(valid, (x - mean) ** 2, 0.0).sum()
-    rstd = torch.where(n >= 2, torch.rsqrt(ss / (n - 1).clamp(min=1) + eps), 0.0)
-    out = (x - mean) * rstd
+    xs = torch.where(valid, x.to(stat), 0.0)
+    n = valid.sum().to(stat)
+    mean = xs.sum() / n.clamp(min=1)
+    ss = torch.where(valid, (xs - mean) ** 2, 0.0).sum()
+    var_eps = ss / (n - 1).clamp(min=1) + eps
+    ok = (n >= 2) & (var_eps != 0)
+    rstd = torch.where(ok, torch.rsqrt(torch.where(ok, var_eps, 1.0)), 0.0)
+    out = (xs - mean) * rstd
     if not shift_mean:
         out = out + mean
-    return torch.where(valid, out, 0.0)
+    return torch.where(valid, out, 0.0).to(dtype)
 
 
 # ---------------------------------------------------------------------------- triton
@@ -42,15 +48,17 @@ def masked_whiten_ref(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = Tr
 def _whiten_stats_kernel(
     x_ptr,  # (N,) contiguous
     mask_ptr,  # (N,) contiguous, any dtype
-    stats_ptr,  # (P, 3) fp32 out: count, mean, M2 of block p's valid elements
+    stats_ptr,  # (P, 3) fp64 out: count, mean, M2 of block p's valid elements
     N,
     BLOCK: tl.constexpr,
 ):
+    """Two-pass statistics of one block in fp64: (x - mean)^2 of fp32 values neither overflows
+    (|x| ~ 1e20) nor cancels (a large offset over a small spread)."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = tl.load(mask_ptr + offs, mask=offs < N, other=0) != 0
-    x = tl.where(valid, tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32), 0.0)
-    cnt = tl.sum(valid.to(tl.float32), axis=0)
+    x = tl.where(valid, tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32).to(tl.float64), 0.0)
+    cnt = tl.sum(valid.to(tl.float64), axis=0)
     mean = tl.sum(x, axis=0) / tl.maximum(cnt, 1.0)
     m2 = tl.sum(tl.where(valid, (x - mean) * (x - mean), 0.0), axis=0)
     tl.store(stats_ptr + pid * 3, cnt)
@@ -63,7 +71,7 @@ def _whiten_apply_kernel(
     x_ptr,  # (N,) contiguous; may alias out_ptr
     mask_ptr,  # (N,) contiguous, any dtype
     out_ptr,  # (N,) fp32 out
-    stats_ptr,  # (P, 3) fp32 partial (count, mean, M2), merged here by every program
+    stats_ptr,  # (P, 3) fp64 partial (count, mean, M2), merged here (Chan et al.) by every program
     N,
     P,
     eps,
@@ -71,30 +79,31 @@ def _whiten_apply_kernel(
     BLOCK: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    cnt = 0.0
-    total = 0.0
+    cnt = tl.zeros((BLOCK_P,), tl.float64)
+    total = tl.zeros((BLOCK_P,), tl.float64)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         c = tl.load(stats_ptr + p * 3, mask=p < P, other=0.0)
-        cnt += tl.sum(c, axis=0)
-        total += tl.sum(c * tl.load(stats_ptr + p * 3 + 1, mask=p < P, other=0.0), axis=0)
-    mean = total / tl.maximum(cnt, 1.0)
-    m2 = 0.0
+        cnt += c
+        total += c * tl.load(stats_ptr + p * 3 + 1, mask=p < P, other=0.0)
+    n = tl.sum(cnt, axis=0)
+    mean = tl.sum(total, axis=0) / tl.maximum(n, 1.0)
+    m2 = tl.zeros((BLOCK_P,), tl.float64)
     for p0 in range(0, P, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
         c = tl.load(stats_ptr + p * 3, mask=p < P, other=0.0)
         dm = tl.load(stats_ptr + p * 3 + 1, mask=p < P, other=0.0) - mean
-        m2 += tl.sum(tl.load(stats_ptr + p * 3 + 2, mask=p < P, other=0.0) + c * dm * dm, axis=0)
-    var = m2 / tl.maximum(cnt - 1.0, 1.0)
-    rstd = tl.where(cnt >= 2.0, 1.0 / tl.sqrt(var + eps), 0.0)
+        m2 += tl.load(stats_ptr + p * 3 + 2, mask=p < P, other=0.0) + c * dm * dm
+    var_eps = tl.sum(m2, axis=0) / tl.maximum(n - 1.0, 1.0) + eps
+    # fewer than 2 valid elements, or a constant input with eps = 0: 0 (not 0 * inf)
+    rstd = tl.where((n >= 2.0) & (var_eps != 0.0), 1.0 / tl.sqrt(tl.where(var_eps != 0.0, var_eps, 1.0)), 0.0)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = tl.load(mask_ptr + offs, mask=offs < N, other=0) != 0
-    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(tl.float32).to(tl.float64)
     y = (x - mean) * rstd
     if not SHIFT_MEAN:
         y += mean
-    tl.store(out_ptr + offs, tl.where(valid, y, 0.0), mask=offs < N)
-
+    tl.store(out_ptr + offs, tl.where(valid, y, 0.0).to(tl.float32), mask=offs < N)
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -103,7 +112,7 @@ CPU_CHUNK = 1 << 14  # kWhitenChunk in csrc/cpu/whiten.cpp
 
 def _stats_triton(x, mask):
     block = 4096
-    stats = torch.empty(triton.cdiv(x.numel(), block), 3, dtype=torch.float32, device=x.device)
+    stats = torch.empty(triton.cdiv(x.numel(), block), 3, dtype=torch.float64, device=x.device)
     if x.numel():
         _whiten_stats_kernel[(stats.shape[0],)](x, mask, stats, x.numel(), BLOCK=block, num_warps=8)
     return stats
@@ -156,8 +165,8 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
         mean = x[mask].mean(); var = x[mask].var(unbiased=True)
         out = torch.where(mask != 0, (x - mean) * torch.rsqrt(var + eps) (+ mean if not shift_mean), 0)
 
-    With fewer than 2 valid positions var is taken as 0 (no NaN): the output is then 0 (x itself
-    with shift_mean=False).
+    With fewer than 2 valid positions, or var + eps == 0 (constant input, eps = 0), the output is 0
+    (the mean with shift_mean=False), never NaN. Statistics in fp64 on every backend.
 
     Args:
         x: (...) fp32 / fp16 / bf16. mask: (...) same shape, 0/1. eps: >= 0.

@@ -37,6 +37,7 @@ def test_launcher_mappings_are_what_select_backend_reads():
     assert set(wh_mod.LAUNCHERS) == set(ga_mod.LAUNCHERS) == set(kl_mod.KL_PENALTY_LAUNCHERS) == {"triton", "cpu"}
     assert _backend.select_backend(cpu, lp_mod.LAUNCHERS) == "cpu"
     assert _backend.select_backend(cpu, {}) == "torch"
+    assert _backend.select_backend(cpu) == "cpu"  # no mapping: what an op with every backend runs
     with pytest.raises(ValueError, match="no cuda implementation"):
         _backend.select_backend(cpu, wh_mod.LAUNCHERS, backend="cuda")
     with pytest.raises(RuntimeError, match="CUDA tensors only"):

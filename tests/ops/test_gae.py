@@ -198,3 +198,16 @@ def test_gpu_ppo_advantages_large(monkeypatch):
     t = ppo_advantages_ref(s, lp, rp, v, mask, 0.05, 1.0, 0.95, "k3")
     for name, o, r, tt in zip(("advantages", "returns", "rewards"), out, ref, t):
         assert_close_to_ref(o, r, tt, atol=1e-5, name=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "torch"])
+def test_ppo_advantages_whitening_of_huge_advantages(backend):
+    """Scores ~1e20 give advantages ~1e20: the whitening statistics must not overflow fp32."""
+    torch.manual_seed(0)
+    B, T = 5, 33
+    s, lp, rp, v = torch.randn(B) * 1e20, torch.randn(B, T), torch.randn(B, T), torch.randn(B, T)
+    mask = make_mask(B, T, seed=11)
+    adv, _, _ = ppo_advantages(s, lp, rp, v, mask, kl_coef=0.1, backend=backend)
+    want, _, _ = ppo_advantages_ref(s.double(), lp.double(), rp.double(), v.double(), mask, 0.1)
+    assert adv.abs().max() > 0.5
+    assert_close_to_ref(adv, want, atol=1e-4)

@@ -35,3 +35,18 @@ def test_group_advantages_group_size_one_and_many_groups(backend, device):
     assert_close_to_ref(out.cpu(), loop_group(scores.cpu().double(), 6, "mean", "group", 1e-6), atol=1e-4)
 
 
+
+
+ALL_BACKENDS = ["triton", "cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("baseline", ["mean", "leave_one_out"])
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_large_offset_small_spread(backend, baseline, scale):
+    """Scores ~1e9 with spread 100: the fp32 group mean used to cancel (shifted statistics now)."""
+    torch.manual_seed(0)
+    scores = (1e9 + 100 * torch.randn(24, dtype=torch.float64)).float()
+    out = group_advantages(scores, 4, baseline=baseline, scale=scale, backend=backend)
+    want = loop_group(scores.double(), 4, baseline, scale, 1e-6)
+    assert_close_to_ref(out, want, atol=1e-4 * max(1.0, float(want.abs().max())))

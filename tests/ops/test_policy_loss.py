@@ -263,3 +263,13 @@ def test_gpu_large_vocab(dtype, kind, monkeypatch):
     kw.pop("per_seq")
     logits, targets, old, adv, mask, ref = _inputs(4, 64, 151936, dtype, "cuda", per_seq=True, seed=2)
     _check(logits, targets, old, adv, mask, ref, name=f"gpu {kind} {dtype}", **kw)
+
+
+@pytest.mark.parametrize("kind", ["triton", "cpu", "torch"])
+def test_empty_batch_gives_zero_loss(kind):
+    """B = 0 (e.g. every completion filtered out): loss 0, stats 0, an empty gradient; no error."""
+    x = torch.randn(0, 3, 10, requires_grad=True)
+    loss, stats = ppo_policy_loss(x, torch.zeros(0, 3, dtype=torch.long), None, torch.zeros(0, 3),
+                                  torch.zeros(0, 3), compute_entropy=True, backend=kind)
+    loss.backward()
+    assert float(loss) == 0.0 and all(float(v) == 0.0 for v in stats.values()) and x.grad.shape == x.shape

@@ -1,5 +1,5 @@
 """Every op honours the strides of every tensor argument (issue 11, item 1): each argument in turn
-is passed as a sliced, transposed, expanded or storage-offset view, on the triton, cpu and torch
+is passed as a sliced, transposed, expanded (first or last dim) or storage-offset view, on the triton, cpu and torch
 backends, and the result (and the gradient w.r.t. a differentiable argument) must match the op's
 ``*_ref`` on float64 contiguous copies of the same values."""
 import pytest
@@ -10,7 +10,7 @@ from rlhf_fast.ops.gae import kl_shaped_rewards_ref
 from helpers import assert_close_to_ref
 
 B, T, V = 4, 9, 37
-KINDS = ("sliced", "transposed", "expanded", "offset")
+KINDS = ("sliced", "transposed", "expanded", "expanded_last", "offset")
 BACKENDS = ("triton", "cpu", "torch")
 
 
@@ -25,6 +25,8 @@ def view_of(x: torch.Tensor, kind: str) -> torch.Tensor:
         return x.permute(*perm).contiguous().permute(*perm)
     if kind == "expanded":  # stride 0 along the first dim
         return x[:1].expand_as(x)
+    if kind == "expanded_last":  # stride 0 along the last dim (a broadcast column / vocabulary)
+        return x[..., :1].expand_as(x)
     big = torch.zeros(x.numel() + 5, dtype=x.dtype)  # offset: contiguous, data_ptr != storage start
     big[5:] = x.reshape(-1)
     return big[5:].view(x.shape)

@@ -51,3 +51,32 @@ def test_masked_whiten_bf16_and_garbage_in_masked(backend, device):
     assert_close_to_ref(out.cpu(), ref, atol=1e-5, name="whitened")
 
 
+
+
+# ---------------------------------------------------------------------------- fp32 cancellation / overflow
+ALL_BACKENDS = ["triton", "cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("scale,offset", [(1e20, 0.0), (1e30, 1e30), (1.0, 1e7), (1e-30, 0.0)])
+def test_masked_whiten_extreme_magnitudes(backend, scale, offset):
+    """Values ~1e20 used to overflow the fp32 variance (output all zeros); a large offset over a
+    small spread used to cancel. Statistics are now two-pass in float64."""
+    torch.manual_seed(0)
+    x = (torch.randn(6, 50, dtype=torch.float64) * scale + offset).float()
+    mask = make_mask(6, 50, seed=3)
+    out = masked_whiten(x, mask, backend=backend)
+    want = loop_whiten(x.double(), mask)
+    if scale >= 1:  # (var ~ 1e-60 << eps: the right answer is ~0 there)
+        assert out.abs().max() > 0.5, "whitened output collapsed to 0"
+    assert_close_to_ref(out, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_eps0_constant_input_is_zero_not_nan(backend, shift_mean):
+    x = torch.full((3, 7), 2.5)
+    mask = make_mask(3, 7, seed=4)
+    out = masked_whiten(x, mask, eps=0.0, shift_mean=shift_mean, backend=backend)
+    want = torch.where(mask, torch.tensor(0.0 if shift_mean else 2.5), torch.tensor(0.0))
+    assert torch.equal(out, want), out
