@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
 import re
 import subprocess
@@ -163,113 +162,51 @@ def resolve_settings(command: str, config_path=None, sets=(), model=None) -> tup
     return cfg, run
 
 
-# ---------------------------------------------------------------------------- models
-def load_tokenizer(run: dict):
-    from transformers import AutoTokenizer
-
-    from rlhf_fast.tokenizer import byte_tokenizer
-
-    src = run.get("tokenizer") or run["model"]
-    if src == "tiny":
-        return byte_tokenizer()
-    _check_dir("tokenizer" if run.get("tokenizer") else "model", src)
-    return AutoTokenizer.from_pretrained(src)
-
-
-def _check_dir(key, path):
-    if not Path(path).is_dir():
-        raise CLIError(f"{key}: {path} is not a folder (expected a local Hugging Face model folder)")
-
-
-def tiny_causal_lm(tokenizer, hidden_size: int = 128, num_layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
-
-
-def load_causal_lm(key: str, path: str, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    if path == "tiny":
-        return tiny_causal_lm(tokenizer)
-    _check_dir(key, path)
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
-def load_reward_fn(spec: str):
-    if ":" not in spec:
-        raise CLIError(f"reward_fn={spec!r}: expected 'package.module:function'")
-    mod, name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise CLIError(f"reward_fn={spec!r}: {e}") from None
-    if not callable(fn):
-        raise CLIError(f"reward_fn={spec!r} is not callable")
-    return fn
-
-
 # ---------------------------------------------------------------------------- commands
 def cmd_sft(cfg, run):
     from rlhf_fast.data import load_sft
+    from rlhf_fast.models import load_causal_lm, load_tokenizer
     from rlhf_fast.trainer.sft import SFTTrainer
 
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     train = load_sft(run["train_file"])
     evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm("model", run["model"], tok)
+    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
     result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/loss", "train/loss"))
 
 
 def cmd_rm(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.trainer.reward import RewardTrainer, reward_model_from_pretrained
+    from rlhf_fast.models import load_reward_model, load_tokenizer
+    from rlhf_fast.trainer.reward import RewardTrainer
 
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     train = load_preferences(run["train_file"])
     evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if run["model"] == "tiny":
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            tiny_causal_lm(tok).save_pretrained(d)
-            model = reward_model_from_pretrained(d, pad_token_id=pad)
-    else:
-        _check_dir("model", run["model"])
-        model = reward_model_from_pretrained(run["model"], pad_token_id=pad)
+    model = load_reward_model(run["model"], tok, seed=cfg.seed)
     result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
 def cmd_rl(command, cfg, run):
     from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.models import load_causal_lm, load_policy, load_reward_fn, load_reward_model, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
-    from rlhf_fast.trainer.model import PolicyValueModel
     from rlhf_fast.trainer.ppo import PPOTrainer
-    from rlhf_fast.trainer.reward import reward_model_from_pretrained
 
     if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
     reward = {}
     if run.get("reward_fn"):
         reward["reward_fn"] = load_reward_fn(run["reward_fn"])
     else:
-        _check_dir("reward_model", run["reward_model"])
-        reward["reward_model"] = reward_model_from_pretrained(run["reward_model"])
-    ref = load_causal_lm("ref_model", run["ref_model"], tok) if run.get("ref_model") else None
-    if command == "ppo" and run["model"] != "tiny":
-        _check_dir("model", run["model"])
-        model = PolicyValueModel.from_pretrained(run["model"], value_head=True)
-    else:
-        model = load_causal_lm("model", run["model"], tok)
+        reward["reward_model"] = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed)
+    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
+    # --model tiny: the weights come from cfg.seed, so a resumed run rebuilds the same reference
+    model = load_policy(run["model"], tok, value_head=command == "ppo", seed=cfg.seed)
     cls = PPOTrainer if command == "ppo" else GRPOTrainer
     trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward)
     trainer.train()
@@ -339,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", help="local Hugging Face model folder (or 'tiny')")
         sp.add_argument("--threads", type=int, help="torch CPU threads")
         sp.add_argument("--list-keys", action="store_true", help="print the valid settings and exit")
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error (also RLHF_FAST_DEBUG=1)")
 
     d = sub.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on a built-in task (no downloads)")
     settings_args(d, with_model=False)
@@ -368,29 +306,42 @@ def list_keys(command) -> str:
     return "\n".join(lines)
 
 
+def user_errors() -> tuple:
+    """The exception classes that mean a user mistake (bad setting, file, folder, checkpoint or a
+    run that stopped on NaN/Inf): printed as one line, the traceback only with --debug."""
+    from rlhf_fast.data import DataError
+    from rlhf_fast.models import LoadError
+    from rlhf_fast.trainer.checkpoint import CorruptCheckpointError
+    from rlhf_fast.trainer.config import ConfigError
+    from rlhf_fast.trainer.runtime import NonFiniteError, OutputDirInUseError
+
+    return (CLIError, DataError, ConfigError, LoadError, OutputDirInUseError, CorruptCheckpointError, NonFiniteError,
+            FileNotFoundError)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("RLHF_FAST_DEBUG") == "1"
     try:
         return _dispatch(args) or 0
-    except CLIError as e:
+    except BrokenPipeError:  # e.g. `rlhf-fast ppo --list-keys | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
         print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # data and config errors name the file / field
-        from rlhf_fast.data import DataError
-        from rlhf_fast.trainer.config import ConfigError
-
-        if isinstance(e, (DataError, ConfigError)):
-            print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 def _dispatch(args):
     if args.command == "bench":
         return cmd_bench(args)
     if args.list_keys:
-        print(list_keys(args.command))
+        print(list_keys(args.command), flush=True)
         return 0
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: must be >= 1")
     if args.command == "demo":
         cfg, run = demo_settings(args)
     else:
@@ -399,6 +350,7 @@ def _dispatch(args):
             import torch
 
             torch.set_num_threads(args.threads)
+    check_start(args.command, cfg)
     _quiet_transformers()
     _save_settings(args.command, cfg, run)
     if args.command == "demo":
@@ -409,6 +361,30 @@ def _dispatch(args):
         if args.command == "rm":
             return cmd_rm(cfg, run)
         return cmd_rl(args.command, cfg, run)
+
+
+def check_start(command: str, cfg) -> None:
+    """Before anything runs or is written: a fresh run must not land on another run's
+    output_dir (unless overwrite_output_dir), and resume_from must name a checkpoint folder."""
+    from rlhf_fast.trainer.runtime import run_in_progress
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output_dir {out} is a file, not a folder")
+    resume = getattr(cfg, "resume_from", "")
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        raise CLIError(f"resume_from={resume}: no such checkpoint folder")
+    if resume or cfg.overwrite_output_dir:
+        return
+    if command == "demo":
+        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (out / n).exists()]
+        used = ", ".join(used) or None
+    else:
+        used = run_in_progress(out)
+    if used:
+        what = "set overwrite_output_dir=true to replace it" + ("" if command == "demo" else
+                                                               ", resume_from=latest to continue it")
+        raise CLIError(f"output_dir {out} already holds a run ({used}); {what}, or choose another output_dir")
 
 
 def _torchrun_job(cfg):

@@ -47,6 +47,7 @@ class DemoConfig:
     threads: int = 1  # torch CPU threads: for a model this small one thread is fastest
     no_kl_leash: bool = False  # also run PPO / GRPO with kl_coef = beta = 0 (reward over-optimisation)
     progress_bar: bool = True
+    overwrite_output_dir: bool = False  # replace the demo already in output_dir
     # task and data
     p_clean: float = 0.3
     label_noise: float = 0.1
@@ -156,6 +157,11 @@ class Demo:
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
+        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (self.out / n).exists()]
+        if used and not cfg.overwrite_output_dir:
+            raise FileExistsError(f"output_dir {self.out} already holds a demo run ({', '.join(used)}); "
+                                  "set overwrite_output_dir=true to replace it, or choose another output_dir")
+        (self.out / "heldout.jsonl").unlink(missing_ok=True)
         try:
             self.make_data()
             self.timed("sft", self.sft)
@@ -207,7 +213,7 @@ class Demo:
     def common(self, name):
         c = self.cfg
         return dict(output_dir=str(self.out / name), seed=c.seed, device=c.device, progress_bar=c.progress_bar,
-                    tensorboard=False)
+                    tensorboard=False, overwrite_output_dir=c.overwrite_output_dir)
 
     def sft(self):
         c, d = self.cfg, self.out / "data"

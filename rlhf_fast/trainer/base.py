@@ -6,7 +6,7 @@
         stats = update(batch, step)          # passes over mini-batches, each one optimizer step
         metrics = rollout_metrics(...) | stats
         after_step(batch, metrics)           # the algorithm's (ppo.py: KL controller, explained variance)
-        log; checkpoint every save_steps
+        log; maybe_save()                    # a checkpoint every save_steps
     export(output_dir / "final")
 
 Setup, the optimizer step with its non-finite guard, checkpoints and the export come from the
@@ -155,9 +155,14 @@ class RLTrainer(Runtime):
                 self.after_step(batch, metrics)
                 self.step = step + 1
                 log.log(self.step, metrics)
-                if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
-                    self.save()
+                self.maybe_save()
         self.export()
+
+    def maybe_save(self) -> None:
+        """Checkpoints every ``save_steps`` steps and at the last one (a hook: the demo evaluates here)."""
+        cfg = self.config
+        if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
+            self.save()
 
     # ------------------------------------------------------------------ 1. experience
     def prompt_indices(self, step: int) -> list[int]:
