@@ -146,7 +146,7 @@ def latest_checkpoint(root) -> Path | None:
     candidates = list_checkpoints(root)
     if not pointer.exists() and not candidates:
         return None
-    problem = f"{pointer} is missing"
+    problem, name = f"{pointer} is missing", None
     if pointer.exists():
         name = pointer.read_text().strip()
         if not name:
@@ -157,6 +157,8 @@ def latest_checkpoint(root) -> Path | None:
             except (CorruptCheckpointError, FileNotFoundError) as e:
                 problem = f"{pointer} names {name}: {e}"
     for path in reversed(candidates):
+        if path.name == name:
+            continue
         try:
             verify_checkpoint(path)
         except (CorruptCheckpointError, FileNotFoundError) as e:
