@@ -190,7 +190,7 @@ def test_a_truncated_file_is_named_and_the_previous_checkpoint_used(tmp_path, ba
     _truncate(tmp_path / "step-000002" / bad)
     with pytest.raises(ckpt.CorruptCheckpointError, match=rf"step-000002.{'manifest' if 'manifest' in bad else bad}"):
         ckpt.load_checkpoint(tmp_path / "step-000002", model=model, optimizer=opt)
-    with pytest.warns(UserWarning, match=rf"latest names step-000002: .*falling back to .*step-000001"):
+    with pytest.warns(UserWarning, match=r"latest names step-000002: .*falling back to .*step-000001"):
         assert ckpt.latest_checkpoint(tmp_path).name == "step-000001"
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path), model=model, optimizer=opt)["step"] == 1
 
