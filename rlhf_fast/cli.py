@@ -172,10 +172,11 @@ def user_errors() -> tuple:
     from rlhf_fast.models import LoadError
     from rlhf_fast.trainer.checkpoint import CorruptCheckpointError
     from rlhf_fast.trainer.config import ConfigError
+    from rlhf_fast.trainer.rollout import RewardFunctionError
     from rlhf_fast.trainer.runtime import NonFiniteError, OutputDirInUseError
 
     return (CLIError, DataError, ConfigError, LoadError, OutputDirInUseError, CorruptCheckpointError, NonFiniteError,
-            FileNotFoundError)
+            RewardFunctionError, FileNotFoundError, FileExistsError)
 
 
 def main(argv=None) -> int:
@@ -211,15 +212,33 @@ def _dispatch(args):
             torch.set_num_threads(args.threads)
     check_start(args.command, cfg)
     _quiet_transformers()
-    _save_settings(args.command, cfg, run)
-    if args.command == "demo":
-        return cmd_demo(cfg, run)
-    with _torchrun_job(cfg):
-        if args.command == "sft":
-            return cmd_sft(cfg, run)
-        if args.command == "rm":
-            return cmd_rm(cfg, run)
-        return cmd_rl(args.command, cfg, run)
+    out = Path(cfg.output_dir)
+    existed = out.exists()
+    saved = _save_settings(args.command, cfg, run)
+    try:
+        if args.command == "demo":
+            return cmd_demo(cfg, run)
+        with _torchrun_job(cfg):
+            if args.command == "sft":
+                return cmd_sft(cfg, run)
+            if args.command == "rm":
+                return cmd_rm(cfg, run)
+            return cmd_rl(args.command, cfg, run)
+    except BaseException:
+        _forget_failed_start(saved, existed)
+        raise
+
+
+def _forget_failed_start(saved, existed: bool) -> None:
+    """A run that failed before it logged or saved anything leaves no run_config.yaml (nor the
+    output folder, when this run created it and it is empty)."""
+    from rlhf_fast.trainer.runtime import run_in_progress
+
+    if saved is None or run_in_progress(saved.parent):
+        return
+    saved.unlink(missing_ok=True)
+    if not existed and not any(saved.parent.iterdir()):
+        saved.parent.rmdir()
 
 
 def check_start(command: str, cfg) -> None:
@@ -296,10 +315,12 @@ def _save_settings(command, cfg, run):
     import yaml
 
     if not _rank0():
-        return
+        return None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
+    path = out / "run_config.yaml"
+    path.write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
+    return path
 
 
 if __name__ == "__main__":

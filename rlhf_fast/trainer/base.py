@@ -32,10 +32,17 @@ from torch import nn
 
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
-from rlhf_fast.trainer.config import RLConfig
+from rlhf_fast.trainer.config import ConfigError, RLConfig
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
 from rlhf_fast.trainer.process_group import rank, world_size
-from rlhf_fast.trainer.rollout import Rollout, encode_prompts, rollout_logprobs, sample_rollout, special_ids
+from rlhf_fast.trainer.rollout import (
+    Rollout,
+    RewardFunctionError,
+    encode_prompts,
+    rollout_logprobs,
+    sample_rollout,
+    special_ids,
+)
 from rlhf_fast.trainer.runtime import Runtime, disable_dropout
 from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepare_trainable
 
@@ -102,7 +109,7 @@ class RLTrainer(Runtime):
         limit = getattr(model.policy.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) for p in self.prompt_ids)
         if limit is not None and longest + cfg.max_new_tokens > limit:
-            raise ValueError(f"the longest prompt ({longest} tokens, at most max_prompt_length="
+            raise ConfigError(f"max_new_tokens: the longest prompt ({longest} tokens, at most max_prompt_length="
                              f"{cfg.max_prompt_length}) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings={limit}")
 
@@ -195,11 +202,14 @@ class RLTrainer(Runtime):
         if self.world_size > 1:  # a sampling stream per (step, rank), whatever happened before
             torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank) % 2**63)
         with gathered(self.model, within=self.model.policy), gathered(self.reward_model, full=False):
-            return sample_rollout(self.model.policy, self.tokenizer, [self.prompts[i] for i in idx],
-                                  [self.prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, device=self.device, reward_fn=self.reward_fn,
-                                  reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
-                                  autocast=self.autocast)
+            try:
+                return sample_rollout(
+                    self.model.policy, self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device,
+                    reward_fn=self.reward_fn, reward_model=self.reward_model,
+                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast)
+            except RewardFunctionError as e:  # name the step too
+                raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
 
     def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
         """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,
