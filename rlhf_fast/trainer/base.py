@@ -113,6 +113,7 @@ class RLTrainer(Runtime):
                              f"{cfg.max_prompt_length}) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings={limit}")
 
+        self.completions_per_prompt = cfg.sequences_per_step // cfg.rollout_batch_size  # GRPO: group_size
         self.total_optimizer_steps = cfg.total_steps * self.updates_per_rollout * (
             cfg.sequences_per_step // cfg.mini_batch_size)
         self.build_optimizer([p for p in self.model.parameters() if p.requires_grad], self.total_optimizer_steps)
@@ -217,7 +218,7 @@ class RLTrainer(Runtime):
         values (with a value head) and the reference's log-probs (when ``uses_reference``)."""
         cfg = self.config
         if batch is None:
-            batch = self.sample(step, repeat=cfg.sequences_per_step // cfg.rollout_batch_size)
+            batch = self.sample(step, repeat=self.completions_per_prompt)
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
         batch.logprobs, values = rollout_logprobs(self.model, batch, with_values=self.uses_value_head, **kw)
         if self.uses_value_head:
