@@ -2,8 +2,8 @@
 scores (a ``reward_fn`` or a reward model) -> the per-token log-probs and values the update
 treats as "old".
 
-Every function here works on this rank's batch only; the trainers reduce around them
-(``distributed.py``).
+Every function here works on this rank's batch only; the trainers gather and reduce around
+them (``base.py`` through ``collectives.py``).
 """
 from __future__ import annotations
 
