@@ -1,7 +1,6 @@
 """The rlhf-fast command line: settings from YAML + --set (typed, unknown keys listed), clear
 errors for bad configs and bad data, each stage end to end on a tiny model, bench discovery."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
