@@ -134,7 +134,6 @@ def load_policy(path: str, tokenizer, *, value_head: bool, seed: int = 0, **kwar
     from rlhf_fast.trainer.model import PolicyValueModel
 
     if value_head and path != TINY:
-        kwargs.setdefault("attn_implementation", "sdpa")
         return PolicyValueModel.from_pretrained(check_model_dir("model", path), value_head=True, **kwargs)
     return load_causal_lm(path, tokenizer, seed=seed, **kwargs)
 

@@ -234,11 +234,11 @@ class PolicyValueModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config, *, value_head: bool = True, separate_critic: bool = False,
-                    attn_implementation: str = "sdpa", dtype=None) -> "PolicyValueModel":
+                    attn_implementation: str | None = None, dtype=None) -> "PolicyValueModel":
         """A freshly initialised model from a ``transformers`` config (e.g. a tiny LlamaConfig)."""
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"attn_implementation": attn_implementation}
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if dtype is not None:
             kwargs["dtype"] = dtype
         policy = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -246,7 +246,7 @@ class PolicyValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, value_head: bool = True, separate_critic: bool | None = None,
-                        attn_implementation: str = "sdpa", dtype=None, trust_remote_code: bool = False,
+                        attn_implementation: str | None = None, dtype=None, trust_remote_code: bool = False,
                         **model_init_kwargs) -> "PolicyValueModel":
         """Loads a local HF causal-LM folder (e.g. an SFT checkpoint). The value head and critic
         are loaded when the folder has them, else initialised (the critic as the policy's copy).
@@ -259,8 +259,9 @@ class PolicyValueModel(nn.Module):
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         if separate_critic is None:
             separate_critic = bool(meta.get("separate_critic", False))
-        kwargs = {**model_init_kwargs, "attn_implementation": attn_implementation,
-                  "trust_remote_code": trust_remote_code}
+        kwargs = {**model_init_kwargs, "trust_remote_code": trust_remote_code}
+        if attn_implementation:  # None: transformers' default (sdpa where the family supports it, else eager)
+            kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
             kwargs["dtype"] = dtype
         policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)

@@ -1,9 +1,7 @@
 """The architecture matrix (issue 13): per family, built from a tiny config (no downloads), the
 fused log-probs equal HF's ``log_softmax(model(ids).logits)`` (a float64-bounded tolerance), one
 SFT, RM, PPO and GRPO step runs through the public API, and each export reloads in vanilla
-transformers with no missing / unexpected keys. Four representative families (softcap, projection
-dims, logit scaling, MoE without a sequence-classification class) run by default, the rest are
-marked slow; the log-prob check runs on every family."""
+transformers with no missing / unexpected keys (all 17 families: ~30 s on one thread)."""
 import copy
 
 import pytest
@@ -28,8 +26,6 @@ from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_f
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
-DEFAULT = ("gemma2", "opt", "granite", "olmoe")
-MATRIX = [pytest.param(n, marks=() if n in DEFAULT else pytest.mark.slow) for n in SPECS]
 
 
 def batch(seed=0, B=3, L=9):
@@ -136,7 +132,7 @@ def pref_data(n=8):
     return [{"prompt": PROMPTS[i % len(PROMPTS)], "chosen": "aaa", "rejected": "bcd"} for i in range(n)]
 
 
-@pytest.mark.parametrize("name", MATRIX)
+@pytest.mark.parametrize("name", list(SPECS))
 def test_one_step_of_every_stage_and_exports_reload(name, tmp_path):
     tok = char_tokenizer()
     ids, mask = batch()
