@@ -172,3 +172,42 @@ def test_one_step_of_every_stage_and_exports_reload(name, tmp_path):
     GRPOTrainer(GRPOConfig(output_dir=str(tmp_path / "grpo"), group_size=2, **kw), model=arch_lm(name),
                 tokenizer=tok, reward_fn=target_fraction, prompts=PROMPTS).train()
     no_missing_keys(T.AutoModelForCausalLM, tmp_path / "grpo" / "final")
+
+
+# ---------------------------------------------------------------------------- model names (hub ids)
+def fake_hub_cache(root, repo="org/tiny-gemma2"):
+    """A Hugging Face cache holding ``repo`` (a tiny Gemma2 and the char tokenizer), laid out as
+    ``huggingface_hub`` writes it."""
+    commit = "0" * 40
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / commit
+    arch_lm("gemma2").save_pretrained(snap)
+    char_tokenizer().save_pretrained(snap)
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text(commit)
+    return snap
+
+
+def test_hub_id_through_the_local_cache_with_lora_and_dtype(tmp_path, monkeypatch, capsys):
+    from rlhf_fast.cli import main
+    from rlhf_fast.data import write_jsonl
+    from rlhf_fast.models import LoadError, check_model_dir, load_causal_lm, load_kwargs
+
+    snap = fake_hub_cache(tmp_path / "hub")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_model_dir("model", "org/tiny-gemma2") == snap
+    lm = load_causal_lm("org/tiny-gemma2", None, **load_kwargs(SFTConfig(model_dtype="bf16",
+                                                                            attn_implementation="eager")))
+    assert lm.dtype == torch.bfloat16 and lm.config._attn_implementation == "eager"
+    with pytest.raises(LoadError, match=r"org/absent.*Hugging Face cache .*hub.*HF_HUB_OFFLINE"):
+        check_model_dir("model", "org/absent")
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:4]])
+    sets = dict(prompts_file=tmp_path / "prompts.jsonl", reward_fn="rl_utils:target_fraction", total_steps=1,
+                rollout_batch_size=2, group_size=2, mini_batch_size=4, micro_batch_size=2, max_new_tokens=3,
+                lora_r=2, lora_target_modules="q_proj,v_proj", model_dtype="bf16", precision="bf16",
+                output_dir=tmp_path / "grpo", progress_bar=False, tensorboard=False, plot=False, device="cpu")
+    argv = ["grpo", "--model", "org/tiny-gemma2"] + [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert (tmp_path / "grpo" / "final" / "adapter_config.json").is_file()
