@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -245,10 +246,14 @@ class Runtime:
         tokenizer to ``path`` (default ``output_dir/final``): every rank calls it, rank 0 writes."""
         path = Path(path) if path is not None else self.output_dir / "final"
         out = ckpt.export_pretrained(self.model, path, self.tokenizer)
-        if self.config.lora_export_merged and self.rank == 0:  # ``path / "merged"``: full weights
+        lm = getattr(self.model, "policy", self.model)
+        if self.config.lora_export_merged and is_peft(lm) and self.world_size > 1:
+            if self.rank == 0:
+                warnings.warn("lora_export_merged: skipped under torchrun (the model is sharded); merge the exported "
+                              "adapter in one process: PeftModel.from_pretrained(base, path).merge_and_unload()",
+                              stacklevel=2)
+        elif self.config.lora_export_merged and is_peft(lm):  # ``path / "merged"``: full weights
             from rlhf_fast.trainer.lora import export_merged
 
-            lm = getattr(self.model, "policy", self.model)
-            if is_peft(lm):
-                export_merged(lm, path / "merged", self.tokenizer)
+            export_merged(lm, path / "merged", self.tokenizer)
         return out
