@@ -385,3 +385,7 @@ def ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, *, clip_eps
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
     return loss, dict(zip(opts["stat_names"], values))
+
+
+policy_terms = _policy_terms
+policy_stats = _policy_stats
