@@ -150,9 +150,16 @@ def chunk_grad_logits(head: Head, z, spare, targets_c, lse, ent, g_lp, g_ent, in
             z.mul_(head.logit_scale)
         return z
     logprobs_bwd(rows, as_rows(spare), targets_c, lse, ent, g_lp, g_ent, inv_temp, backend)
-    # d/dz [c tanh(z s / c)] = s (1 - tanh^2) = s (1 - (zt / c)^2)
-    z.div_(head.softcap).square_().neg_().add_(1.0).mul_(head.logit_scale)
-    return spare.mul_(z)
+    return transform_grad_(head, z, spare)
+
+
+def transform_grad_(head: Head, z, g):
+    """g *= d transform / d logits, with z the transformed chunk (overwritten when softcap)."""
+    if head.softcap is not None:
+        # d/dz [c tanh(z s / c)] = s (1 - tanh^2) = s (1 - (zt / c)^2)
+        z.div_(head.softcap).square_().neg_().add_(1.0).mul_(head.logit_scale)
+        return g.mul_(z)
+    return g.mul_(head.logit_scale) if head.logit_scale != 1.0 else g
 
 
 class Grads:
