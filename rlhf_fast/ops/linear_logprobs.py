@@ -290,8 +290,8 @@ def check_head(hidden, weight, bias, logit_scale, softcap, chunk_size, backend):
         backend = _backend.select_backend(hidden.device)
     elif backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS} or None, got {backend!r}")
-    elif (backend == "cpu") != (hidden.device.type == "cpu") and backend != "torch" and backend != "triton":
-        raise RuntimeError(f"backend={backend!r} cannot run {hidden.device.type} tensors")
+    elif backend in ("cpu", "cuda") and hidden.device.type != backend:
+        raise ValueError(f"backend={backend!r} cannot run {hidden.device.type} tensors")
     return weight.shape[0], logit_scale, softcap, chunk_size, backend
 
 

@@ -173,6 +173,15 @@ def test_torch_backend_is_the_reference(monkeypatch):
     assert torch.equal(got, ref)
 
 
+@pytest.mark.parametrize("kernel", ["cpu", "triton", "torch"])
+def test_backend_argument_overrides_dispatch(monkeypatch, kernel):
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cpu" if kernel == "triton" else "triton")
+    hidden, weight, b, targets = make_inputs((6,), 8, 90, torch.float32, bias=True, seed=15)
+    got = linear_token_logprobs(hidden, weight, targets, bias=b, backend=kernel, chunk_size=4)
+    ref = linear_token_logprobs_ref(hidden.double(), weight.double(), targets, bias=b.double())
+    assert_close_to_ref(got, ref, atol=2e-5, name=f"backend={kernel}")
+
+
 def test_head_logits_ref_is_the_definition():
     hidden, weight, b, _ = make_inputs((3,), 6, 20, torch.float64, bias=True, seed=11)
     z = head_logits_ref(hidden, weight, b, 0.5, 2.0)
@@ -194,6 +203,7 @@ def test_bad_arguments_name_the_argument():
         (dict(softcap=0.0), "softcap"),
         (dict(chunk_size=0), "chunk_size"),
         (dict(backend="tpu"), "backend"),
+        (dict(backend="cuda"), "backend"),  # CPU tensors
     ]
     for kw, name in cases:
         args = dict(hidden=hidden, weight=weight, targets=targets, bias=b)
