@@ -164,7 +164,7 @@ def run(n, hd, v, dtype, device, names=None, reps=5):
             "rounds": reps, **{f"{k}_ms": x for k, x in fl.items()},
             "gemm_GFLOPs": 2 * n * hd * v / (floor_fwd / 1e3) / 1e9, "floor_fwd_ms": floor_fwd,
             "floor_6NHV_ms": floor_6, "floor_8NHV_ms": floor_8, "logits_MB": n * v * 4 / 2**20,
-            "grad_outputs_MB": out_mb, "chunk_bytes": int(os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", 64 << 20)),
+            "grad_outputs_MB": out_mb, "chunk_bytes": int(os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", str(64 << 20))),
             "rows": list(rows.values())}
 
 

@@ -101,7 +101,11 @@ def pick_chunk(n: int, v: int, chunk_size, buffers: int) -> int:
     """Tokens per chunk: ``chunk_size`` if given, else as many as keep ``buffers`` (C, V) fp32
     buffers within RLHF_FAST_HEAD_CHUNK_BYTES (default 64 MiB); at least 1, at most n."""
     if chunk_size is None:
-        budget = int(os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", DEFAULT_CHUNK_BYTES))
+        raw = os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", str(DEFAULT_CHUNK_BYTES))
+        try:
+            budget = int(raw)
+        except ValueError:
+            raise ValueError(f"RLHF_FAST_HEAD_CHUNK_BYTES must be an integer number of bytes, got {raw!r}") from None
         chunk_size = budget // (4 * v * buffers)
     return max(1, min(int(chunk_size), max(n, 1)))
 

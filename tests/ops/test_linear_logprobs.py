@@ -161,6 +161,9 @@ def test_chunk_size_changes_nothing_but_memory(backend, monkeypatch):
     assert pick_chunk(11, 333, None, 1) == 3
     assert pick_chunk(11, 333, None, 3) == 1
     assert pick_chunk(11, 333, 50, 1) == 11
+    monkeypatch.setenv("RLHF_FAST_HEAD_CHUNK_BYTES", "lots")
+    with pytest.raises(ValueError, match="RLHF_FAST_HEAD_CHUNK_BYTES"):
+        pick_chunk(11, 333, None, 1)
     monkeypatch.delenv("RLHF_FAST_HEAD_CHUNK_BYTES")
     assert pick_chunk(100_000, 151_936, None, 1) == (64 << 20) // (4 * 151_936)
 
