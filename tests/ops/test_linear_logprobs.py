@@ -165,7 +165,9 @@ def test_chunk_size_changes_nothing_but_memory(backend, monkeypatch):
     with pytest.raises(ValueError, match="RLHF_FAST_HEAD_CHUNK_BYTES"):
         pick_chunk(11, 333, None, 1)
     monkeypatch.delenv("RLHF_FAST_HEAD_CHUNK_BYTES")
-    assert pick_chunk(100_000, 151_936, None, 1) == (64 << 20) // (4 * 151_936)
+    assert pick_chunk(100_000, 32_000, None, 1) == (64 << 20) // (4 * 32_000)
+    assert pick_chunk(100_000, 151_936, None, 1) == 256  # the grad_weight GEMM's K stays >= 256
+    assert pick_chunk(100, 151_936, None, 2) == 100
 
 
 def test_torch_backend_is_the_reference(monkeypatch):
