@@ -376,6 +376,3 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
                                              detach(ref_logprobs), opts, backend)
     return loss, dict(zip(opts["stat_names"], values))
 
-
-policy_terms = _policy_terms
-policy_stats = _policy_stats
