@@ -180,7 +180,7 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
       const float d = buf[j] - m_new;
       const float e = fast_exp(d);
       s += e;
-      if constexpr (kEntropy) a += e > 0.0f ? e * d : 0.0f;  // e = 0 at d = -inf: no 0 * inf
+      if constexpr (kEntropy) a += e * (d > -87.3f ? d : -87.3f);  // fast_exp's own clamp: e = 0 there, no 0 * inf
     }
     st.s += s;
     st.a += a;
