@@ -3,6 +3,8 @@
 // Backward writes grad_x only (optionally into x's own storage). A non-finite row gives NaN logp,
 // lse and entropy, and a NaN gradient unless both upstream grads of the row are 0: then the row
 // of grad_x is exactly 0 (masked rows: no 0 * NaN).
+#include <chrono>
+
 #include "common.h"
 
 namespace rlhf_fast {
@@ -93,7 +95,35 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
   });
 }
 
+// ---- benchmark floor ----------------------------------------------------------
+// The row kernels are bound by fast_exp: this is their inner loop (one L1-resident chunk, summed)
+// without the memory traffic, so n / seconds is the machine's exp throughput.
+RLHF_FAST_HOT_FN float exp_chunk_sum(const float* buf, int64_t n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(buf[j] - m);
+  return s;
+}
+
+volatile float exp_floor_sink = 0.0f;
+
+double exp_floor_seconds(int64_t n, int nthreads) {
+  const auto t0 = std::chrono::steady_clock::now();
+  float sink = 0.0f;
+#pragma omp parallel num_threads(num_threads(nthreads)) reduction(+ : sink)
+  {
+    alignas(64) float buf[kChunk];
+    for (int64_t j = 0; j < kChunk; ++j) buf[j] = -0.013f * static_cast<float>(j);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n; c += kChunk) sink += exp_chunk_sum(buf, n - c < kChunk ? n - c : kChunk, 0.0f);
+  }
+  exp_floor_sink = sink;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void register_logprobs(py::module_& m) {
+  m.def("exp_floor_seconds", &exp_floor_seconds, py::call_guard<py::gil_scoped_release>(),
+        "seconds for n of the kernels' vectorised exp (summed over one L1 chunk) on nthreads threads");
   m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),
         "logits rows -> (logp, lse, entropy?) written to the given fp32 buffers");
   m.def("logprobs_bwd", &logprobs_bwd, py::call_guard<py::gil_scoped_release>(),
