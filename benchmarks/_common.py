@@ -318,3 +318,45 @@ def run_meta(device):
         except (ImportError, AttributeError):
             pass
     return meta
+
+
+# ---- the (B, T) advantage-side ops -------------------------------------------------------------
+def make_bt_inputs(B, T, device, seed=0):
+    """Scores (B,), log-probs / ref log-probs / values / rewards (B, T) fp32 and a right-padded bool mask."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # right padding, as after generation
+    x = lambda: torch.randn(B, T, generator=g).to(device)  # noqa: E731
+    return {"scores": torch.randn(B, generator=g).to(device), "logprobs": x(), "ref_logprobs": x(),
+            "values": x(), "rewards": x(), "mask": mask}
+
+
+def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast", against="torch_compile"):
+    """Forward-only harness: cases = {provider: fn()}, cost = (bytes, exps). Interleaved timing, both floors."""
+    fl = floors(device)
+    med, raw, errors = interleaved_ms(cases, device, rounds=rounds)
+    copy_f, exp_f = floor_ms(fl, *cost)
+    rows = []
+    for k in cases:
+        row = {"provider": k, "fwd_ms": med.get(k), "fwd_raw_ms": raw.get(k), "fwd_copy_floor_ms": copy_f,
+               "fwd_exp_floor_ms": exp_f, "error": errors.get(k)}
+        if k in med and against in med:
+            row[f"fwd_speedup_vs_{against}"] = med[against] / med[k]
+        rows.append(row)
+    return {"op": op, "size": size, "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
+            "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows}
+
+
+SIMPLE_COLUMNS = ["provider", "fwd_ms", "fwd_exp_floor_ms", "fwd_copy_floor_ms", "fwd_speedup_vs_torch_compile",
+                  "error"]
+
+
+def print_simple(res):
+    print(f"\n{res['op']}  {res['size']}  (copy {res['bandwidth_GBps']:.1f} GB/s; floor = bytes / bandwidth"
+          + (f", exps / {res['exp_Gps']:.2f} G exp/s)" if res["exp_Gps"] else ")"))
+    print_table(res["rows"], SIMPLE_COLUMNS)
+
+
+def bt_sizes(quick, full, gpu=False):
+    """(B, T): 32 x 128 with --quick, 256 x 1024 by default, 512 x 8192 with --full or on a GPU."""
+    return (32, 128) if quick else ((512, 8192) if full or gpu else (256, 1024))
