@@ -17,7 +17,7 @@ import re
 import statistics
 import subprocess
 import time
-from typing import Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -181,7 +181,7 @@ def exp_rate(device, n=1 << 26):
         return None
     if not hasattr(_C, "exp_floor_seconds"):
         return None
-    threads = int(os.environ.get("OMP_NUM_THREADS", 0) or 0)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
     _C.exp_floor_seconds(n // 8, threads)  # warm the threads
     return n / min(_C.exp_floor_seconds(n, threads) for _ in range(5))
 

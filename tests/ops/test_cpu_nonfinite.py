@@ -4,9 +4,9 @@ when the row is used (upstream grad != 0) and exactly 0 when it is not (upstream
 row). A row with some -inf logits stays finite."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 from rlhf_fast import full_kl, full_kl_ref, token_logprobs, token_logprobs_ref
-from helpers import assert_close_to_ref
 
 BACKENDS = ["cpu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -61,7 +61,7 @@ def _clone_body(functions, name, clone):
 @pytest.mark.parametrize("name", HOT)
 def test_hot_loop_is_vectorised(functions, name, clone):
     pattern, at_least = CLONES[clone]
-    n = len(re.findall(pattern, _clone_body(functions, name, clone), flags=re.M))
+    n = len(re.findall(pattern, _clone_body(functions, name, clone), flags=re.MULTILINE))
     assert n >= at_least, (f"{name} [clone .{clone}] has {n} packed FMA/multiply instructions (< {at_least}): "
                            "its loop fell off the vectorised path; compile with -fopt-info-vec-missed to see why")
 
@@ -69,7 +69,7 @@ def test_hot_loop_is_vectorised(functions, name, clone):
 def test_the_check_sees_scalar_code(functions):
     """The pattern counts packed FMAs only: a scalar FMA (ss) never counts, nor does a loop without FMAs."""
     pattern, _ = CLONES["arch_x86_64_v4"]
-    assert not re.findall(pattern, "  1806d1:\tvfmadd231ss %xmm4,%xmm7,%xmm3\n", flags=re.M)
-    assert re.findall(pattern, "  1805c5:\tvfmadd132ps %zmm3,%zmm11,%zmm1\n", flags=re.M)
+    assert not re.findall(pattern, "  1806d1:\tvfmadd231ss %xmm4,%xmm7,%xmm3\n", flags=re.MULTILINE)
+    assert re.findall(pattern, "  1805c5:\tvfmadd132ps %zmm3,%zmm11,%zmm1\n", flags=re.MULTILINE)
     body = _clone_body(functions, "zero_row<float>", "arch_x86_64_v4")
-    assert not re.findall(pattern, body, flags=re.M)
+    assert not re.findall(pattern, body, flags=re.MULTILINE)
