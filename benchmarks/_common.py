@@ -4,8 +4,9 @@ benchmarks/bench_<op>.py defines its providers and sizes; run_fused() is the har
 that take (N, V) logits.
 
 Method: count the bytes an op must move and the exps it must evaluate, measure the machine's copy
-bandwidth and the kernels' own vectorised exp throughput in the same run, and print both floors
-(bytes / bandwidth, exps / exp rate) beside every figure. The CPU kernels are exp-bound.
+bandwidth and the kernels' own vectorised exp throughput in the same run, timed interleaved with
+the providers (floor_cases: the same machine load), and print both floors (bytes / bandwidth,
+exps / exp rate) beside every figure. The CPU kernels are exp-bound.
 """
 from __future__ import annotations
 
@@ -191,6 +192,29 @@ def floors(device):
     return {"bandwidth_Bps": copy_bandwidth(device), "exp_per_s": exp_rate(device)}
 
 
+def floor_cases(device, n_exp=1 << 24, nbytes=1 << 28):
+    """Two callables doing floor work, to time interleaved with the providers (so that the floors
+    see the same machine load): n_exp of the kernels' exps, and a copy moving nbytes (read +
+    write). Empty where the exp entry point is absent (the copy is then timed by floors())."""
+    if torch.device(device).type != "cpu":
+        return {}
+    try:
+        from rlhf_fast import _C
+    except ImportError:
+        return {}
+    if not hasattr(_C, "exp_floor_seconds"):
+        return {}
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    src = torch.empty(nbytes // 8, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    return {"floor:exp": lambda: _C.exp_floor_seconds(n_exp, threads), "floor:copy": lambda: dst.copy_(src)}
+
+
+def rates_from(med, n_exp=1 << 24, nbytes=1 << 28):
+    """{"bandwidth_Bps", "exp_per_s"} from the interleaved medians of floor_cases()."""
+    return {"bandwidth_Bps": nbytes / (med["floor:copy"] / 1e3), "exp_per_s": n_exp / (med["floor:exp"] / 1e3)}
+
+
 def floor_ms(fl, nbytes, n_exp):
     """(copy floor, exp floor) in ms for an op that moves nbytes and evaluates n_exp exps."""
     copy = nbytes / fl["bandwidth_Bps"] * 1e3
@@ -248,9 +272,11 @@ def run_fused(op, setup, sizes, dtype, device, *, rounds=5, memory=True, ours="r
     for n, v in sizes:
         torch.manual_seed(0)
         cases, cost = setup(n, v, dtype, device)
-        fl = floors(device)
         flat = {(p, m): fn for p, modes in cases.items() for m, fn in modes.items()}
-        med, raw, errors = interleaved_ms({f"{p}|{m}": fn for (p, m), fn in flat.items()}, device, rounds=rounds)
+        timed = {f"{p}|{m}": fn for (p, m), fn in flat.items()}
+        fcases = floor_cases(device)
+        med, raw, errors = interleaved_ms({**timed, **fcases}, device, rounds=rounds)
+        fl = rates_from(med) if fcases and not errors.keys() & fcases.keys() else floors(device)
         rows = []
         for p, modes in cases.items():
             row = {"provider": p}
@@ -333,8 +359,9 @@ def make_bt_inputs(B, T, device, seed=0):
 
 def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast", against="torch_compile"):
     """Forward-only harness: cases = {provider: fn()}, cost = (bytes, exps). Interleaved timing, both floors."""
-    fl = floors(device)
-    med, raw, errors = interleaved_ms(cases, device, rounds=rounds)
+    fcases = floor_cases(device)
+    med, raw, errors = interleaved_ms({**cases, **fcases}, device, rounds=rounds)
+    fl = rates_from(med) if fcases and not errors.keys() & fcases.keys() else floors(device)
     copy_f, exp_f = floor_ms(fl, *cost)
     rows = []
     for k in cases:
