@@ -337,6 +337,7 @@ def run_meta(device):
     meta = metadata(device)
     meta["load_average_1_5_15min"] = os.getloadavg()
     meta["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+    meta["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     meta["RLHF_FAST_BACKEND"] = os.environ.get("RLHF_FAST_BACKEND")
     for mod in ("trl", "liger_kernel", "transformers"):
         try:
