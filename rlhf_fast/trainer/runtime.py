@@ -222,6 +222,8 @@ class Runtime:
         """Atomic checkpoint of model, optimizer, scheduler, RNGs and ``extra_state()`` at the
         current step (every rank calls it; rank 0 writes and gets the path, the others None)."""
         state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
+        if getattr(self, "scaler", None) is not None:  # fp16: the loss scale resumes where it was
+            state["grad_scaler"] = self.scaler.state_dict()
         return ckpt.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, state=state, generators={"shuffle": self.generator},
                                     keep_last=self.config.keep_checkpoints)
@@ -238,6 +240,8 @@ class Runtime:
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                      generators={"shuffle": self.generator}, map_location=self.device)
         self.step = int(state["step"])
+        if getattr(self, "scaler", None) is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.load_extra_state(state)
         self.check_resumed(path, state)
 

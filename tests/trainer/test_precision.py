@@ -53,6 +53,16 @@ def test_fp16_trains_through_the_loss_scaler(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and all(moved.values())
 
 
+def test_fp16_loss_scale_resumes(tmp_path):
+    tr, _, _ = sft_run(tmp_path, "a", torch.float32, steps=1, lr=1e-3, precision="fp16")
+    tr.scaler.update(123.0)
+    tr.save()
+    again = SFTTrainer(SFTConfig(output_dir=str(tmp_path / "a"), max_steps=2, batch_size=4, micro_batch_size=4,
+                                 precision="fp16", resume_from="latest", **QUIET),
+                       model=arch_lm("llama_untied"), tokenizer=char_tokenizer(), train_data=DATA)
+    assert again.step == 1 and again.scaler.get_scale() == 123.0
+
+
 def test_fp16_overflow_skips_the_step(tmp_path):
     tr, _, _ = sft_run(tmp_path, "skip", torch.float32, steps=1, lr=1e-3, precision="fp16")
     before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
