@@ -1,0 +1,229 @@
+"""The policy-loss family (issue 15): GSPO / GSPO-token, CISPO, SAPO, rollout-mismatch correction
+(tis / mis / icepop), the low_var_kl / k3+ / full KL, each fused == float64 ``ppo_policy_loss_ref``
+on every kernel backend; and == TRL 1.16's ``GRPOTrainer._compute_loss`` formulas and verl's
+``core_algos.py`` formulas (written out below) on the same batch."""
+import pytest
+import torch
+
+from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref
+from rlhf_fast.ops.kl import full_kl_ref
+from helpers import assert_close_to_ref
+
+LOSS_ATOL, GRAD_ATOL, STAT_ATOL = 4e-6, 2e-6, 2e-5
+
+
+def _inputs(B=3, T=7, V=67, *, per_seq=False, seed=0, drift=0.3, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    lp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    old = (lp + drift * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (lp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    sampler = (old.double() + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B if per_seq else (B, T), generator=g)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    mask[0, :] = False  # a row without valid tokens
+    mask[-1, 0] = True
+    nan = torch.full_like(old, float("nan"))
+    old, sampler = torch.where(mask, old, nan), torch.where(mask, sampler, nan)
+    ref = torch.where(mask, ref, torch.full_like(ref, float("inf")))
+    return dict(logits=logits, targets=targets, old=old, adv=adv, mask=mask, ref=ref, sampler=sampler)
+
+
+def _d64(t):
+    return None if t is None else t.double()
+
+
+def _check(x, name, **kw):
+    """Fused loss, grad_logits (grad_output 1.7) and stats vs float64 ref; fp32 ref as yardstick."""
+    logits = x["logits"]
+    a = logits.detach().clone().requires_grad_()
+    a64 = logits.detach().double().requires_grad_()
+    at = logits.detach().clone().requires_grad_()
+    ref_logits = kw.pop("ref_logits", None)
+    args = (x["targets"], x["old"], x["adv"], x["mask"])
+    loss, stats = ppo_policy_loss(a, *args, ref_logprobs=x["ref"], ref_logits=ref_logits, **kw)
+    loss64, stats64 = ppo_policy_loss_ref(a64, x["targets"], *map(_d64, (x["old"], x["adv"])), x["mask"],
+                                          ref_logprobs=_d64(x["ref"]), ref_logits=_d64(ref_logits),
+                                          **{k: _d64(v) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    loss_t, _ = ppo_policy_loss_ref(at, *args, ref_logprobs=x["ref"], ref_logits=ref_logits, **kw)
+    assert torch.isfinite(loss), f"{name}: loss {loss}"
+    scale = max(1.0, abs(float(loss64.detach())))
+    assert_close_to_ref(loss, loss64, loss_t, atol=LOSS_ATOL * scale, name=f"{name} loss")
+    (loss * 1.7).backward()
+    (loss64 * 1.7).backward()
+    (loss_t * 1.7).backward()
+    scale = max(1.0, float(a64.grad.abs().max()))
+    assert float(a64.grad.abs().max()) > 0, f"{name}: the reference gradient is 0 (a test that cannot fail)"
+    assert_close_to_ref(a.grad, a64.grad, at.grad, atol=GRAD_ATOL * scale, name=f"{name} grad_logits")
+    assert (a.grad[~x["mask"]] == 0).all(), f"{name}: masked rows got a gradient"
+    assert set(stats) == set(stats64), f"{name}: stats {set(stats)} != {set(stats64)}"
+    for k, v in stats.items():
+        tol = STAT_ATOL * max(1.0, abs(float(stats64[k])))
+        if k in ("clip_frac", "dual_clip_frac", "is_masked_frac"):  # a boundary token may flip
+            tol = 1.0 / int(x["mask"].sum()) + 1e-6
+        assert abs(float(v) - float(stats64[k])) <= tol, f"{name}: stats[{k!r}] {float(v)} vs {float(stats64[k])}"
+    return loss64, a64.grad, stats64
+
+
+MODES = {
+    "gspo": dict(ratio_level="sequence", per_seq=True, loss_agg="seq-mean-token-mean", clip_eps=3e-4,
+                 clip_eps_high=4e-4),
+    "gspo-wide": dict(ratio_level="sequence", per_seq=True, loss_agg="seq-mean-token-mean", clip_eps=0.2),
+    "gspo-token": dict(ratio_level="sequence_token", loss_agg="seq-mean-token-mean", clip_eps=0.2),
+    "gspo-dual": dict(ratio_level="sequence", dual_clip=2.0, clip_eps=0.05),
+    "cispo": dict(loss_type="cispo", clip_eps=1.0, clip_eps_high=0.2),
+    "cispo-seq": dict(loss_type="cispo", ratio_level="sequence", clip_eps=0.1, loss_agg="seq-mean-token-sum"),
+    "sapo": dict(loss_type="sapo", per_seq=True, loss_agg="seq-mean-token-mean"),
+    "sapo-tau": dict(loss_type="sapo", sapo_tau_pos=2.0, sapo_tau_neg=0.5, loss_agg="seq-mean-token-sum-norm"),
+    "tis-token": dict(correction="tis", correction_high=1.5),
+    "tis-seq": dict(correction="tis", correction_level="sequence", correction_high=3.0, correction_low=0.2),
+    "mis-token": dict(correction="mis", correction_low=0.7, correction_high=1.4, dual_clip=3.0),
+    "mis-seq": dict(correction="mis", correction_level="sequence", correction_low=0.3, correction_high=4.0),
+    "icepop": dict(correction="icepop", loss_type="sapo"),
+    "sampler-stats-only": dict(kl_coef=0.1),
+    "low-var-kl": dict(kl_coef=0.3, kl_estimator="low_var_kl", entropy_coef=0.01),
+    "k3+": dict(kl_coef=0.3, kl_estimator="k3+", clip_eps_high=0.28),
+    "gspo-tis-k3+-entropy": dict(ratio_level="sequence", correction="tis", kl_coef=0.1, kl_estimator="k3+",
+                                 entropy_coef=0.02, loss_agg="seq-mean-token-sum"),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_mode_matches_float64_ref(mode, backend):
+    kw = dict(MODES[mode])
+    x = _inputs(per_seq=kw.pop("per_seq", False), seed=list(MODES).index(mode))
+    if "correction" in kw or mode == "sampler-stats-only" or mode.startswith("gspo-tis"):
+        kw["sampler_logprobs"] = x["sampler"]
+    _, _, stats = _check(x, mode, **kw)
+    if "sampler_logprobs" in kw:
+        assert {"mismatch_abs_mean", "is_ratio_p50", "is_masked_frac"} <= set(stats)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_full_kl_matches_ref(backend, temperature):
+    x = _inputs(seed=5)
+    g = torch.Generator().manual_seed(9)
+    ref_logits = x["logits"] + 0.5 * torch.randn(x["logits"].shape, generator=g)
+    # masked rows of the reference never reach the loss (finite garbage: csrc/cpu/kl.cpp's full_kl backward
+    # turns a NaN reference row into NaN even where the upstream gradient is 0, unlike the Triton kernel)
+    ref_logits[~x["mask"]] = 1e4
+    _check(x, "full", kl_coef=0.5, kl_estimator="full", ref_logits=ref_logits, temperature=temperature,
+           inplace_backward=True)
+
+
+def test_full_kl_is_the_exact_kl():
+    x = _inputs(seed=6)
+    ref_logits = x["logits"] + torch.randn(x["logits"].shape)
+    m = x["mask"]
+    with torch.no_grad():
+        _, stats = ppo_policy_loss(x["logits"], x["targets"], x["old"], x["adv"], m, kl_coef=1.0,
+                                   kl_estimator="full", ref_logits=ref_logits)
+        kl = full_kl_ref(x["logits"].double(), ref_logits.double())
+    assert abs(float(stats["kl"]) - float(kl[m].mean())) < 1e-5
+
+
+# ---------------------------------------------------------------------------- GSPO mean, not sum
+def test_gspo_sequence_ratio_is_a_mean_not_a_sum():
+    """Per-token log ratios of -0.01 over 56 tokens: exp(mean) = 0.990; a sum (the field bug) gives 0.57."""
+    T = 56
+    logits = torch.zeros(1, T, 11)
+    targets = torch.zeros(1, T, dtype=torch.long)
+    lp = torch.log_softmax(logits, -1)[..., 0]
+    old = lp + 0.01
+    _, stats = ppo_policy_loss(logits, targets, old, torch.ones(1), torch.ones(1, T, dtype=torch.bool),
+                               ratio_level="sequence")
+    assert abs(float(stats["ratio_mean"]) - 0.99005) < 1e-4
+    assert float(stats["ratio_mean"]) > 0.9  # exp(-0.56) = 0.57 would be the sum
+
+
+# ---------------------------------------------------------------------------- TRL 1.16 formulas
+def _trl_loss(lp, old, adv, mask, ref, sampler, *, loss_type, level="token", eps_low=0.2, eps_high=0.2,
+              delta=None, beta=0.0, tau_pos=1.0, tau_neg=1.05, is_mode=None, is_min=None, is_max=3.0):
+    """trl/trainer/grpo_trainer.py (1.16) GRPOTrainer._compute_loss and the vLLM IS ratio of
+    _generate_and_score_completions, on (B, T) log-probs; advantages (B,); mask float."""
+    adv = adv.unsqueeze(1)
+    is_ratio = None
+    if is_mode is not None:  # vllm_importance_sampling_mode
+        diff = torch.nan_to_num((old - sampler) * mask, nan=0.0)
+        if is_mode.startswith("sequence"):
+            diff = diff.sum(-1, keepdim=True)
+        is_ratio = torch.exp(diff)
+        if is_mode.endswith("truncate"):
+            is_ratio = torch.clamp(is_ratio, min=is_min, max=is_max)
+        else:
+            lo = is_min if is_min is not None else -float("inf")
+            hi = is_max if is_max is not None else float("inf")
+            is_ratio = is_ratio.masked_fill((is_ratio < lo) | (is_ratio > hi), 0.0)
+    log_ratio = lp - old
+    if level == "token":
+        liw = log_ratio
+    else:
+        liw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    coef_1 = torch.exp(liw)
+    if beta != 0.0:
+        per_token_kl = torch.exp(ref - lp) - (ref - lp) - 1
+    if loss_type == "cispo":
+        per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * adv * lp
+    elif loss_type == "sapo":
+        temps = torch.where(adv > 0, tau_pos, tau_neg)
+        per_token_loss = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+        if delta is not None:
+            coef_1 = torch.clamp(coef_1, max=delta)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if is_ratio is not None:
+        per_token_loss = per_token_loss * is_ratio
+    if beta != 0.0:
+        per_token_loss = per_token_loss + beta * per_token_kl
+    if loss_type in ("grpo", "sapo"):
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)  # bnpo / dapo / cispo over one batch
+
+
+TRL_CASES = {
+    # name: (our kwargs, TRL kwargs); GRPO's seq-mean counts every row, so these batches have no empty row
+    "gspo": (dict(ratio_level="sequence", loss_agg="seq-mean-token-mean", clip_eps=0.003, clip_eps_high=0.004),
+             dict(loss_type="grpo", level="sequence", eps_low=0.003, eps_high=0.004)),
+    "cispo": (dict(loss_type="cispo", clip_eps=1.0, clip_eps_high=0.25),
+              dict(loss_type="cispo", eps_high=1.25)),
+    "sapo": (dict(loss_type="sapo", loss_agg="seq-mean-token-mean"), dict(loss_type="sapo")),
+    "sapo-seq": (dict(loss_type="sapo", ratio_level="sequence", loss_agg="seq-mean-token-mean",
+                      sapo_tau_pos=3.0, sapo_tau_neg=2.0),
+                 dict(loss_type="sapo", level="sequence", tau_pos=3.0, tau_neg=2.0)),
+    "two-sided-beta": (dict(dual_clip=1.3, kl_coef=0.04, kl_estimator="k3", loss_agg="seq-mean-token-mean"),
+                       dict(loss_type="grpo", delta=1.3, beta=0.04)),
+    "token_truncate": (dict(correction="tis", correction_high=3.0, loss_agg="token-mean"),
+                       dict(loss_type="bnpo", is_mode="token_truncate", is_max=3.0)),
+    "token_mask": (dict(correction="mis", correction_low=0.5, correction_high=1.5),
+                   dict(loss_type="bnpo", is_mode="token_mask", is_min=0.5, is_max=1.5)),
+    "sequence_truncate": (dict(correction="tis", correction_level="sequence", correction_high=2.0),
+                          dict(loss_type="bnpo", is_mode="sequence_truncate", is_max=2.0)),
+    "sequence_mask": (dict(correction="mis", correction_level="sequence", correction_high=1.0),
+                      dict(loss_type="bnpo", is_mode="sequence_mask", is_max=1.0)),
+}
+
+
+@pytest.mark.parametrize("case", list(TRL_CASES))
+def test_matches_trl_formulas(case):
+    ours, trl = TRL_CASES[case]
+    x = _inputs(B=4, T=9, V=53, per_seq=True, seed=11, drift=0.05)
+    x["mask"][0, :3] = True  # every row has tokens
+    m = x["mask"]
+    old = torch.where(m, x["old"].nan_to_num(-2.0), torch.zeros_like(x["old"]))
+    sampler = torch.where(m, x["sampler"].nan_to_num(-2.1), torch.zeros_like(x["sampler"]))
+    ref = torch.where(m, x["ref"].nan_to_num(-2.2, posinf=-2.2), torch.zeros_like(x["ref"]))
+    a = x["logits"].double().requires_grad_()
+    loss, _ = ppo_policy_loss(a.float(), x["targets"], old, x["adv"], m, ref_logprobs=ref,
+                              sampler_logprobs=sampler if "correction" in ours else None, **ours)
+    g_ours, = torch.autograd.grad(loss, a)
+    b = x["logits"].double().requires_grad_()
+    lp = torch.log_softmax(b, -1).gather(-1, x["targets"][..., None])[..., 0]
+    ref_loss = _trl_loss(lp, old.double(), x["adv"].double(), m.double(), ref.double(), sampler.double(), **trl)
+    g_trl, = torch.autograd.grad(ref_loss, b)
+    loss, ref_loss = loss.detach(), ref_loss.detach()
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss))), (float(loss), float(ref_loss))
+    assert float(g_trl.abs().max()) > 0
+    assert torch.allclose(g_ours, g_trl, atol=2e-6 * max(1.0, float(g_trl.abs().max())), rtol=0), \
+        float((g_ours - g_trl).abs().max())
