@@ -227,3 +227,73 @@ def test_matches_trl_formulas(case):
     assert float(g_trl.abs().max()) > 0
     assert torch.allclose(g_ours, g_trl, atol=2e-6 * max(1.0, float(g_trl.abs().max())), rtol=0), \
         float((g_ours - g_trl).abs().max())
+
+
+# ---------------------------------------------------------------------------- verl formulas
+def _verl_agg(loss_mat, mask, mode):
+    """verl/trainer/ppo/core_algos.py agg_loss (token-mean / seq-mean-token-mean)."""
+    if mode == "token-mean":
+        return (loss_mat * mask).sum() / mask.sum()
+    return ((loss_mat * mask).sum(-1) / mask.sum(-1)).mean()
+
+
+def _verl_kl(lp, ref, name):
+    """verl core_algos.kl_penalty: low_var_kl / k3, and the straight-through "+" suffix (k2's gradient)."""
+    kl = torch.clamp(ref - lp, min=-20, max=20)
+    fwd = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    if not name.endswith("+"):
+        return fwd
+    back = 0.5 * (lp - ref).square()
+    return back - back.detach() + fwd.detach()
+
+
+def _verl_loss(lp, old, adv, mask, ref, *, policy, clip_low=0.2, clip_high=0.2, clip_c=3.0, kl=None, kl_coef=0.0,
+               agg="token-mean"):
+    """verl core_algos compute_policy_loss_vanilla (dual clip c) / compute_policy_loss_gspo, + kl_loss_coef * KL."""
+    nkl = lp - old
+    if policy == "gspo":
+        seq = (nkl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        ratio = torch.exp(torch.clamp(lp - lp.detach() + seq.detach().unsqueeze(-1), max=10.0))
+        pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+        agg = "seq-mean-token-mean"
+    else:
+        ratio = torch.exp(torch.clamp(nkl, -20.0, 20.0))
+        pg1 = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+        pg = torch.where(adv < 0, torch.min(-adv * clip_c, pg1), pg1)
+    loss = _verl_agg(pg, mask, agg)
+    if kl is not None:
+        loss = loss + kl_coef * _verl_agg(_verl_kl(lp, ref, kl), mask, agg)
+    return loss
+
+
+VERL_CASES = {
+    "gspo": (dict(ratio_level="sequence_token", loss_agg="seq-mean-token-mean", clip_eps=3e-4, clip_eps_high=4e-4),
+             dict(policy="gspo", clip_low=3e-4, clip_high=4e-4)),
+    "vanilla-dual-clip": (dict(dual_clip=3.0, clip_eps_high=0.28), dict(policy="vanilla", clip_high=0.28)),
+    "low_var_kl": (dict(dual_clip=3.0, kl_coef=0.1, kl_estimator="low_var_kl", loss_agg="seq-mean-token-mean"),
+                   dict(policy="vanilla", kl="low_var_kl", kl_coef=0.1, agg="seq-mean-token-mean")),
+    "k3+": (dict(dual_clip=3.0, kl_coef=0.1, kl_estimator="k3+"), dict(policy="vanilla", kl="k3+", kl_coef=0.1)),
+}
+
+
+@pytest.mark.parametrize("case", list(VERL_CASES))
+def test_matches_verl_formulas(case):
+    ours, verl = VERL_CASES[case]
+    x = _inputs(B=4, T=9, V=53, seed=12, drift=0.4)
+    x["mask"][0, :3] = True  # verl's seq-mean divides by each row's count: no empty row
+    m = x["mask"]
+    old = torch.where(m, x["old"].nan_to_num(-2.0), torch.zeros_like(x["old"]))
+    ref = torch.where(m, (x["ref"] - 3 * x["adv"]).nan_to_num(-2.2, posinf=-2.2), torch.zeros_like(x["ref"]))
+    adv = torch.where(m, x["adv"], torch.zeros_like(x["adv"]))
+    a = x["logits"].double().requires_grad_()
+    loss, _ = ppo_policy_loss(a.float(), x["targets"], old, adv, m, ref_logprobs=ref, **ours)
+    g_ours, = torch.autograd.grad(loss, a)
+    b = x["logits"].double().requires_grad_()
+    lp = torch.log_softmax(b, -1).gather(-1, x["targets"][..., None])[..., 0]
+    ref_loss = _verl_loss(lp, old.double(), adv.double(), m.double(), ref.double(), **verl)
+    g_verl, = torch.autograd.grad(ref_loss, b)
+    loss, ref_loss = loss.detach(), ref_loss.detach()
+    assert abs(float(loss) - float(ref_loss)) <= 1e-5 * max(1.0, abs(float(ref_loss))), (float(loss), float(ref_loss))
+    assert float(g_verl.abs().max()) > 0
+    assert torch.allclose(g_ours, g_verl, atol=2e-6 * max(1.0, float(g_verl.abs().max())), rtol=0), \
+        float((g_ours - g_verl).abs().max())
