@@ -297,3 +297,54 @@ def test_matches_verl_formulas(case):
     assert float(g_verl.abs().max()) > 0
     assert torch.allclose(g_ours, g_verl, atol=2e-6 * max(1.0, float(g_verl.abs().max())), rtol=0), \
         float((g_ours - g_verl).abs().max())
+
+
+# ---------------------------------------------------------------------------- TRL's own _compute_loss
+@pytest.mark.parametrize("loss_type,level,is_mode", [
+    ("cispo", "token", None), ("sapo", "token", None), ("grpo", "sequence", None), ("sapo", "sequence", None),
+    ("bnpo", "token", "token_truncate"), ("grpo", "token", "sequence_mask"),
+])
+def test_grpo_loss_matches_trl_compute_loss(loss_type, level, is_mode):
+    """rlhf_fast.GRPOLoss == TRL 1.16 GRPOTrainer._compute_loss run unmodified (tests/ops/test_trl_compat.py's
+    harness), with importance_sampling_level, sapo temperatures and the vLLM IS ratio (its formula from
+    _generate_and_score_completions, as _trl_loss above) fed in."""
+    pytest.importorskip("trl")
+    from test_trl_compat import TRLLossOnly, _batch
+
+    import rlhf_fast
+
+    logits, inputs = _batch(seed=3)
+    eps_high = 4.0 if loss_type == "cispo" else 0.28
+    opts = dict(epsilon=0.2, epsilon_high=eps_high, beta=0.04, temperature=0.9, max_completion_length=12, delta=None)
+    g = torch.Generator().manual_seed(4)
+    sampler = inputs["old_per_token_logps"] + 0.2 * torch.randn(inputs["old_per_token_logps"].shape, generator=g)
+    mask = inputs["completion_mask"]
+
+    def trl_loss():
+        x = logits.detach().double().requires_grad_()
+        trainer = TRLLossOnly(x, loss_type=loss_type, **opts)
+        trainer.importance_sampling_level = level
+        trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg = 1.0, 1.05
+        cast = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+        if is_mode is not None:
+            trainer.use_vllm = trainer.vllm_importance_sampling_correction = True
+            diff = (cast["old_per_token_logps"] - sampler.double()) * mask
+            if is_mode.startswith("sequence"):
+                diff = diff.sum(-1, keepdim=True)
+            r = torch.exp(diff)
+            r = r.clamp(max=3.0) if is_mode.endswith("truncate") else r.masked_fill(r > 3.0, 0.0)
+            cast["importance_sampling_ratio"] = r
+        loss = trainer._compute_loss(trainer.model, cast)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    loss64, grad64 = trl_loss()
+    mode_kw = {} if is_mode is None else dict(vllm_importance_sampling_mode=is_mode)
+    ours = rlhf_fast.GRPOLoss(loss_type, importance_sampling_level=level, **opts, **mode_kw)
+    x = logits.detach().clone().requires_grad_()
+    loss, _ = ours(x, inputs["completion_ids"], inputs["old_per_token_logps"], inputs["advantages"], mask,
+                   inputs["ref_per_token_logps"], sampler_logprobs=sampler if is_mode else None)
+    loss.backward()
+    assert abs(float(loss.detach()) - float(loss64)) <= 4e-6 * max(1.0, abs(float(loss64))), (float(loss), float(loss64))
+    scale = float(grad64.abs().max())
+    assert scale > 0 and float((x.grad.double() - grad64).abs().max()) <= 4e-6 * scale
