@@ -5,6 +5,9 @@ beta 0.04, token-mean) on (B, T, V) logits and the gradient w.r.t. them:
   torch              ppo_policy_loss_ref: log_softmax + gather + loss, torch autograd
   rlhf_fast          ppo_policy_loss (fused; grad_logits is its only N x V allocation)
   rlhf_fast_inplace  ppo_policy_loss(inplace_backward=True): grad_logits written into the logits
+  rlhf_fast:<mode>   ppo_policy_loss with one of the issue-15 objectives (MODES below) on top of
+                     the same options; vs_clip = its time over plain rlhf_fast (target <= 1.1;
+                     "full" also reads the (B, T, V) ref_logits twice, so its floor is 5/3 of the others')
   liger              Liger-Kernel's triton_grpo_loss (GPU only; in place, loss_type="dapo"),
                      given the (B, T + 1, V) logits it expects
 
@@ -37,6 +40,17 @@ from rlhf_fast import _backend, ppo_policy_loss, ppo_policy_loss_ref  # noqa: E4
 
 OPTS = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", loss_agg="token-mean")
 VOCABS = (32000, 128256, 151936)
+MODES = {
+    "gspo": dict(ratio_level="sequence"),
+    "gspo_token": dict(ratio_level="sequence_token"),
+    "cispo": dict(loss_type="cispo"),
+    "sapo": dict(loss_type="sapo"),
+    "tis": dict(correction="tis"),
+    "icepop": dict(correction="icepop"),
+    "low_var_kl": dict(kl_estimator="low_var_kl"),
+    "k3+": dict(kl_estimator="k3+"),
+    "full": dict(kl_estimator="full"),
+}
 
 
 def make_inputs(n, v, dtype, device, seq_len=512):
@@ -48,6 +62,7 @@ def make_inputs(n, v, dtype, device, seq_len=512):
     return dict(full=full, targets=torch.randint(0, v, (B, T), generator=g, device=device),
                 old=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
                 ref=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
+                sampler=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
                 adv=torch.randn(B, generator=g, device=device), mask=torch.ones(B, T, dtype=torch.bool, device=device))
 
 
@@ -60,15 +75,21 @@ def providers(device):
             # torch's SliceBackward (a zero-filled full-size gradient) to every provider alike.
             x = inp["full"][:, :-1].contiguous().requires_grad_()
             args = (inp["targets"], inp["old"], inp["adv"], inp["mask"])
+            kw = {**OPTS, **extra}
+            if kw.get("correction"):
+                kw["sampler_logprobs"] = inp["sampler"]
+            if kw["kl_estimator"] == "full":
+                kw["ref_logits"] = (x.detach() + 0.1).contiguous()
 
             def run():
-                loss, _ = op(x, *args, ref_logprobs=inp["ref"], **OPTS, **extra)
+                loss, _ = op(x, *args, ref_logprobs=inp["ref"], **kw)
                 return torch.autograd.grad(loss, x)
             return run
         return setup
 
     out = {"torch": ours(ppo_policy_loss_ref), "rlhf_fast": ours(ppo_policy_loss),
            "rlhf_fast_inplace": ours(ppo_policy_loss, inplace_backward=True)}
+    out.update({f"rlhf_fast:{m}": ours(ppo_policy_loss, **kw) for m, kw in MODES.items()})
     if torch.device(device).type == "cuda":
         try:
             from liger_kernel.transformers.grpo_loss import triton_grpo_loss
@@ -131,6 +152,9 @@ def run(n, v, dtype, device, bw, names=None, reps=5):
         if "fwd_bwd_ms" in r and "torch" in base:
             r["speedup_vs_torch"] = base["torch"]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
             r["mem_vs_torch"] = r["peak_extra_MB"] / max(base["torch"]["peak_extra_MB"], 1e-9)
+        if "fwd_bwd_ms" in r and r["provider"].startswith("rlhf_fast:") and "rlhf_fast" in base:
+            r["vs_clip"] = r["fwd_bwd_ms"] / base["rlhf_fast"]["fwd_bwd_ms"]
+            r["best_vs_clip"] = r["best_ms"] / base["rlhf_fast"]["best_ms"]
     return rows
 
 
@@ -161,7 +185,7 @@ def main(argv=None):
     print(f"\nppo_policy_loss forward+backward, {str(dtype).replace('torch.', '')} on {args.device} "
           f"(backend {backend}; copy bandwidth {bw / 1e9:.1f} GB/s; floor = 3*N*V*elem bytes / bandwidth)")
     print_table(rows, ["V", "N", "provider", "fwd_bwd_ms", "best_ms", "floor_ms", "of_floor", "peak_extra_MB",
-                       "grad_logits_MB", "speedup_vs_torch", "mem_vs_torch", "error"])
+                       "grad_logits_MB", "speedup_vs_torch", "mem_vs_torch", "vs_clip", "best_vs_clip", "error"])
     for note in notes:
         print("note:", note)
     if not args.quick or args.out:
