@@ -33,7 +33,7 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
     LOSS_AGGS, VALUE_DTYPES, check_estimator, check_finite_inputs, check_float, check_logits, check_loss_agg,
     check_number, check_positive, check_same_device, check_shape, check_targets,
 )
-from rlhf_fast.ops._common import Rows, as_rows, first_order_only, masked_mean
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only
 from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
     LAUNCHERS, can_write_inplace, check_first_inplace_backward, finish_inplace, grad_rows, logprobs_bwd, logprobs_fwd,

@@ -197,7 +197,7 @@ class GRPOConfig(RLConfig):
     loss_type: str = "grpo"  # TRL's: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "cispo" | "sapo"; sets loss_agg
     loss_agg: str = ""  # derived from loss_type; leave empty
     # the objective (rlhf_fast.ops.policy_objectives states each formula)
-    importance_sampling_level: str = "token"  # "token" | "sequence" (GSPO: exp of the mean log-ratio) | "sequence_token"
+    importance_sampling_level: str = "token"  # "token" | "sequence" (GSPO: exp(mean log-ratio)) | "sequence_token"
     kl_estimator: str = "k3"  # of the beta KL: "k1" | "abs" | "k2" | "k3" | "low_var_kl" | "k3+" (verl)
     sapo_temperature_pos: float = 1.0  # loss_type="sapo": gate temperature of A > 0 tokens (SAPO's default)
     sapo_temperature_neg: float = 1.05  # ... and of A <= 0 tokens

@@ -99,7 +99,8 @@ def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int
     from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     gen = GenerationConfig(
-        do_sample=True, temperature=1.0 if with_logprobs else temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        do_sample=True, temperature=1.0 if with_logprobs else temperature, top_k=0, top_p=1.0, min_p=None,
+        typical_p=1.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, bad_words_ids=None, suppress_tokens=None,
         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,

@@ -345,6 +345,7 @@ def test_grpo_loss_matches_trl_compute_loss(loss_type, level, is_mode):
     loss, _ = ours(x, inputs["completion_ids"], inputs["old_per_token_logps"], inputs["advantages"], mask,
                    inputs["ref_per_token_logps"], sampler_logprobs=sampler if is_mode else None)
     loss.backward()
-    assert abs(float(loss.detach()) - float(loss64)) <= 4e-6 * max(1.0, abs(float(loss64))), (float(loss), float(loss64))
+    loss = loss.detach()
+    assert abs(float(loss) - float(loss64)) <= 4e-6 * max(1.0, abs(float(loss64))), (float(loss), float(loss64))
     scale = float(grad64.abs().max())
     assert scale > 0 and float((x.grad.double() - grad64).abs().max()) <= 4e-6 * scale
