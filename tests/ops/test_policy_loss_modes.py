@@ -349,3 +349,50 @@ def test_grpo_loss_matches_trl_compute_loss(loss_type, level, is_mode):
     assert abs(float(loss) - float(loss64)) <= 4e-6 * max(1.0, abs(float(loss64))), (float(loss), float(loss64))
     scale = float(grad64.abs().max())
     assert scale > 0 and float((x.grad.double() - grad64).abs().max()) <= 4e-6 * scale
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("kw,match", [
+    (dict(ratio_level="seq"), "ratio_level"),
+    (dict(loss_type="ppo"), "loss_type"),
+    (dict(loss_type="sapo", dual_clip=3.0), "dual_clip"),
+    (dict(loss_type="sapo", sapo_tau_neg=0.0), "sapo_tau_neg"),
+    (dict(correction="is"), "correction"),
+    (dict(correction="tis"), "sampler_logprobs"),
+    (dict(correction="icepop", correction_level="sequence"), "correction_level"),
+    (dict(correction="mis", correction_low=3.0, correction_high=2.0), "correction_low"),
+    (dict(correction="tis", correction_high=-1.0), "correction_high"),
+    (dict(kl_estimator="k4", kl_coef=0.1), "kl_estimator"),
+    (dict(kl_estimator="full", kl_coef=0.1), "ref_logits"),
+    (dict(kl_estimator="full", kl_coef=0.1, ref_logits=torch.zeros(3, 7, 5)), "ref_logits"),
+    (dict(sampler_logprobs=torch.zeros(3, 6)), "sampler_logprobs"),
+])
+def test_bad_options_name_the_argument(kw, match):
+    x = _inputs()
+    with pytest.raises(ValueError, match=match):
+        ppo_policy_loss(x["logits"], x["targets"], x["old"], x["adv"], x["mask"], **kw)
+
+
+def test_nonfinite_sampler_logprobs_at_valid_tokens_raise_on_cpu():
+    x = _inputs()
+    s = x["sampler"].clone()
+    s[x["mask"]] = s[x["mask"]].index_fill(0, torch.tensor([2]), float("nan"))
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        ppo_policy_loss(x["logits"], x["targets"], x["old"], x["adv"], x["mask"], sampler_logprobs=s,
+                        correction="tis")
+
+
+def test_default_options_keep_the_closed_form_path_and_match_the_autograd_path():
+    """The clipped token-level default runs the closed-form coefficients; forcing the autograd path
+    (a metrics-only sampler) gives the same loss and gradient to rounding."""
+    x = _inputs(seed=21)
+    kw = dict(clip_eps_high=0.28, dual_clip=2.0, kl_coef=0.1, entropy_coef=0.01)
+    a, b = (x["logits"].clone().requires_grad_() for _ in range(2))
+    la, _ = ppo_policy_loss(a, x["targets"], x["old"], x["adv"], x["mask"], ref_logprobs=x["ref"], **kw)
+    lb, sb = ppo_policy_loss(b, x["targets"], x["old"], x["adv"], x["mask"], ref_logprobs=x["ref"],
+                             sampler_logprobs=x["sampler"], **kw)
+    assert "mismatch_abs_mean" in sb
+    la.backward()
+    lb.backward()
+    assert abs(float(la.detach()) - float(lb.detach())) < 1e-6
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-7)
