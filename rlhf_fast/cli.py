@@ -7,269 +7,75 @@
     rlhf-fast grpo  [--config grpo.yaml] [--model PATH] [--set key=value ...]
     rlhf-fast bench [--full] [--only logprobs,kl]
 
-A stage's settings are one flat mapping: the fields of its config dataclass (SFTConfig,
-RewardConfig, PPOConfig, GRPOConfig, DemoConfig) plus the stage's run keys (RUN_KEYS: model,
-data files, ...). The YAML file is read first, then each ``--set key=value`` (parsed by the
-field's type), then ``--model``. An unknown key is an error that lists the valid ones.
-``python -m rlhf_fast`` is the same command.
+A stage's settings (``settings.py``): the fields of its config dataclass plus its run keys, from
+``--config`` YAML, then ``--set key=value``, then ``--model``; models load through ``models.py``.
+A user mistake ends with one line ``rlhf-fast <cmd>: error: ...`` and exit status 2 (the
+traceback with ``--debug`` or ``RLHF_FAST_DEBUG=1``). ``python -m rlhf_fast`` is the same command.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
-import re
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
-RUN_KEYS = {
-    "sft": {"model": "local HF causal-LM folder, or 'tiny' (a fresh tiny Llama + byte tokenizer)",
-            "tokenizer": "tokenizer folder (default: the model's)",
-            "train_file": "JSONL of {prompt, response} (required)",
-            "eval_file": "JSONL of {prompt, response}"},
-    "rm": {"model": "causal-LM folder (e.g. the SFT checkpoint; gets a fresh scalar head), a reward-model "
-                    "folder, or 'tiny'",
-           "tokenizer": "tokenizer folder (default: the model's)",
-           "train_file": "JSONL of {prompt, chosen, rejected} (required)",
-           "eval_file": "JSONL of {prompt, chosen, rejected}"},
-    "ppo": {"model": "policy: causal-LM folder (e.g. the SFT checkpoint) or 'tiny'",
-            "tokenizer": "tokenizer folder (default: the model's)",
-            "ref_model": "frozen reference folder (default: a copy of the initial policy)",
-            "reward_model": "reward-model folder (from `rlhf-fast rm`)",
-            "reward_fn": "instead of reward_model: 'package.module:function', called as f(prompts, completions)",
-            "prompts_file": "JSONL of {prompt} (required)"},
-}
-RUN_KEYS["grpo"] = RUN_KEYS["ppo"]
-REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"), "ppo": ("model", "prompts_file"),
-            "grpo": ("model", "prompts_file")}
-
-
-class CLIError(Exception):
-    """A bad command line, config file or data file: printed as ``rlhf-fast <cmd>: error: ...``."""
-
-
-# ---------------------------------------------------------------------------- settings
-def config_class(command: str):
-    if command == "sft":
-        from rlhf_fast.trainer.sft import SFTConfig as cls
-    elif command == "rm":
-        from rlhf_fast.trainer.reward import RewardConfig as cls
-    elif command == "ppo":
-        from rlhf_fast.trainer.config import PPOConfig as cls
-    elif command == "grpo":
-        from rlhf_fast.trainer.config import GRPOConfig as cls
-    elif command == "demo":
-        from rlhf_fast.demo import DemoConfig as cls
-    else:
-        raise CLIError(f"unknown command {command!r}")
-    return cls
-
-
-def valid_keys(command: str) -> dict:
-    """key -> type hint (run keys are str)."""
-    cls = config_class(command)
-    hints = typing.get_type_hints(cls)
-    keys = {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-    keys.update({k: str for k in RUN_KEYS.get(command, {})})
-    return keys
-
-
-def _unknown(command, key, where):
-    keys = valid_keys(command)
-    return CLIError(f"unknown key {key!r} in {where}; valid keys for `{command}`: {', '.join(sorted(keys))}")
-
-
-def parse_value(key: str, text: str, hint):
-    """``--set key=text`` -> a value of the field's type (bool: true/false/1/0/yes/no/on/off;
-    an optional field takes none/null)."""
-    allowed = typing.get_args(hint) or (hint,)
-    if type(None) in allowed and text.strip().lower() in ("none", "null", "~"):
-        return None
-    for t in allowed:
-        if t is type(None):
-            continue
-        if t is bool:
-            low = text.strip().lower()
-            if low in ("true", "1", "yes", "on"):
-                return True
-            if low in ("false", "0", "no", "off"):
-                return False
-            continue
-        try:
-            return t(text)
-        except (TypeError, ValueError):
-            continue
-    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
-    raise CLIError(f"--set {key}={text}: expected {names}")
-
-
-def read_yaml(path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise CLIError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise CLIError(f"{path}: invalid YAML: {e}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CLIError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
-    return data
-
-
-def resolve_settings(command: str, config_path=None, sets=(), model=None) -> tuple[object, dict]:
-    """(config dataclass, run keys) from a YAML file, ``--set`` overrides and ``--model``."""
-    keys = valid_keys(command)
-    settings = {}
-    if config_path:
-        for k, v in read_yaml(config_path).items():
-            if k not in keys:
-                raise _unknown(command, k, str(config_path))
-            settings[k] = v
-    for item in sets:
-        if "=" not in item:
-            raise CLIError(f"--set {item!r}: expected key=value")
-        k, text = item.split("=", 1)
-        k = k.strip()
-        if k not in keys:
-            raise _unknown(command, k, "--set")
-        settings[k] = parse_value(k, text, keys[k])
-    if model is not None:
-        if "model" not in keys:
-            raise CLIError(f"--model is not an option of `{command}`")
-        settings["model"] = model
-    run = {k: settings.pop(k) for k in list(settings) if k in RUN_KEYS.get(command, {})}
-    for k, v in run.items():
-        if v is not None and not isinstance(v, str):
-            raise CLIError(f"{k} must be a string (a path), got {v!r}")
-    for k in REQUIRED.get(command, ()):
-        if not run.get(k):
-            hint = " (or --model PATH)" if k == "model" else ""
-            raise CLIError(f"`{command}` needs {k}{hint}: {RUN_KEYS[command][k]}")
-    from rlhf_fast.trainer.config import ConfigError
-
-    try:
-        cfg = config_class(command)(**settings)
-    except ConfigError as e:
-        raise CLIError(str(e)) from None
-    except TypeError as e:
-        raise CLIError(f"bad settings for `{command}`: {e}") from None
-    return cfg, run
-
-
-# ---------------------------------------------------------------------------- models
-def load_tokenizer(run: dict):
-    from transformers import AutoTokenizer
-
-    from rlhf_fast.tokenizer import byte_tokenizer
-
-    src = run.get("tokenizer") or run["model"]
-    if src == "tiny":
-        return byte_tokenizer()
-    _check_dir("tokenizer" if run.get("tokenizer") else "model", src)
-    return AutoTokenizer.from_pretrained(src)
-
-
-def _check_dir(key, path):
-    if not Path(path).is_dir():
-        raise CLIError(f"{key}: {path} is not a folder (expected a local Hugging Face model folder)")
-
-
-def tiny_causal_lm(tokenizer, hidden_size: int = 128, num_layers: int = 2):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id))
-
-
-def load_causal_lm(key: str, path: str, tokenizer):
-    from transformers import AutoModelForCausalLM
-
-    if path == "tiny":
-        return tiny_causal_lm(tokenizer)
-    _check_dir(key, path)
-    return AutoModelForCausalLM.from_pretrained(path)
-
-
-def load_reward_fn(spec: str):
-    if ":" not in spec:
-        raise CLIError(f"reward_fn={spec!r}: expected 'package.module:function'")
-    mod, name = spec.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
-        raise CLIError(f"reward_fn={spec!r}: {e}") from None
-    if not callable(fn):
-        raise CLIError(f"reward_fn={spec!r} is not callable")
-    return fn
+from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: the CLI's API too)
+    RUN_KEYS,
+    CLIError,
+    list_keys,
+    parse_value,
+    read_yaml,
+    resolve_settings,
+)
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_sft(cfg, run):
     from rlhf_fast.data import load_sft
+    from rlhf_fast.models import load_causal_lm, load_tokenizer
     from rlhf_fast.trainer.sft import SFTTrainer
 
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     train = load_sft(run["train_file"])
     evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm("model", run["model"], tok)
+    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
     result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/loss", "train/loss"))
 
 
 def cmd_rm(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.trainer.reward import RewardTrainer, reward_model_from_pretrained
+    from rlhf_fast.models import load_reward_model, load_tokenizer
+    from rlhf_fast.trainer.reward import RewardTrainer
 
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     train = load_preferences(run["train_file"])
     evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if run["model"] == "tiny":
-        import tempfile
-
-        with tempfile.TemporaryDirectory() as d:
-            tiny_causal_lm(tok).save_pretrained(d)
-            model = reward_model_from_pretrained(d, pad_token_id=pad)
-    else:
-        _check_dir("model", run["model"])
-        model = reward_model_from_pretrained(run["model"], pad_token_id=pad)
+    model = load_reward_model(run["model"], tok, seed=cfg.seed)
     result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
 def cmd_rl(command, cfg, run):
     from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.models import load_causal_lm, load_policy, load_reward_fn, load_reward_model, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
-    from rlhf_fast.trainer.model import PolicyValueModel
     from rlhf_fast.trainer.ppo import PPOTrainer
-    from rlhf_fast.trainer.reward import reward_model_from_pretrained
 
     if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
-    tok = load_tokenizer(run)
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
     prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
     reward = {}
     if run.get("reward_fn"):
         reward["reward_fn"] = load_reward_fn(run["reward_fn"])
     else:
-        _check_dir("reward_model", run["reward_model"])
-        reward["reward_model"] = reward_model_from_pretrained(run["reward_model"])
-    ref = load_causal_lm("ref_model", run["ref_model"], tok) if run.get("ref_model") else None
-    if command == "ppo" and run["model"] != "tiny":
-        _check_dir("model", run["model"])
-        model = PolicyValueModel.from_pretrained(run["model"], value_head=True)
-    else:
-        model = load_causal_lm("model", run["model"], tok)
+        reward["reward_model"] = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed)
+    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
+    # --model tiny: the weights come from cfg.seed, so a resumed run rebuilds the same reference
+    model = load_policy(run["model"], tok, value_head=command == "ppo", seed=cfg.seed)
     cls = PPOTrainer if command == "ppo" else GRPOTrainer
     trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward)
     trainer.train()
@@ -297,33 +103,16 @@ def benchmarks_dir(explicit=None) -> Path:
     candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parent.parent / "benchmarks",
                                                     Path.cwd() / "benchmarks"]
     for c in candidates:
-        if c.is_dir() and list(c.glob("bench_*.py")):
+        if c.is_dir() and (c / "run_all.py").is_file():
             return c
-    raise CLIError("no benchmarks/bench_*.py found (they live in the source checkout; pass --dir)")
+    raise CLIError("no benchmarks/run_all.py found (the benchmarks live in the source checkout; pass --dir)")
 
 
 def cmd_bench(args) -> int:
+    """Runs benchmarks/run_all.py of the source checkout (the runner lives beside the benchmarks)."""
     root = benchmarks_dir(args.dir)
-    scripts = sorted(root.glob("bench_*.py"))
-    if args.only:
-        wanted = {w.strip().removeprefix("bench_").removesuffix(".py") for w in args.only.split(",") if w.strip()}
-        names = {s.stem.removeprefix("bench_") for s in scripts}
-        missing = sorted(wanted - names)
-        if missing:
-            raise CLIError(f"--only: no benchmark {', '.join(missing)}; available: {', '.join(sorted(names))}")
-        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in wanted]
-    failed = []
-    for s in scripts:
-        quick = not args.full and re.search(r"""["']--quick["']""", s.read_text()) is not None
-        cmd = [sys.executable, str(s)] + (["--quick"] if quick else [])
-        print(f"\n==== {s.name}{' --quick' if quick else ''} ====", flush=True)
-        rc = subprocess.call(cmd, cwd=root.parent)
-        if rc != 0:
-            failed.append(f"{s.name} (exit {rc})")
-    if failed:
-        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    argv = ["--dir", str(root)] + (["--full"] if args.full else []) + (["--only", args.only] if args.only else [])
+    return subprocess.call([sys.executable, str(root / "run_all.py"), *argv])
 
 
 # ---------------------------------------------------------------------------- main
@@ -339,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", help="local Hugging Face model folder (or 'tiny')")
         sp.add_argument("--threads", type=int, help="torch CPU threads")
         sp.add_argument("--list-keys", action="store_true", help="print the valid settings and exit")
+        sp.add_argument("--debug", action="store_true", help="show the traceback of an error (also RLHF_FAST_DEBUG=1)")
 
     d = sub.add_parser("demo", help="SFT -> reward model -> PPO and GRPO on a built-in task (no downloads)")
     settings_args(d, with_model=False)
@@ -351,46 +141,49 @@ def build_parser() -> argparse.ArgumentParser:
                        ("grpo", "GRPO against a reward model or reward function")):
         settings_args(sub.add_parser(name, help=text))
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/bench_*.py) and print its tables")
-    b.add_argument("--full", action="store_true", help="full sizes (default: each script's --quick when offered)")
+    b.add_argument("--full", action="store_true", help="each script's --full size (default: its --quick)")
     b.add_argument("--only", help="comma-separated names, e.g. logprobs,kl")
     b.add_argument("--dir", help="benchmarks folder (default: the source checkout's)")
     return p
 
 
-def list_keys(command) -> str:
-    keys = valid_keys(command)
-    cls = config_class(command)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    lines = [f"settings of `{command}` ({cls.__name__} fields and run keys):"]
-    for k in sorted(keys):
-        desc = RUN_KEYS.get(command, {}).get(k)
-        lines.append(f"  {k} = {defaults[k]!r}" if desc is None else f"  {k}: {desc}")
-    return "\n".join(lines)
+def user_errors() -> tuple:
+    """The exception classes that mean a user mistake (bad setting, file, folder, checkpoint or a
+    run that stopped on NaN/Inf): printed as one line, the traceback only with --debug."""
+    from rlhf_fast.data import DataError
+    from rlhf_fast.models import LoadError
+    from rlhf_fast.trainer.checkpoint import CorruptCheckpointError
+    from rlhf_fast.trainer.config import ConfigError
+    from rlhf_fast.trainer.rollout import RewardFunctionError
+    from rlhf_fast.trainer.runtime import NonFiniteError, OutputDirInUseError
+
+    return (CLIError, DataError, ConfigError, LoadError, OutputDirInUseError, CorruptCheckpointError, NonFiniteError,
+            RewardFunctionError, FileNotFoundError, FileExistsError)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("RLHF_FAST_DEBUG") == "1"
     try:
         return _dispatch(args) or 0
-    except CLIError as e:
+    except BrokenPipeError:  # e.g. `rlhf-fast ppo --list-keys | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as e:
+        if debug or not isinstance(e, user_errors()):
+            raise
         print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:  # data and config errors name the file / field
-        from rlhf_fast.data import DataError
-        from rlhf_fast.trainer.config import ConfigError
-
-        if isinstance(e, (DataError, ConfigError)):
-            print(f"rlhf-fast {args.command}: error: {e}", file=sys.stderr)
-            return 2
-        raise
 
 
 def _dispatch(args):
     if args.command == "bench":
         return cmd_bench(args)
     if args.list_keys:
-        print(list_keys(args.command))
+        print(list_keys(args.command), flush=True)
         return 0
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads {args.threads}: must be >= 1")
     if args.command == "demo":
         cfg, run = demo_settings(args)
     else:
@@ -399,16 +192,59 @@ def _dispatch(args):
             import torch
 
             torch.set_num_threads(args.threads)
+    check_start(args.command, cfg)
     _quiet_transformers()
-    _save_settings(args.command, cfg, run)
-    if args.command == "demo":
-        return cmd_demo(cfg, run)
-    with _torchrun_job(cfg):
-        if args.command == "sft":
-            return cmd_sft(cfg, run)
-        if args.command == "rm":
-            return cmd_rm(cfg, run)
-        return cmd_rl(args.command, cfg, run)
+    out = Path(cfg.output_dir)
+    existed = out.exists()
+    saved = _save_settings(args.command, cfg, run)
+    try:
+        if args.command == "demo":
+            return cmd_demo(cfg, run)
+        with _torchrun_job(cfg):
+            if args.command == "sft":
+                return cmd_sft(cfg, run)
+            if args.command == "rm":
+                return cmd_rm(cfg, run)
+            return cmd_rl(args.command, cfg, run)
+    except BaseException:
+        _forget_failed_start(saved, existed)
+        raise
+
+
+def _forget_failed_start(saved, existed: bool) -> None:
+    """A run that failed before it logged or saved anything leaves no run_config.yaml (nor the
+    output folder, when this run created it and it is empty)."""
+    from rlhf_fast.trainer.runtime import run_in_progress
+
+    if saved is None or run_in_progress(saved.parent):
+        return
+    saved.unlink(missing_ok=True)
+    if not existed and not any(saved.parent.iterdir()):
+        saved.parent.rmdir()
+
+
+def check_start(command: str, cfg) -> None:
+    """Before anything runs or is written: a fresh run must not land on another run's
+    output_dir (unless overwrite_output_dir), and resume_from must name a checkpoint folder."""
+    from rlhf_fast.trainer.runtime import run_in_progress
+
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"output_dir {out} is a file, not a folder")
+    resume = getattr(cfg, "resume_from", "")
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        raise CLIError(f"resume_from={resume}: no such checkpoint folder")
+    if resume or cfg.overwrite_output_dir:
+        return
+    if command == "demo":
+        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (out / n).exists()]
+        used = ", ".join(used) or None
+    else:
+        used = run_in_progress(out)
+    if used:
+        what = "set overwrite_output_dir=true to replace it" + ("" if command == "demo" else
+                                                               ", resume_from=latest to continue it")
+        raise CLIError(f"output_dir {out} already holds a run ({used}); {what}, or choose another output_dir")
 
 
 def _torchrun_job(cfg):
@@ -461,10 +297,12 @@ def _save_settings(command, cfg, run):
     import yaml
 
     if not _rank0():
-        return
+        return None
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.yaml").write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
+    path = out / "run_config.yaml"
+    path.write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
+    return path
 
 
 if __name__ == "__main__":

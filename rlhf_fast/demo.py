@@ -47,6 +47,7 @@ class DemoConfig:
     threads: int = 1  # torch CPU threads: for a model this small one thread is fastest
     no_kl_leash: bool = False  # also run PPO / GRPO with kl_coef = beta = 0 (reward over-optimisation)
     progress_bar: bool = True
+    overwrite_output_dir: bool = False  # replace the demo already in output_dir
     # task and data
     p_clean: float = 0.3
     label_noise: float = 0.1
@@ -156,17 +157,21 @@ class Demo:
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
+        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (self.out / n).exists()]
+        if used and not cfg.overwrite_output_dir:
+            raise FileExistsError(f"output_dir {self.out} already holds a demo run ({', '.join(used)}); "
+                                  "set overwrite_output_dir=true to replace it, or choose another output_dir")
+        for stage in self.rl_stages():  # settings checked before any stage runs
+            self.rl_config(*stage)
+        (self.out / "heldout.jsonl").unlink(missing_ok=True)
         try:
             self.make_data()
             self.timed("sft", self.sft)
             self.timed("rm", self.reward_model)
             self.load_judges()
             self.results["SFT"] = self.evaluate(self.sft_policy(), "SFT")
-            self.timed("ppo", lambda: self.rl("PPO", kl=cfg.kl_coef, steps=cfg.rl_steps))
-            self.timed("grpo", lambda: self.rl("GRPO", kl=cfg.beta, steps=cfg.rl_steps))
-            if cfg.no_kl_leash:
-                self.timed("ppo_no_kl", lambda: self.rl("PPO", kl=0.0, steps=cfg.no_kl_steps))
-                self.timed("grpo_no_kl", lambda: self.rl("GRPO", kl=0.0, steps=cfg.no_kl_steps))
+            for algo, kl, steps in self.rl_stages():
+                self.timed(algo.lower() + ("" if kl > 0 else "_no_kl"), lambda: self.rl(algo, kl=kl, steps=steps))
         finally:
             torch.set_num_threads(threads)
         self.timings["total"] = time.perf_counter() - t0
@@ -207,7 +212,7 @@ class Demo:
     def common(self, name):
         c = self.cfg
         return dict(output_dir=str(self.out / name), seed=c.seed, device=c.device, progress_bar=c.progress_bar,
-                    tensorboard=False)
+                    tensorboard=False, overwrite_output_dir=c.overwrite_output_dir)
 
     def sft(self):
         c, d = self.cfg, self.out / "data"
@@ -259,25 +264,40 @@ class Demo:
         with open(self.out / "heldout.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
+    def rl_config(self, algo: str, kl: float, steps: int):
+        """(trainer class, config) of an RL stage (built before anything runs, so a bad setting
+        fails at once)."""
+        c = self.cfg
+        folder = algo.lower() + ("" if kl > 0 else "_no_kl")
+        common = dict(**self.common(folder), total_steps=steps, max_new_tokens=c.max_new_tokens,
+                      missing_eos_penalty=1.0, max_prompt_length=64)
+        if algo == "PPO":
+            return PPOTrainer, PPOConfig(**common, learning_rate=c.ppo_lr, kl_coef=kl,
+                                         rollout_batch_size=c.ppo_rollout_batch_size,
+                                         mini_batch_size=c.ppo_rollout_batch_size // 2,
+                                         micro_batch_size=c.ppo_rollout_batch_size // 2, ppo_epochs=2)
+        n = c.grpo_prompts * c.group_size
+        return GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl, rollout_batch_size=c.grpo_prompts,
+                                       group_size=c.group_size, mini_batch_size=max(n // 2, 1),
+                                       micro_batch_size=max(n // 2, 1))
+
+    def rl_stages(self) -> list:
+        """(algo, kl, steps) of every RL stage this demo runs."""
+        c = self.cfg
+        stages = [("PPO", c.kl_coef, c.rl_steps), ("GRPO", c.beta, c.rl_steps)]
+        if c.no_kl_leash:
+            stages += [("PPO", 0.0, c.no_kl_steps), ("GRPO", 0.0, c.no_kl_steps)]
+        return stages
+
     def rl(self, algo: str, kl: float, steps: int):
-        c, d = self.cfg, self.out / "data"
+        d = self.out / "data"
         leash = kl > 0
         name = f"{algo}" if leash else f"{algo} (no KL)"
         folder = algo.lower() + ("" if leash else "_no_kl")
         what = (f"KL leash {'kl_coef' if algo == 'PPO' else 'beta'}={kl:g}" if leash else "KL leash OFF")
         self.log(f"\n[{3 if algo == 'PPO' else 4}/4] {algo} against the reward model, {what}, {steps} steps")
-        common = dict(**self.common(folder), total_steps=steps, max_new_tokens=c.max_new_tokens,
-                      missing_eos_penalty=1.0, max_prompt_length=64)
-        if algo == "PPO":
-            cls, config = PPOTrainer, PPOConfig(**common, learning_rate=c.ppo_lr, kl_coef=kl,
-                                                rollout_batch_size=c.ppo_rollout_batch_size,
-                                                mini_batch_size=c.ppo_rollout_batch_size // 2,
-                                                micro_batch_size=c.ppo_rollout_batch_size // 2, ppo_epochs=2)
-        else:
-            n = c.grpo_prompts * c.group_size
-            cls, config = GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl,
-                                                  rollout_batch_size=c.grpo_prompts, group_size=c.group_size,
-                                                  mini_batch_size=max(n // 2, 1), micro_batch_size=max(n // 2, 1))
+        cls, config = self.rl_config(algo, kl, steps)
+        c = self.cfg
         self.record(name, 0, self.results["SFT"])  # every run starts from the SFT policy
         trainer_class = with_heldout_eval(cls, lambda t: self.evaluate(t.model, name, t.step), c.eval_every)
         trainer = trainer_class(config, model=self.sft_policy(), ref_model=self.ref, tokenizer=self.tokenizer,

@@ -381,3 +381,4 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         d = torch.where(valid, kl_tok - kl_tok.detach(), torch.zeros_like(kl_tok))
         loss = loss + kl_coef * (w * d).sum()
     return loss, dict(zip(opts["stat_names"], values))
+

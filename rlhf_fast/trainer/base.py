@@ -6,7 +6,7 @@
         stats = update(batch, step)          # passes over mini-batches, each one optimizer step
         metrics = rollout_metrics(...) | stats
         after_step(batch, metrics)           # the algorithm's (ppo.py: KL controller, explained variance)
-        log; checkpoint every save_steps
+        log; maybe_save()                    # a checkpoint every save_steps
     export(output_dir / "final")
 
 Setup, the optimizer step with its non-finite guard, checkpoints and the export come from the
@@ -32,10 +32,17 @@ from torch import nn
 
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
-from rlhf_fast.trainer.config import RLConfig
+from rlhf_fast.trainer.config import ConfigError, RLConfig
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
 from rlhf_fast.trainer.process_group import rank, world_size
-from rlhf_fast.trainer.rollout import Rollout, encode_prompts, rollout_logprobs, sample_rollout, special_ids
+from rlhf_fast.trainer.rollout import (
+    Rollout,
+    RewardFunctionError,
+    encode_prompts,
+    rollout_logprobs,
+    sample_rollout,
+    special_ids,
+)
 from rlhf_fast.trainer.runtime import Runtime, disable_dropout
 from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepare_trainable
 
@@ -102,10 +109,11 @@ class RLTrainer(Runtime):
         limit = getattr(model.policy.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) for p in self.prompt_ids)
         if limit is not None and longest + cfg.max_new_tokens > limit:
-            raise ValueError(f"the longest prompt ({longest} tokens, at most max_prompt_length="
+            raise ConfigError(f"max_new_tokens: the longest prompt ({longest} tokens, at most max_prompt_length="
                              f"{cfg.max_prompt_length}) + max_new_tokens={cfg.max_new_tokens} exceeds the model's "
                              f"max_position_embeddings={limit}")
 
+        self.completions_per_prompt = cfg.sequences_per_step // cfg.rollout_batch_size  # GRPO: group_size
         self.total_optimizer_steps = cfg.total_steps * self.updates_per_rollout * (
             cfg.sequences_per_step // cfg.mini_batch_size)
         self.build_optimizer([p for p in self.model.parameters() if p.requires_grad], self.total_optimizer_steps)
@@ -165,9 +173,14 @@ class RLTrainer(Runtime):
                 self.after_step(batch, metrics)
                 self.step = step + 1
                 log.log(self.step, metrics)
-                if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
-                    self.save()
+                self.maybe_save()
         self.export()
+
+    def maybe_save(self) -> None:
+        """Checkpoints every ``save_steps`` steps and at the last one (a hook: the demo evaluates here)."""
+        cfg = self.config
+        if (cfg.save_steps and self.step % cfg.save_steps == 0) or self.step == cfg.total_steps:
+            self.save()
 
     # ------------------------------------------------------------------ 1. experience
     def prompt_indices(self, step: int) -> list[int]:
@@ -206,11 +219,15 @@ class RLTrainer(Runtime):
         if self.world_size > 1:  # a sampling stream per (step, rank), whatever happened before
             torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank + 1_000_033 * stream) % 2**63)
         with gathered(self.model, within=self.model.policy), gathered(self.reward_model, full=False):
-            return sample_rollout(self.model.policy, self.tokenizer, [self.prompts[i] for i in idx],
-                                  [self.prompt_ids[i] for i in idx], max_new_tokens=cfg.max_new_tokens,
-                                  temperature=cfg.temperature, device=self.device, reward_fn=self.reward_fn,
-                                  reward_model=self.reward_model, missing_eos_penalty=cfg.missing_eos_penalty,
-                                  autocast=self.autocast, record_logprobs=self.records_sampler_logprobs)
+            try:
+                return sample_rollout(
+                    self.model.policy, self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
+                    max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device,
+                    reward_fn=self.reward_fn, reward_model=self.reward_model,
+                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast,
+                    record_logprobs=self.records_sampler_logprobs)
+            except RewardFunctionError as e:  # name the step too
+                raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
 
     def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
         """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,
@@ -220,7 +237,7 @@ class RLTrainer(Runtime):
         ones and the policy's forward is skipped."""
         cfg = self.config
         if batch is None:
-            batch = self.sample(step, repeat=cfg.sequences_per_step // cfg.rollout_batch_size)
+            batch = self.sample(step, repeat=self.completions_per_prompt)
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
         if self.uses_sampler_logprobs_as_old and not self.uses_value_head and batch.sampler_logprobs is not None:
             batch.logprobs = batch.sampler_logprobs

@@ -42,6 +42,7 @@ import torch
 
 from rlhf_fast.trainer import hf_io
 from rlhf_fast.trainer.collectives import broadcast_object
+from rlhf_fast.trainer.fileio import fsync_dir, fsync_tree, write_atomic
 from rlhf_fast.trainer.process_group import barrier, is_distributed, rank
 from rlhf_fast.trainer.sharding import full_state_dicts, load_full_state_dicts
 
@@ -84,43 +85,6 @@ def set_rng_state(state: dict, generators: dict | None = None) -> None:
         if k not in state.get("generators", {}):
             raise KeyError(f"checkpoint holds no state for generator {k!r}")
         g.set_state(state["generators"][k])
-
-
-# ---------------------------------------------------------------------------- durable files
-def fsync_tree(path: Path) -> None:
-    for dirpath, _, filenames in os.walk(path):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds the old text or ``text``, never a part (temp file + fsync + rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 # ---------------------------------------------------------------------------- manifest
@@ -182,7 +146,7 @@ def latest_checkpoint(root) -> Path | None:
     candidates = list_checkpoints(root)
     if not pointer.exists() and not candidates:
         return None
-    problem = f"{pointer} is missing"
+    problem, name = f"{pointer} is missing", None
     if pointer.exists():
         name = pointer.read_text().strip()
         if not name:
@@ -193,6 +157,8 @@ def latest_checkpoint(root) -> Path | None:
             except (CorruptCheckpointError, FileNotFoundError) as e:
                 problem = f"{pointer} names {name}: {e}"
     for path in reversed(candidates):
+        if path.name == name:
+            continue
         try:
             verify_checkpoint(path)
         except (CorruptCheckpointError, FileNotFoundError) as e:

@@ -53,11 +53,6 @@ class GRPOTrainer(RLTrainer):
     config_class = GRPOConfig
     uses_value_head = False
 
-    def __init__(self, config: GRPOConfig, *, model, tokenizer, prompts, ref_model=None, reward_fn=None,
-                 reward_model=None):
-        super().__init__(config, model=model, tokenizer=tokenizer, prompts=prompts, ref_model=ref_model,
-                         reward_fn=reward_fn, reward_model=reward_model)
-
     @property
     def updates_per_rollout(self) -> int:
         return self.config.num_iterations

@@ -11,8 +11,9 @@ Usage (any trainer)::
 
 Values may be Python numbers or 0-d tensors (converted with ``float``; do that conversion once
 per step, never per micro-batch, to keep host syncs out of the hot path). When resuming at
-``start_step=k``, records with ``step > k`` already in ``metrics.jsonl`` are dropped, so the
-file reads like one uninterrupted run.
+``start_step=k``, records with ``step > k`` already in ``metrics.jsonl`` (and a line cut short
+by a killed run) are dropped, so the file reads like one uninterrupted run; the file is
+replaced atomically (temp file + fsync + rename), so a kill during the rewrite loses nothing.
 
 Distributed hook: reduce metrics across ranks *before* calling ``log`` and construct the
 logger with ``enabled=is_main_process()`` (the default), so only rank 0 writes files.
@@ -22,9 +23,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import torch
+
+from rlhf_fast.trainer.fileio import write_atomic
 
 JSONL = "metrics.jsonl"
 PNG = "metrics.png"
@@ -41,6 +45,33 @@ def read_jsonl(path) -> list[dict]:
     """All records of a metrics.jsonl file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_jsonl(path, last_step: int) -> None:
+    """Drops the records of ``path`` with ``step > last_step`` and lines that do not parse (a
+    record cut short by a kill), keeping the others byte for byte. Atomic: the file is rewritten
+    beside itself and renamed over the old one, and only when something is dropped."""
+    path = Path(path)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a run killed mid-rewrite
+        stale.unlink(missing_ok=True)
+    raw = path.read_bytes()
+    lines = raw.splitlines(keepends=True)
+    kept, dropped_bad = [], 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line).get("step", 0)
+        except ValueError:
+            dropped_bad += 1
+            continue
+        if step <= last_step:
+            kept.append(line if line.endswith(b"\n") else line + b"\n")
+    if dropped_bad:
+        warnings.warn(f"{path}: dropped {dropped_bad} unreadable line(s) (a record cut short by a killed run)")
+    new = b"".join(kept)
+    if new != raw:
+        write_atomic(path, new)
 
 
 def _to_float(name, value) -> float:
@@ -77,9 +108,7 @@ class MetricsLogger:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / JSONL
         if path.exists():  # resume: keep what the earlier run logged up to start_step
-            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+            truncate_jsonl(path, start_step)
         self._file = open(path, "a")
         if tensorboard:
             try:

@@ -52,11 +52,6 @@ class PPOTrainer(RLTrainer):
     config_class = PPOConfig
     uses_value_head = True
 
-    def __init__(self, config: PPOConfig, *, model, tokenizer, prompts, ref_model=None, reward_fn=None,
-                 reward_model=None):
-        super().__init__(config, model=model, tokenizer=tokenizer, prompts=prompts, ref_model=ref_model,
-                         reward_fn=reward_fn, reward_model=reward_model)
-
     @property
     def updates_per_rollout(self) -> int:
         return self.config.ppo_epochs

@@ -45,7 +45,7 @@ def rank_device(name: str = "auto") -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but CUDA is not available")
+            raise ValueError(f"device={name!r} but CUDA is not available")  # a ConfigError in the trainers
         if dev.index is None:
             dev = torch.device("cuda", local_rank() if is_distributed() or _launched() else torch.cuda.current_device())
     return dev

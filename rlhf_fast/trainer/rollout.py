@@ -2,8 +2,8 @@
 scores (a ``reward_fn`` or a reward model) -> the per-token log-probs and values the update
 treats as "old".
 
-Every function here works on this rank's batch only; the trainers reduce around them
-(``distributed.py``).
+Every function here works on this rank's batch only; the trainers gather and reduce around
+them (``base.py`` through ``collectives.py``).
 """
 from __future__ import annotations
 
@@ -164,14 +164,30 @@ def reward_model_scores(reward_model, input_ids, attention_mask) -> torch.Tensor
     return sequence_scores(reward_model, input_ids, attention_mask)
 
 
+class RewardFunctionError(ValueError):
+    """``reward_fn`` raised or returned something other than B finite numbers (the message names
+    the function and, from the trainer, the step)."""
+
+
 def function_scores(reward_fn: Callable, prompts, completions, device) -> torch.Tensor:
     """(B,) fp32 from ``reward_fn(prompts, completions)`` (a list or tensor of B finite numbers)."""
-    raw = reward_fn(list(prompts), list(completions))
-    scores = torch.as_tensor(raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float32)
+    name = getattr(reward_fn, "__qualname__", None) or repr(reward_fn)
+    try:
+        raw = reward_fn(list(prompts), list(completions))
+    except Exception as e:  # noqa: BLE001 - the user's function: say whose error it is
+        raise RewardFunctionError(f"reward_fn {name} raised {type(e).__name__}: {e}") from e
+    if isinstance(raw, (str, bytes, dict)) or raw is None or not hasattr(raw, "__len__"):
+        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} numbers, got "
+                                  f"{type(raw).__name__}")
+    try:
+        scores = torch.as_tensor(raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} numbers: {e}") from None
     if scores.shape != (len(completions),):
-        raise ValueError(f"reward_fn must return {len(completions)} scores, got shape {tuple(scores.shape)}")
+        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} scores, got shape "
+                                  f"{tuple(scores.shape)}")
     if not torch.isfinite(scores).all():
-        raise ValueError(f"reward_fn returned non-finite scores: {scores.tolist()}")
+        raise RewardFunctionError(f"reward_fn {name} returned non-finite scores: {scores.tolist()}")
     return scores.to(device)
 
 

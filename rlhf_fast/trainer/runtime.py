@@ -26,6 +26,7 @@ from torch import nn
 
 from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer.collectives import broadcast_object
+from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import JSONL, MetricsLogger
 from rlhf_fast.trainer.process_group import init_distributed, is_distributed, rank, rank_device, world_size
 from rlhf_fast.trainer.sharding import local_tensor
@@ -45,7 +46,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available")
+        raise ConfigError(f"device={name!r} but CUDA is not available")
     return dev
 
 

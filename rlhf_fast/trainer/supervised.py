@@ -13,7 +13,8 @@ micro-batch (``encode``, ``weight``, ``compute_loss``).
 
 Under torchrun (``WORLD_SIZE > 1``) the trainer joins the job and trains on PyTorch's FSDP2
 (``distributed_strategy="fsdp"``, per transformer block and root) or DDP (``"ddp"``); see
-``distributed.py``. Every rank draws the same global batch and takes its contiguous share
+``sharding.py``. Setup, the optimizer step, checkpoints and the export are the shared runtime's
+(``runtime.py``). Every rank draws the same global batch and takes its contiguous share
 (``ceil(B / world)`` examples); ranks run equally many micro-batches (a rank with nothing left
 runs a zero-weight one, since FSDP's collectives happen inside each forward) and each scales its
 micro-batch loss by ``world * weight(micro) / weight(global batch)`` (DDP / FSDP average the

@@ -48,6 +48,26 @@ def test_demo_config_checks():
 
 
 # ---------------------------------------------------------------------------- pipeline
+TINY = dict(n_sft=64, n_pairs=64, n_eval_pairs=16, n_prompts=32, n_eval_prompts=8, eval_samples=1, hidden_size=32,
+            sft_steps=4, sft_batch_size=16, rm_steps=4, rm_batch_size=8, rl_steps=2, no_kl_steps=2, eval_every=1,
+            ppo_rollout_batch_size=8, grpo_prompts=4, max_new_tokens=6)
+
+
+def test_demo_pipeline_runs_end_to_end_tiny(tmp_path):
+    """The CI variant of the slow test below: every stage and file at a size that learns nothing;
+    a second demo into the same folder is refused before anything runs."""
+    cfg = DemoConfig(output_dir=str(tmp_path), progress_bar=False, **TINY)
+    summary = run_demo(cfg, log=lambda *_: None)
+    assert set(summary["results"]) == {"SFT", "RM", "PPO", "GRPO"}
+    for stage in ("sft", "rm", "ppo", "grpo"):
+        assert (tmp_path / stage / "final" / "config.json").exists(), stage
+    for f in ("heldout.png", "summary.md", "summary.json", "data/sft.jsonl"):
+        assert (tmp_path / f).exists(), f
+    with pytest.raises(FileExistsError, match="already holds a demo run"):
+        run_demo(cfg, log=lambda *_: None)
+
+
+@pytest.mark.slow
 def test_demo_pipeline_reduced_size(tmp_path):
     """SFT -> RM -> PPO and GRPO (and both without the KL leash) at the CI size, seeded.
     Measured margins at this size are +0.12 to +0.18 gold over SFT (seeds 0-2); asserted: +0.05."""

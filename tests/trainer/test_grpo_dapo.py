@@ -103,3 +103,16 @@ def test_overlong_penalty_and_filtering(tmp_path):
     assert (~batch.has_eos).any(), "the tiny model should leave some completions truncated"
     with pytest.raises(ConfigError, match="overlong_buffer"):
         GRPOConfig(overlong_buffer=100, max_new_tokens=8)
+
+
+def test_new_fields_are_reachable_from_the_cli():
+    from rlhf_fast.cli import resolve_settings
+
+    cfg, _ = resolve_settings("grpo", model="tiny", sets=["prompts_file=p.jsonl", "rollout_correction=icepop", "rollout_correction_high=none",
+                                            "loss_type=sapo", "importance_sampling_level=sequence",
+                                            "dynamic_sampling=true", "overlong_buffer=4", "kl_estimator=k3+"])
+    assert (cfg.rollout_correction, cfg.rollout_correction_high, cfg.loss_type, cfg.dynamic_sampling,
+            cfg.overlong_buffer, cfg.kl_estimator) == ("icepop", None, "sapo", True, 4, "k3+")
+    assert cfg.loss_agg == "seq-mean-token-mean"
+    with pytest.raises(Exception, match="rollout_correction"):
+        resolve_settings("grpo", model="tiny", sets=["prompts_file=p.jsonl", "rollout_correction=bogus"])
