@@ -159,7 +159,8 @@ def run_best_of_n(cfg: BestOfNConfig, *, policy, tokenizer, prompts: list[str], 
     summary = {"prompts": len(res), "n": cfg.n, "mean_score": float(scores.mean()),
                "best_score": float(scores.max(-1).values.mean()), "curve": best_of_n_curve(scores, scores),
                "sft_rows": files["sft_rows"], "preference_rows": files["preference_rows"]}
-    log(f"best-of-{cfg.n}: {len(res)} prompts, mean score {summary['mean_score']:.4f}, best {summary['best_score']:.4f} "
+    log(f"best-of-{cfg.n}: {len(res)} prompts, mean score {summary['mean_score']:.4f}, "
+        f"best {summary['best_score']:.4f} "
         f"-> {files['sft']} ({files['sft_rows']} rows), {files['preferences']} ({files['preference_rows']} pairs)")
     if cfg.sft_steps:
         if not files["sft_rows"]:

@@ -18,7 +18,7 @@ columns and the LM head runs on those positions only (fused ``token_logprobs``).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -53,7 +53,8 @@ class Judge:
             try:
                 tpl.format(**{k: "" for k in keys})
             except (KeyError, IndexError, ValueError) as e:
-                raise ValueError(f"{name} may use only the fields {', '.join('{' + k + '}' for k in keys)}: {e}") from None
+                fields = ", ".join("{" + k + "}" for k in keys)
+                raise ValueError(f"{name} may use only the fields {fields}: {e}") from None
         if batch_size < 1 or max_length < 2:
             raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
         self.model = model.eval().requires_grad_(False)

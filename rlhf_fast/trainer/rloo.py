@@ -50,7 +50,8 @@ class RLOOConfig(RLConfig):
         check_field(self, "beta", self.beta >= 0, "must be >= 0")
         check_choice(self, "scale", ("none", "batch", "group"))
         if self.clip_eps_high is not None:
-            check_field(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps, f"must be >= clip_eps={self.clip_eps}")
+            check_field(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps,
+                        f"must be >= clip_eps={self.clip_eps}")
 
     @property
     def sequences_per_step(self) -> int:

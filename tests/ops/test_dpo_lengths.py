@@ -1,9 +1,9 @@
 """dpo_loss's length-normalised variant (chosen_lengths / rejected_lengths) against float64."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 from rlhf_fast.ops import dpo_loss
-from helpers import assert_close_to_ref
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])

@@ -4,12 +4,11 @@ import itertools
 
 import pytest
 import torch
+from rl_utils import PROMPTS, seeded_model, target_fraction
 
 from rlhf_fast.data import load_preferences, load_sft
 from rlhf_fast.trainer.best_of_n import BestOfNConfig, best_of_n_curve, run_best_of_n, sample_n
 from rlhf_fast.trainer.config import ConfigError
-
-from rl_utils import PROMPTS, seeded_model, target_fraction
 
 
 def test_best_scores_above_average(tokenizer):

@@ -9,11 +9,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from rl_utils import seeded_model
 
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.dpo import DPOConfig, DPOTrainer
-
-from rl_utils import seeded_model
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
 PAIRS = [{"prompt": "hi", "chosen": "aaa", "rejected": "bcd e"}, {"prompt": "the cat", "chosen": "a", "rejected": "bb"},

@@ -3,13 +3,12 @@ held-out evaluation during RL: values against hand computations, and evaluation 
 training numbers bit-identical."""
 import pytest
 import torch
+from rl_utils import PROMPTS, seeded_model, target_fraction
 
 from rlhf_fast.trainer.config import ConfigError, GRPOConfig
 from rlhf_fast.trainer.grpo import GRPOTrainer
 from rlhf_fast.trainer.health import distinct_n, self_similarity
 from rlhf_fast.trainer.metrics import read_jsonl
-
-from rl_utils import PROMPTS, seeded_model, target_fraction
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
 

@@ -2,11 +2,10 @@
 text at a time, float64), pairwise labels follow the two-order margin, and bad arguments."""
 import pytest
 import torch
+from rl_utils import seeded_model
 
 from rlhf_fast.trainer.judge import Judge, label_pairs
 from rlhf_fast.trainer.rollout import function_scores
-
-from rl_utils import seeded_model
 
 
 def direct_logp(model, tokenizer, text, verdict):

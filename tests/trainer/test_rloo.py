@@ -4,12 +4,11 @@ import copy
 
 import pytest
 import torch
+from rl_utils import PROMPTS, seeded_model, target_fraction
 
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.model import response_logits
 from rlhf_fast.trainer.rloo import RLOOConfig, RLOOTrainer
-
-from rl_utils import PROMPTS, seeded_model, target_fraction
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
 
