@@ -48,6 +48,8 @@ class BestOfNConfig:
     sft_batch_size: int = 16
     sft_learning_rate: float = 1e-5
     progress_bar: bool = True
+    tensorboard: bool = False  # of the SFT round
+    plot: bool = True  # of the SFT round (output_dir/sft/metrics.png)
 
     def __post_init__(self):
         check_types(self)
@@ -134,11 +136,12 @@ def write_datasets(results: list[dict], out_dir) -> dict:
 
 
 def run_best_of_n(cfg: BestOfNConfig, *, policy, tokenizer, prompts: list[str], reward_fn=None, reward_model=None,
-                  raw_prompts: list[str] | None = None, log=print) -> dict:
+                  raw_prompts: list[str] | None = None, gold_fn=None, log=print) -> dict:
     """One round: sample, write the data sets (prompts as ``raw_prompts``, default ``prompts``:
     the policy sees ``prompts``, e.g. rendered with a chat template) and, when
     ``cfg.sft_steps > 0``, SFT ``policy`` on the best completions. Returns a summary (also
-    OUT/best_of_n.json)."""
+    OUT/best_of_n.json). With ``gold_fn``: the gold reward of the samples and ``gold_curve``, the
+    expected gold reward of best-of-k by the reward, for k = 1..N."""
     from rlhf_fast.trainer.runtime import resolve_device
 
     out = Path(cfg.output_dir)
@@ -159,6 +162,11 @@ def run_best_of_n(cfg: BestOfNConfig, *, policy, tokenizer, prompts: list[str], 
     summary = {"prompts": len(res), "n": cfg.n, "mean_score": float(scores.mean()),
                "best_score": float(scores.max(-1).values.mean()), "curve": best_of_n_curve(scores, scores),
                "sft_rows": files["sft_rows"], "preference_rows": files["preference_rows"]}
+    if gold_fn is not None:
+        gold = torch.tensor([[float(g) for g in gold_fn([r["prompt"]] * len(r["completions"]), r["completions"])]
+                             for r in res])
+        summary["gold_mean"] = float(gold.mean())
+        summary["gold_curve"] = best_of_n_curve(scores, gold)
     log(f"best-of-{cfg.n}: {len(res)} prompts, mean score {summary['mean_score']:.4f}, "
         f"best {summary['best_score']:.4f} "
         f"-> {files['sft']} ({files['sft_rows']} rows), {files['preferences']} ({files['preference_rows']} pairs)")
@@ -171,7 +179,7 @@ def run_best_of_n(cfg: BestOfNConfig, *, policy, tokenizer, prompts: list[str], 
         scfg = SFTConfig(output_dir=str(out / "sft"), seed=cfg.seed, device=cfg.device, max_steps=cfg.sft_steps,
                          batch_size=cfg.sft_batch_size, micro_batch_size=cfg.sft_batch_size,
                          learning_rate=cfg.sft_learning_rate, overwrite_output_dir=cfg.overwrite_output_dir,
-                         progress_bar=cfg.progress_bar, tensorboard=False)
+                         progress_bar=cfg.progress_bar, tensorboard=cfg.tensorboard, plot=cfg.plot)
         lm = getattr(policy, "policy", policy)
         summary["sft"] = SFTTrainer(scfg, model=lm, tokenizer=tokenizer, train_data=load_sft(files["sft"])).train()
     (out / "best_of_n.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -19,6 +19,7 @@ columns and the LM head runs on those positions only (fused ``token_logprobs``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +29,33 @@ from rlhf_fast.trainer.rollout import left_pad
 
 SCALAR_TEMPLATE = "Question: {prompt}\nAnswer: {completion}\nIs the answer correct? Answer Yes or No:"
 PAIR_TEMPLATE = "Question: {prompt}\nAnswer A: {a}\nAnswer B: {b}\nWhich answer is better, A or B? Answer:"
+
+
+@dataclass
+class JudgeConfig:
+    """Fields of ``rlhf-fast label-pairs`` (the judge's rubric and batching)."""
+
+    output_dir: str = "runs/label_pairs"  # writes output_dir/preferences.jsonl
+    device: str = "auto"
+    seed: int = 0
+    overwrite_output_dir: bool = False
+    batch_size: int = 32  # texts per forward
+    max_length: int = 1024  # longer texts keep their end
+    pair_template: str = PAIR_TEMPLATE  # with {prompt}, {a}, {b}
+    verdict_a: str = " A"
+    verdict_b: str = " B"
+
+    def __post_init__(self):
+        from rlhf_fast.trainer.config import check_field, check_types
+
+        check_types(self)
+        check_field(self, "device", self.device in ("auto", "cpu") or self.device.startswith("cuda"),
+                    "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_field(self, "batch_size", self.batch_size >= 1, "must be >= 1")
+        check_field(self, "max_length", self.max_length >= 2, "must be >= 2")
+        for name in ("verdict_a", "verdict_b"):
+            check_field(self, name, bool(getattr(self, name)), "must be a non-empty string")
+        check_field(self, "verdict_b", self.verdict_a != self.verdict_b, "must differ from verdict_a")
 
 
 class Judge:
