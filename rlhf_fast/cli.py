@@ -1,6 +1,6 @@
 """``rlhf-fast``: the three RLHF stages, the demo and the benchmarks from one command.
 
-    rlhf-fast demo  [--quick] [--no-kl] [--out DIR] [--set key=value ...]
+    rlhf-fast demo  [--quick] [--no-kl] [--family] [--out DIR] [--set key=value ...]
     rlhf-fast sft   [--config sft.yaml] [--model PATH] [--set key=value ...]
     rlhf-fast rm    [--config rm.yaml]  [--model PATH] [--set key=value ...]
     rlhf-fast ppo   [--config ppo.yaml] [--model PATH] [--set key=value ...]
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (output_dir)")
     d.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
     d.add_argument("--no-kl", action="store_true", help="also run PPO/GRPO without the KL leash (over-optimisation)")
+    d.add_argument("--family", action="store_true", help="also best-of-N, DPO, RLOO and RLAIF (the RLHF family)")
     for name, text in (("sft", "supervised fine-tuning on {prompt, response} JSONL"),
                        ("rm", "reward model on {prompt, chosen, rejected} JSONL (Bradley-Terry)"),
                        ("ppo", "PPO against a reward model or reward function"),
@@ -381,6 +382,8 @@ def demo_settings(args):
         sets.append(f"output_dir={args.out}")
     if args.no_kl:
         sets.append("no_kl_leash=true")
+    if args.family:
+        sets.append("family=true")
     if args.threads:
         sets.append(f"threads={args.threads}")
     cfg, run = resolve_settings("demo", args.config, sets)
