@@ -66,3 +66,14 @@ def test_family_errors(capsys, tmp_path):
     assert rc == 2 and "BestOfNConfig.n=1" in err
     rc, _, err = run_cli(capsys, "label-pairs", "--model", "tiny")
     assert rc == 2 and "pairs_file" in err
+
+
+def test_family_example_configs_are_valid():
+    from pathlib import Path
+
+    from rlhf_fast.settings import resolve_settings
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    for command, name in (("dpo", "dpo"), ("rloo", "rloo"), ("best-of-n", "best_of_n")):
+        cfg, run = resolve_settings(command, root / f"{name}.yaml")
+        assert run["model"] and (run.get("train_file") or run.get("prompts_file")), command
