@@ -1,8 +1,12 @@
-"""Shared benchmark plumbing: timing, peak extra memory, measured bandwidth floor, metadata,
-table printing and JSON output. Each benchmarks/bench_<op>.py defines its providers and sizes.
+"""Shared benchmark plumbing: timing (interleaved across providers), peak extra memory, measured
+floors (copy bandwidth, exp throughput), metadata, table printing and JSON output. Each
+benchmarks/bench_<op>.py defines its providers and sizes; run_fused() is the harness of the ops
+that take (N, V) logits.
 
-Method (see the project's device METHOD notes): count the bytes an op must move, measure the
-machine's copy bandwidth once, and print floor = bytes / bandwidth beside every figure.
+Method: count the bytes an op must move and the exps it must evaluate, measure the machine's copy
+bandwidth and the kernels' own vectorised exp throughput in the same run, timed interleaved with
+the providers (floor_cases: the same machine load), and print both floors (bytes / bandwidth,
+exps / exp rate) beside every figure. The CPU kernels are exp-bound.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import re
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -163,3 +168,223 @@ def default_device():
 
 def env_quick():
     return os.environ.get("RLHF_FAST_BENCH_QUICK") == "1"
+
+
+# ---- floors ------------------------------------------------------------------------------------
+def exp_rate(device, n=1 << 26):
+    """Measured exps/s of the C++ kernels' vectorised exp (rlhf_fast._C.exp_floor_seconds) on the
+    threads the kernels use; None where that entry point is absent (GPU, pure-Python build)."""
+    if torch.device(device).type != "cpu":
+        return None
+    try:
+        from rlhf_fast import _C
+    except ImportError:
+        return None
+    if not hasattr(_C, "exp_floor_seconds"):
+        return None
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    _C.exp_floor_seconds(n // 8, threads)  # warm the threads
+    return n / min(_C.exp_floor_seconds(n, threads) for _ in range(5))
+
+
+def floors(device):
+    """{"bandwidth_Bps": copy bandwidth, "exp_per_s": exp throughput or None}, measured now."""
+    return {"bandwidth_Bps": copy_bandwidth(device), "exp_per_s": exp_rate(device)}
+
+
+def floor_cases(device, n_exp=1 << 24, nbytes=1 << 28):
+    """Two callables doing floor work, to time interleaved with the providers (so that the floors
+    see the same machine load): n_exp of the kernels' exps, and a copy moving nbytes (read +
+    write). Empty where the exp entry point is absent (the copy is then timed by floors())."""
+    if torch.device(device).type != "cpu":
+        return {}
+    try:
+        from rlhf_fast import _C
+    except ImportError:
+        return {}
+    if not hasattr(_C, "exp_floor_seconds"):
+        return {}
+    threads = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    src = torch.empty(nbytes // 8, dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    return {"floor:exp": lambda: _C.exp_floor_seconds(n_exp, threads), "floor:copy": lambda: dst.copy_(src)}
+
+
+def rates_from(med, n_exp=1 << 24, nbytes=1 << 28):
+    """{"bandwidth_Bps", "exp_per_s"} from the interleaved medians of floor_cases()."""
+    return {"bandwidth_Bps": nbytes / (med["floor:copy"] / 1e3), "exp_per_s": n_exp / (med["floor:exp"] / 1e3)}
+
+
+def floor_ms(fl, nbytes, n_exp):
+    """(copy floor, exp floor) in ms for an op that moves nbytes and evaluates n_exp exps."""
+    copy = nbytes / fl["bandwidth_Bps"] * 1e3
+    exp = n_exp / fl["exp_per_s"] * 1e3 if fl.get("exp_per_s") and n_exp else None
+    return copy, exp
+
+
+# ---- interleaved timing ------------------------------------------------------------------------
+def interleaved_ms(cases: dict[str, Callable], device, *, rounds=5, warmup=1):
+    """Times every callable round-robin (one call of each per round, so load drift on a shared
+    machine hits all cases alike). Returns ({name: median ms}, {name: [raw ms]}, {name: error}).
+    A case that raises is reported, not hidden, and leaves the rotation."""
+    errors, live = {}, dict(cases)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+            sync(device)
+        except Exception as e:  # noqa: BLE001
+            errors[name] = f"{type(e).__name__}: {str(e)[:160]}"
+            del live[name]
+    raw = {k: [] for k in live}
+    for _ in range(rounds):
+        for name, fn in live.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            raw[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in raw.items()}, raw, errors
+
+
+def with_backend(name, fn):
+    """fn run with RLHF_FAST_BACKEND=name (the benchmarks' one way of picking a backend)."""
+    def call(*a, **k):
+        old = os.environ.get("RLHF_FAST_BACKEND")
+        os.environ["RLHF_FAST_BACKEND"] = name
+        try:
+            return fn(*a, **k)
+        finally:
+            if old is None:
+                del os.environ["RLHF_FAST_BACKEND"]
+            else:
+                os.environ["RLHF_FAST_BACKEND"] = old
+    return call
+
+
+def run_fused(op, setup, sizes, dtype, device, *, rounds=5, memory=True, ours="rlhf_fast",
+              against="torch_compile"):
+    """Harness of the (N, V)-logits ops. setup(n, v, dtype, device) returns
+    (cases, cost): cases = {provider: {"fwd": fn, "fwd_bwd": fn}} (a mode may be absent),
+    cost = {"fwd": (bytes, exps), "fwd_bwd": (bytes, exps)}. Every (provider, mode) of one size
+    is timed interleaved; floors are measured once per size in the same run."""
+    out = []
+    for n, v in sizes:
+        torch.manual_seed(0)
+        cases, cost = setup(n, v, dtype, device)
+        flat = {(p, m): fn for p, modes in cases.items() for m, fn in modes.items()}
+        timed = {f"{p}|{m}": fn for (p, m), fn in flat.items()}
+        fcases = floor_cases(device)
+        med, raw, errors = interleaved_ms({**timed, **fcases}, device, rounds=rounds)
+        fl = rates_from(med) if fcases and not errors.keys() & fcases.keys() else floors(device)
+        rows = []
+        for p, modes in cases.items():
+            row = {"provider": p}
+            for m in ("fwd", "fwd_bwd"):
+                if m not in modes:
+                    continue
+                key = f"{p}|{m}"
+                if key in errors:
+                    row["error"] = errors[key]
+                    continue
+                copy_f, exp_f = floor_ms(fl, *cost[m])
+                row[f"{m}_ms"] = med[key]
+                row[f"{m}_raw_ms"] = raw[key]
+                row[f"{m}_copy_floor_ms"] = copy_f
+                row[f"{m}_exp_floor_ms"] = exp_f
+                if memory:
+                    try:
+                        row[f"{m}_peak_extra_MB"] = peak_extra_bytes(modes[m], device) / 2**20
+                    except Exception as e:  # noqa: BLE001
+                        row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            rows.append(row)
+        base = {r["provider"]: r for r in rows}
+        for r in rows:
+            for m in ("fwd", "fwd_bwd"):
+                if against in base and f"{m}_ms" in r and f"{m}_ms" in base[against]:
+                    r[f"{m}_speedup_vs_{against}"] = base[against][f"{m}_ms"] / r[f"{m}_ms"]
+                if f"{m}_ms" in r and r.get(f"{m}_exp_floor_ms"):
+                    r[f"{m}_of_exp_floor"] = r[f"{m}_exp_floor_ms"] / r[f"{m}_ms"]
+                mem, ref = r.get(f"{m}_peak_extra_MB"), base.get(against, {}).get(f"{m}_peak_extra_MB")
+                if mem is not None and ref:
+                    r[f"{m}_mem_vs_{against}"] = mem / ref
+        out.append({"op": op, "n": n, "v": v, "dtype": str(dtype).replace("torch.", ""),
+                    "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
+                    "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows})
+    return out
+
+
+FUSED_COLUMNS = ["provider", "fwd_ms", "fwd_exp_floor_ms", "fwd_copy_floor_ms", "fwd_bwd_ms",
+                 "fwd_bwd_exp_floor_ms", "fwd_bwd_copy_floor_ms", "fwd_speedup_vs_torch_compile",
+                 "fwd_bwd_speedup_vs_torch_compile", "fwd_peak_extra_MB", "fwd_bwd_peak_extra_MB", "error"]
+
+
+def print_fused(results):
+    for res in results:
+        exp = f"{res['exp_Gps']:.2f} G exp/s" if res["exp_Gps"] else "exp rate n/a"
+        print(f"\n{res['op']}  N={res['n']} V={res['v']} {res['dtype']}  (copy {res['bandwidth_GBps']:.1f} GB/s, "
+              f"{exp}; floors = exps / exp rate, bytes / bandwidth)")
+        print_table(res["rows"], FUSED_COLUMNS)
+
+
+def fused_sizes(quick, full, gpu=False):
+    """(N, V) pairs: V in {32000, 151936}; N = 4096 with --full, 1024 by default, 64 with --quick."""
+    n = 64 if quick else (4096 if full or gpu else 1024)
+    return [(n, 32000), (n, 151936)]
+
+
+def run_meta(device):
+    meta = metadata(device)
+    meta["load_average_1_5_15min"] = os.getloadavg()
+    meta["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
+    meta["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
+    meta["RLHF_FAST_BACKEND"] = os.environ.get("RLHF_FAST_BACKEND")
+    for mod in ("trl", "liger_kernel", "transformers"):
+        try:
+            meta[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    return meta
+
+
+# ---- the (B, T) advantage-side ops -------------------------------------------------------------
+def make_bt_inputs(B, T, device, seed=0):
+    """Scores (B,), log-probs / ref log-probs / values / rewards (B, T) fp32 and a right-padded bool mask."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    mask = (torch.arange(T)[None, :] < lengths[:, None]).to(device)  # right padding, as after generation
+    x = lambda: torch.randn(B, T, generator=g).to(device)  # noqa: E731
+    return {"scores": torch.randn(B, generator=g).to(device), "logprobs": x(), "ref_logprobs": x(),
+            "values": x(), "rewards": x(), "mask": mask}
+
+
+def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast", against="torch_compile"):
+    """Forward-only harness: cases = {provider: fn()}, cost = (bytes, exps). Interleaved timing, both floors."""
+    fcases = floor_cases(device)
+    med, raw, errors = interleaved_ms({**cases, **fcases}, device, rounds=rounds)
+    fl = rates_from(med) if fcases and not errors.keys() & fcases.keys() else floors(device)
+    copy_f, exp_f = floor_ms(fl, *cost)
+    rows = []
+    for k in cases:
+        row = {"provider": k, "fwd_ms": med.get(k), "fwd_raw_ms": raw.get(k), "fwd_copy_floor_ms": copy_f,
+               "fwd_exp_floor_ms": exp_f, "error": errors.get(k)}
+        if k in med and against in med:
+            row[f"fwd_speedup_vs_{against}"] = med[against] / med[k]
+        rows.append(row)
+    return {"op": op, "size": size, "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
+            "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows}
+
+
+SIMPLE_COLUMNS = ["provider", "fwd_ms", "fwd_exp_floor_ms", "fwd_copy_floor_ms", "fwd_speedup_vs_torch_compile",
+                  "error"]
+
+
+def print_simple(res):
+    print(f"\n{res['op']}  {res['size']}  (copy {res['bandwidth_GBps']:.1f} GB/s; floor = bytes / bandwidth"
+          + (f", exps / {res['exp_Gps']:.2f} G exp/s)" if res["exp_Gps"] else ")"))
+    print_table(res["rows"], SIMPLE_COLUMNS)
+
+
+def bt_sizes(quick, full, gpu=False):
+    """(B, T): 32 x 128 with --quick, 256 x 1024 by default, 512 x 8192 with --full or on a GPU."""
+    return (32, 128) if quick else ((512, 8192) if full or gpu else (256, 1024))

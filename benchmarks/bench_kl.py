@@ -1,19 +1,20 @@
-"""Benchmark: exact full-vocabulary KL and the per-token KL estimators.
+"""Benchmark: exact full-vocabulary KL, and the per-token KL estimator.
 
-full_kl (N, V) logits and ref_logits, providers:
-  rlhf_fast          full_kl (dispatch: C++ on CPU, Triton on CUDA): one streaming pass over both
-  torch              log_softmax of both, then sum p (log p - log q) (materialises several N x V)
-  torch_compile      torch.compile of full_kl_ref (with --compile; slow to compile on CPU)
-kl_penalty (N,) log-probs, providers: rlhf_fast, torch (kl_penalty_ref), estimator k3.
+full_kl: KL(softmax(logits) || softmax(ref_logits)) per row of (N, V) logits; forward, and forward +
+backward w.r.t. the logits. Providers:
+  rlhf_fast          full_kl (the kernel RLHF_FAST_BACKEND picks): one streaming pass over both rows
+  torch_compile      torch.compile of full_kl_ref
+  torch              full_kl_ref, eager (log_softmax of both, then sum p (log p - log q); several N x V)
+TRL has no full-vocabulary KL (it uses the per-token estimators on log-probs).
+kl_penalty (k3) on (N * 256,) log-probs: rlhf_fast vs kl_penalty_ref, forward.
 
-Floors (bytes / measured copy bandwidth):
-  full_kl forward    read logits + ref_logits once: 2 * N * V * elem
-  full_kl fwd+bwd    forward, then read both again and write grad_logits: 5 * N * V * elem
-  kl_penalty         read two fp32 tensors, write one: 12 B / token
+Floors beside each figure: exp floor = exps / measured exp rate (forward: 2 exps per element, one per
+distribution; forward + backward: 3), copy floor = bytes / measured copy bandwidth (forward reads both
+rows once: 2 * N * V * elem; forward + backward: 5 * N * V * elem).
 
-    python benchmarks/bench_kl.py                       # CPU: N=1024, V=32000 fp32
-    python benchmarks/bench_kl.py --quick               # small sizes (smoke)
-    python benchmarks/bench_kl.py --n 16384 --v 151936 --dtype bfloat16   # GPU target size
+    python benchmarks/bench_kl.py            # CPU: N=1024, V in {32000, 151936}, fp32
+    python benchmarks/bench_kl.py --full     # N=4096
+    python benchmarks/bench_kl.py --quick    # N=64 (smoke)
 """
 from __future__ import annotations
 
@@ -25,99 +26,76 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    copy_bandwidth, default_device, env_quick, metadata, peak_extra_bytes, print_table, time_ms, write_json,
+    default_device, env_quick, fixed_mmap_threshold, floor_ms, floors, fused_sizes, interleaved_ms, print_fused,
+    print_table, run_fused, run_meta, write_json,
 )
 
 from rlhf_fast import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref  # noqa: E402
 
 
-def full_kl_providers(compile_ref=False):
-    out = {"rlhf_fast": lambda x, y: full_kl(x, y), "torch": lambda x, y: full_kl_ref(x, y)}
-    if compile_ref:
-        out["torch_compile"] = torch.compile(lambda x, y: full_kl_ref(x, y), dynamic=False)
-    return out
-
-
-def run_full_kl(n, v, dtype, device, bw, compile_ref=False):
-    torch.manual_seed(0)
+def full_kl_setup(n, v, dtype, device):
     logits = (torch.randn(n, v, device=device) * 2).to(dtype)
-    ref_logits = (logits.float() + torch.randn(n, v, device=device)).to(dtype)
-    elem = logits.element_size()
-    floor_fwd = 2 * n * v * elem / bw * 1e3
-    floor_fb = 5 * n * v * elem / bw * 1e3
-    rows = []
-    for name, fn in full_kl_providers(compile_ref).items():
+    ref = (logits.float() + 0.5 * torch.randn(n, v, device=device)).to(dtype)
+    g = torch.randn(n, device=device)
+    provs = {"rlhf_fast": lambda x, y: full_kl(x, y), "torch_compile": torch.compile(full_kl_ref, dynamic=False),
+             "torch": full_kl_ref}
+    cases = {}
+    for name, fn in provs.items():
         x = logits.detach().clone().requires_grad_()
 
-        def fwd():
+        def fwd(fn=fn):
             with torch.no_grad():
-                fn(logits, ref_logits)
+                return fn(logits, ref)
 
-        def fwd_bwd():
-            torch.autograd.grad(fn(x, ref_logits).sum(), x)
+        def fwd_bwd(fn=fn, x=x):
+            return torch.autograd.grad((fn(x, ref) * g).sum(), x)
 
-        try:
-            fwd()
-            row = {"provider": name, "fwd_ms": time_ms(fwd, device, reps=5),
-                   "fwd_bwd_ms": time_ms(fwd_bwd, device, reps=5)}
-            row["fwd_peak_extra_MB"] = peak_extra_bytes(fwd, device) / 2**20
-            row["fwd_bwd_peak_extra_MB"] = peak_extra_bytes(fwd_bwd, device) / 2**20
-            row["fwd_of_floor"] = floor_fwd / row["fwd_ms"]
-            row["fwd_bwd_of_floor"] = floor_fb / row["fwd_bwd_ms"]
-        except Exception as e:  # a provider that cannot run here is reported, not hidden
-            row = {"provider": name, "error": f"{type(e).__name__}: {str(e)[:120]}"}
-        row.update(floor_fwd_ms=floor_fwd, floor_fwd_bwd_ms=floor_fb)
-        rows.append(row)
-    return {"n": n, "v": v, "dtype": str(dtype).replace("torch.", ""), "grad_logits_MB": n * v * elem / 2**20,
-            "rows": rows}
+        cases[name] = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+    nv, elem = n * v, logits.element_size()
+    return cases, {"fwd": (2 * nv * elem, 2 * nv), "fwd_bwd": (5 * nv * elem, 3 * nv)}
 
 
-def run_kl_penalty(n, device, bw):
-    lp, rp = torch.randn(n, device=device), torch.randn(n, device=device)
-    floor = 12 * n / bw * 1e3
-    rows = []
-    for name, fn in {"rlhf_fast": lambda: kl_penalty(lp, rp, "k3"), "torch": lambda: kl_penalty_ref(lp, rp, "k3")}.items():
-        ms = time_ms(fn, device, reps=7)
-        rows.append({"provider": name, "ms": ms, "floor_ms": floor, "of_floor": floor / ms})
-    return {"n": n, "estimator": "k3", "rows": rows}
+def run_kl_penalty(n, device, rounds):
+    lp, rp = torch.randn(n, device=device) - 5, torch.randn(n, device=device) - 5
+    cases = {"rlhf_fast": lambda: kl_penalty(lp, rp, "k3"), "torch_compile": torch.compile(
+        lambda a, b: kl_penalty_ref(a, b, "k3"), dynamic=False), "torch": lambda: kl_penalty_ref(lp, rp, "k3")}
+    compiled = cases["torch_compile"]
+    cases["torch_compile"] = lambda: compiled(lp, rp)
+    med, raw, errors = interleaved_ms(cases, device, rounds=max(rounds, 15))
+    fl = floors(device)
+    copy_f, exp_f = floor_ms(fl, 12 * n, n)
+    rows = [{"provider": k, "fwd_ms": med.get(k), "fwd_raw_ms": raw.get(k), "fwd_copy_floor_ms": copy_f,
+             "fwd_exp_floor_ms": exp_f, "error": errors.get(k)} for k in cases]
+    return {"op": "kl_penalty_k3", "n": n, "rows": rows}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=default_device())
     p.add_argument("--n", type=int, default=None)
-    p.add_argument("--v", type=int, default=None)
+    p.add_argument("--v", type=int, nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the reference")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", default=env_quick())
+    p.add_argument("--full", action="store_true")
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    fixed_mmap_threshold()
     gpu = torch.device(args.device).type == "cuda"
-    n = args.n or (256 if args.quick else (16384 if gpu else 1024))
-    v = args.v or (4096 if args.quick else (151936 if gpu else 32000))
+    sizes = fused_sizes(args.quick, args.full, gpu)
+    if args.n or args.v:
+        sizes = [(args.n or sizes[0][0], v) for v in (args.v or [s[1] for s in sizes])]
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-    bw = copy_bandwidth(args.device)
-    fk = run_full_kl(n, v, dtype, args.device, bw, args.compile)
-    kp = run_kl_penalty(n * 256, args.device, bw)
-    print(f"\nfull_kl  N={n} V={v} {fk['dtype']} on {args.device}  (copy bandwidth {bw / 1e9:.1f} GB/s; "
-          f"floor = bytes / bandwidth; grad_logits itself is {fk['grad_logits_MB']:.0f} MB)")
-    print_table(fk["rows"], ["provider", "fwd_ms", "floor_fwd_ms", "fwd_of_floor", "fwd_bwd_ms", "floor_fwd_bwd_ms",
-                             "fwd_bwd_of_floor", "fwd_peak_extra_MB", "fwd_bwd_peak_extra_MB", "error"])
-    print(f"\nkl_penalty  N={kp['n']} fp32, k3")
-    print_table(kp["rows"], ["provider", "ms", "floor_ms", "of_floor"])
-    if not gpu:
-        print("\nGPU target (full_kl on bf16 logits, N=16384, V=151936, >= 85% of bandwidth on an H100) is not "
-              "measured on CPU: run this script on a GPU.")
+    results = run_fused("full_kl", full_kl_setup, sizes, dtype, args.device, rounds=args.rounds)
+    print_fused(results)
+    kp = run_kl_penalty(sizes[0][0] * 256, args.device, args.rounds)
+    print(f"\nkl_penalty (k3)  N={kp['n']} fp32")
+    print_table(kp["rows"], ["provider", "fwd_ms", "fwd_exp_floor_ms", "fwd_copy_floor_ms", "error"])
     if not args.quick or args.out:
         name = args.out or f"kl_{'cuda' if gpu else 'cpu'}.json"
-        write_json(name, {"benchmark": "kl", "meta": metadata(args.device), "bandwidth_GBps": bw / 1e9,
-                          "load_average_1_5_15min": os.getloadavg(),
-                          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-                          "full_kl": fk, "kl_penalty": kp})
-    return fk, kp
+        write_json(name, {"benchmark": "full_kl, kl_penalty", "meta": run_meta(args.device),
+                          "results": results, "kl_penalty": kp})
+    return results
 
 
 if __name__ == "__main__":

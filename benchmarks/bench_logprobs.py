@@ -1,20 +1,26 @@
-"""Benchmark: per-token log-probs (+ entropy) from logits.
+"""Benchmark: per-token log-probs, and log-probs + entropy, from (N, V) logits.
 
-Providers, each computing log_softmax(logits / T)[targets] for (N, V) logits:
-  rlhf_fast          token_logprobs (dispatch: C++ on CPU, Triton on CUDA)
+Ops (each forward, and forward + backward of sum(g * logp) [+ sum(g' * H)] w.r.t. the logits):
+  logprobs          log_softmax(logits)[targets]
+  logprobs_entropy  the same and the entropy of softmax(logits)
+
+Providers:
+  rlhf_fast          token_logprobs (the kernel RLHF_FAST_BACKEND picks: C++ on CPU, Triton on CUDA)
   rlhf_fast_inplace  the same with inplace_backward=True (grad_logits written into the logits)
-  rlhf_fast_cuda     the csrc CUDA kernel (GPU, when built)
-  torch              log_softmax + gather (materialises N x V)
-  torch_rowloop      a Python loop of per-row logsumexp, as TRL's selective_log_softmax does
+  rlhf_fast_entropy_off  (in logprobs_entropy) the log-prob alone, in the same rotation: the on / off ratio
   torch_compile      torch.compile of token_logprobs_ref
-  liger              Liger-Kernel's cross_entropy(reduction="none") = -logp (GPU, when installed)
+  torch              token_logprobs_ref, eager (log_softmax + gather; materialises N x V)
+  trl                trl.trainer.utils.selective_log_softmax / selective_log_softmax_and_entropy
+  liger              Liger-Kernel's cross_entropy(reduction="none") = -logp (GPU, log-probs only)
 
-Floor: the forward must read the logits once (N*V*elem bytes); forward+backward reads them
-twice and writes grad_logits once (3*N*V*elem). floor_ms = bytes / measured copy bandwidth.
+Floors, printed beside each figure: exp floor = exps / the kernels' measured exp rate (forward: one
+exp per element; forward + backward: two), copy floor = bytes / measured copy bandwidth (forward
+reads the logits once, forward + backward reads them twice and writes grad_logits once).
 
-    python benchmarks/bench_logprobs.py                 # CPU: N=4096, V=32000 fp32
-    python benchmarks/bench_logprobs.py --quick         # small sizes (CI smoke / `rlhf-fast bench`)
-    python benchmarks/bench_logprobs.py --n 16384 --v 151936 --dtype bfloat16   # GPU
+    python benchmarks/bench_logprobs.py            # CPU: N=1024, V in {32000, 151936}, fp32
+    python benchmarks/bench_logprobs.py --full     # N=4096
+    python benchmarks/bench_logprobs.py --quick    # N=64 (smoke)
+    RLHF_FAST_BACKEND=triton python benchmarks/bench_logprobs.py --dtype bfloat16   # GPU
 """
 from __future__ import annotations
 
@@ -26,15 +32,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    copy_bandwidth, default_device, env_quick, fixed_mmap_threshold, metadata, peak_extra_bytes, print_table,
-    time_ms, write_json,
+    default_device, env_quick, fixed_mmap_threshold, fused_sizes, print_fused, run_fused, run_meta, write_json,
 )
 
 from rlhf_fast import token_logprobs, token_logprobs_ref  # noqa: E402
-from rlhf_fast import _backend  # noqa: E402
 
 
-def torch_gather(logits, targets):
+def torch_gather(logits, targets):  # kept for benchmarks/test_bench_logprobs.py
     return torch.log_softmax(logits.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
@@ -45,23 +49,28 @@ def torch_rowloop(logits, targets):
     return picked - lse
 
 
-def providers(device):
-    out = {"rlhf_fast": lambda x, t: token_logprobs(x, t),
-           # backward writes grad_logits into the logits (the inputs are garbage after the first rep:
-           # fine for timing, the kernel's work does not depend on the values)
-           "rlhf_fast_inplace": lambda x, t: token_logprobs(x, t, inplace_backward=True)}
-    if torch.device(device).type == "cuda" and _backend.cuda_library() is not None:
-        def cuda_kernel(x, t):
-            os.environ["RLHF_FAST_BACKEND"] = "cuda"
-            try:
-                return token_logprobs(x, t)
-            finally:
-                del os.environ["RLHF_FAST_BACKEND"]
-        out["rlhf_fast_cuda"] = cuda_kernel
-    out["torch"] = torch_gather
-    out["torch_rowloop"] = torch_rowloop
-    out["torch_compile"] = torch.compile(lambda x, t: token_logprobs_ref(x, t), dynamic=False)
-    if torch.device(device).type == "cuda":
+def _trl():
+    try:
+        from trl.trainer import utils
+    except ImportError:
+        return None
+    return utils
+
+
+def providers(device, entropy=False):
+    """name -> fn(logits, targets) returning logp or (logp, entropy)."""
+    ref = lambda x, t: token_logprobs_ref(x, t, 1.0, entropy)  # noqa: E731
+    out = {"rlhf_fast": lambda x, t: token_logprobs(x, t, return_entropy=entropy),
+           "rlhf_fast_inplace": lambda x, t: token_logprobs(x, t, return_entropy=entropy, inplace_backward=True),
+           "torch_compile": torch.compile(ref, dynamic=False),
+           "torch": ref}
+    trl = _trl()
+    if trl is not None:
+        if entropy and hasattr(trl, "selective_log_softmax_and_entropy"):
+            out["trl"] = lambda x, t: trl.selective_log_softmax_and_entropy(x, t)
+        elif not entropy:
+            out["trl"] = lambda x, t: trl.selective_log_softmax(x, t)
+    if torch.device(device).type == "cuda" and not entropy:
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
 
@@ -71,75 +80,76 @@ def providers(device):
     return out
 
 
-def run(n, v, dtype, device, names=None):
-    torch.manual_seed(0)
-    logits = (torch.randn(n, v, device=device) * 2).to(dtype)
-    targets = torch.randint(0, v, (n,), device=device)
-    elem = logits.element_size()
-    bw = copy_bandwidth(device)
-    floor_fwd = n * v * elem / bw * 1e3
-    floor_fb = 3 * n * v * elem / bw * 1e3
-    rows = []
-    for name, fn in providers(device).items():
-        if names and name not in names:
-            continue
-        x = logits.detach().clone().requires_grad_()
+def make_setup(entropy, skip=()):
+    def setup(n, v, dtype, device):
+        logits = (torch.randn(n, v, device=device) * 2).to(dtype)
+        targets = torch.randint(0, v, (n,), device=device)
+        g_lp, g_ent = torch.randn(n, device=device), torch.randn(n, device=device)
+        cases = {}
+        for name, fn in providers(device, entropy).items():
+            if name in skip:
+                continue
+            x = logits.detach().clone().requires_grad_()
 
-        def fwd():
-            with torch.no_grad():
-                fn(logits, targets)
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    return fn(logits, targets)
 
-        def fwd_bwd():
-            lp = fn(x, targets)
-            torch.autograd.grad(lp.sum(), x)
+            def fwd_bwd(fn=fn, x=x):
+                out = fn(x, targets)
+                loss = (out[0] * g_lp).sum() + (out[1] * g_ent).sum() if entropy else (out * g_lp).sum()
+                return torch.autograd.grad(loss, x)
 
-        try:
-            fwd()
-            row = {"provider": name, "fwd_ms": time_ms(fwd, device), "fwd_bwd_ms": time_ms(fwd_bwd, device)}
-            row["fwd_peak_extra_MB"] = peak_extra_bytes(fwd, device) / 2**20
-            row["fwd_bwd_peak_extra_MB"] = peak_extra_bytes(fwd_bwd, device) / 2**20
-        except Exception as e:  # a provider that cannot run here is reported, not hidden
-            row = {"provider": name, "error": f"{type(e).__name__}: {str(e)[:120]}"}
-        row.update(floor_fwd_ms=floor_fwd, floor_fwd_bwd_ms=floor_fb)
-        if "fwd_ms" in row:
-            row["fwd_of_floor"] = floor_fwd / row["fwd_ms"]
-            row["fwd_bwd_of_floor"] = floor_fb / row["fwd_bwd_ms"]
-        rows.append(row)
-    return {"n": n, "v": v, "dtype": str(dtype).replace("torch.", ""), "bandwidth_GBps": bw / 1e9,
-            "grad_logits_MB": n * v * elem / 2**20, "rows": rows}
+            cases[name] = {"fwd_bwd": fwd_bwd} if name.endswith("_inplace") else {"fwd": fwd, "fwd_bwd": fwd_bwd}
+        if entropy and "rlhf_fast" not in skip:  # the entropy-off kernel in the same rotation: on / off ratio
+            x_off = logits.detach().clone().requires_grad_()
+
+            def fwd_off():
+                with torch.no_grad():
+                    return token_logprobs(logits, targets)
+
+            def fwd_bwd_off():
+                return torch.autograd.grad((token_logprobs(x_off, targets) * g_lp).sum(), x_off)
+
+            cases["rlhf_fast_entropy_off"] = {"fwd": fwd_off, "fwd_bwd": fwd_bwd_off}
+        nv, elem = n * v, logits.element_size()
+        return cases, {"fwd": (nv * elem, nv), "fwd_bwd": (3 * nv * elem, 2 * nv)}
+    return setup
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=default_device())
     p.add_argument("--n", type=int, default=None)
-    p.add_argument("--v", type=int, default=None)
+    p.add_argument("--v", type=int, nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--providers", nargs="*", default=None)
+    p.add_argument("--skip", nargs="*", default=[], help="providers to leave out (e.g. torch trl at --full)")
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--quick", action="store_true", default=env_quick())
+    p.add_argument("--full", action="store_true")
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
     args = p.parse_args(argv)
-    fixed_mmap_threshold()  # before allocating, so peak_extra_bytes counts every block
+    fixed_mmap_threshold()  # before allocating: every provider's large blocks are fresh mmaps alike
     gpu = torch.device(args.device).type == "cuda"
-    n = args.n or (1024 if args.quick else (16384 if gpu else 4096))
-    v = args.v or (8192 if args.quick else (151936 if gpu else 32000))
+    sizes = fused_sizes(args.quick, args.full, gpu)
+    if args.n or args.v:
+        sizes = [(args.n or sizes[0][0], v) for v in (args.v or [s[1] for s in sizes])]
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-    res = run(n, v, dtype, args.device, args.providers)
-    print(f"\ntoken_logprobs  N={n} V={v} {res['dtype']} on {args.device}  "
-          f"(copy bandwidth {res['bandwidth_GBps']:.1f} GB/s; floor = bytes / bandwidth; "
-          f"grad_logits itself is {res['grad_logits_MB']:.0f} MB)")
-    print_table(res["rows"], ["provider", "fwd_ms", "floor_fwd_ms", "fwd_bwd_ms", "floor_fwd_bwd_ms",
-                              "fwd_peak_extra_MB", "fwd_bwd_peak_extra_MB", "error"])
-    base = {r["provider"]: r for r in res["rows"] if "fwd_ms" in r}
-    if "rlhf_fast" in base and "torch" in base:
-        ours, ref = base["rlhf_fast"], base["torch"]
-        print(f"\nrlhf_fast vs log_softmax+gather: forward {ref['fwd_ms'] / ours['fwd_ms']:.2f}x faster, "
-              f"fwd+bwd {ref['fwd_bwd_ms'] / ours['fwd_bwd_ms']:.2f}x faster; extra peak memory forward "
-              f"{ours['fwd_peak_extra_MB']:.1f} MB vs {ref['fwd_peak_extra_MB']:.1f} MB")
+    results = []
+    for op, entropy in (("logprobs", False), ("logprobs_entropy", True)):
+        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds)
+    print_fused(results)
+    for r in results:
+        rows = {row["provider"]: row for row in r["rows"]}
+        on, off = rows.get("rlhf_fast", {}), rows.get("rlhf_fast_entropy_off", {})
+        if "fwd_ms" in on and "fwd_ms" in off:
+            r["entropy_on_over_off"] = {m: on[f"{m}_ms"] / off[f"{m}_ms"] for m in ("fwd", "fwd_bwd")}
+            print(f"entropy on / off (interleaved), V={r['v']}: forward {on['fwd_ms'] / off['fwd_ms']:.2f}x, "
+                  f"fwd+bwd {on['fwd_bwd_ms'] / off['fwd_bwd_ms']:.2f}x (target <= 1.15x)")
     if not args.quick or args.out:
         name = args.out or f"logprobs_{'cuda' if gpu else 'cpu'}.json"
-        write_json(name, {"benchmark": "token_logprobs", "meta": metadata(args.device), **res})
-    return res
+        write_json(name, {"benchmark": "token_logprobs", "meta": run_meta(args.device), "results": results})
+    return results
 
 
 if __name__ == "__main__":

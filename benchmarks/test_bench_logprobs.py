@@ -7,7 +7,7 @@ from bench_logprobs import providers
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("name", ["rlhf_fast", "torch", "torch_rowloop"])
+@pytest.mark.parametrize("name", ["rlhf_fast", "torch", "trl"])
 def test_logprobs_forward(benchmark, name):
     n, v = (4096, 32000) if DEVICE == "cpu" else (16384, 151936)
     logits = torch.randn(n, v, device=DEVICE)

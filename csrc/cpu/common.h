@@ -47,46 +47,31 @@ inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN stays NaN
   return static_cast<uint16_t>(bits >> 16);
 }
 
+// fp16 <-> fp32 without branches (selects only), so loops converting them vectorize; exact
+// (round to nearest even on the way down, NaN stays a quiet NaN, overflow gives inf).
 inline float f16_to_f32(uint16_t h) {
-  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t man = h & 0x3ffu;
-  uint32_t bits;
-  if (exp == 0x1fu) {
-    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
-  } else if (exp != 0) {
-    bits = sign | ((exp + 112u) << 23) | (man << 13);
-  } else if (man == 0) {
-    bits = sign;
-  } else {  // subnormal: value = man * 2^-24
-    float v = static_cast<float>(man) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent and mantissa, fp32 positions
+  const uint32_t e = em & 0x0f800000u;
+  uint32_t o = em + (112u << 23);                            // rebias 15 -> 127
+  o = e == 0x0f800000u ? o + (112u << 23) : o;               // inf / NaN: exponent all ones
+  const float sub = __builtin_bit_cast(float, em + (113u << 23)) - __builtin_bit_cast(float, 113u << 23);
+  o = e == 0u ? __builtin_bit_cast(uint32_t, sub) : o;       // zero / subnormal: man * 2^-24, exactly
+  return __builtin_bit_cast(float, o | (static_cast<uint32_t>(h & 0x8000u) << 16));
 }
 
-inline uint16_t f32_to_f16(float f) {  // round to nearest even
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  uint32_t sign = (bits >> 16) & 0x8000u;
-  uint32_t absb = bits & 0x7fffffffu;
-  if (absb > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (absb >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
-  if (absb < 0x38800000u) {  // subnormal or zero in half
-    float a;
-    std::memcpy(&a, &absb, 4);
-    float scaled = a * 16777216.0f;  // a / 2^-24
-    uint32_t m = static_cast<uint32_t>(std::nearbyint(scaled));
-    return static_cast<uint16_t>(sign | m);
-  }
-  uint32_t e = ((absb >> 23) - 112u) << 10;
-  uint32_t m = (absb >> 13) & 0x3ffu;
-  uint32_t rest = absb & 0x1fffu;
-  uint32_t h = e | m;
-  if (rest > 0x1000u || (rest == 0x1000u && (m & 1u))) h += 1;
-  return static_cast<uint16_t>(sign | h);
+inline uint16_t f32_to_f16(float f) {
+  const uint32_t bits = __builtin_bit_cast(uint32_t, f);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t a = bits & 0x7fffffffu;
+  // normal half: rebias, round to nearest even on the 13 dropped bits (a carry into inf is right)
+  const uint32_t normal = (a + 0xc8000fffu + ((a >> 13) & 1u)) >> 13;  // 0xc8000000 = (15 - 127) << 23
+  // subnormal half (|f| < 2^-14): adding 0.5f aligns the mantissa so the FPU rounds it to nearest even
+  const float aligned = __builtin_bit_cast(float, a) + 0.5f;
+  const uint32_t subn = __builtin_bit_cast(uint32_t, aligned) - 0x3f000000u;
+  uint32_t o = a < 0x38800000u ? subn : normal;
+  o = a >= 0x47800000u ? 0x7c00u : o;  // >= 2^16: inf (65520 <= |f| < 2^16 rounds up to inf above)
+  o = a > 0x7f800000u ? 0x7e00u : o;   // NaN
+  return static_cast<uint16_t>(sign | o);
 }
 
 template <typename T> inline float load_f32(const T* p, int64_t i);
@@ -121,13 +106,15 @@ inline int64_t load_index(uintptr_t ptr, int dtype, int64_t i) {
 // ---- math -------------------------------------------------------------------
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) in float, branch-free so loops using it vectorize; about 1 ulp on the
-// normal range, 0 below -87.3 (where exp underflows float's normal range) and for -inf.
+// exp(x) in float, branch-free so loops using it vectorize (no libm call, rounding by the
+// 1.5 * 2^23 trick rather than floor, which SSE2 lacks); about 1 ulp on the normal range, 0 below
+// -87.3 (where exp underflows float's normal range) and for -inf, inf above 88.38 (exp_any covers
+// up to 88.72), NaN for NaN.
 inline float fast_exp(float x) {
   const float hi = 88.3762626647949f;
   float xc = x > -87.3f ? x : -87.3f;  // maxps / minps; NaN is restored below
   xc = xc < hi ? xc : hi;
-  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.98412698e-4f;  // 1/5040
@@ -140,33 +127,38 @@ inline float fast_exp(float x) {
   p = p * r + 1.0f;
   float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   y = x < -87.3f ? 0.0f : y;
-  y = x > hi ? std::numeric_limits<float>::infinity() : y;  // overflow (exp_any covers up to 88.72)
-  return x == x ? y : x;           // NaN stays NaN
+  y = x > hi ? std::numeric_limits<float>::infinity() : y;
+  return x == x ? y : x;  // NaN stays NaN
 }
+
+// Hot row functions: one clone per x86-64 level (v3 = AVX2 + FMA + F16C, v4 = AVX-512), picked
+// at load time. tests/ops/test_cpu_vectorization.py checks that their loops stay vectorised.
+#define RLHF_FAST_HOT_FN \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten, noinline))
 
 // Online softmax statistics of one row of z = logits * inv_temp, in one pass:
 // m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (for the entropy).
+// A row holding NaN or +inf, or only -inf, gives s = NaN or 0, so lse, logp and H are NaN.
 struct RowStats {
   float m = kNegInf, s = 0.0f, a = 0.0f;
   float lse() const { return m + std::log(s); }
-  float entropy() const {  // H = log s - a / s
+  float entropy() const {  // H = log s - a / s, clamped at 0 from below (NaN stays NaN)
     float h = std::log(s) - a / s;
-    return h > 0.0f ? h : 0.0f;
+    return h < 0.0f ? 0.0f : h;
   }
 };
 
 constexpr int64_t kChunk = 512;
-constexpr int64_t kLanes = 16;  // explicit partial sums: vectorizes without -ffast-math
 
-// Streams one row (x[0..V)), updating stats chunk by chunk: each chunk is read
-// from memory once and revisited from L1.
+// Streams one row (x[0..V)), updating stats chunk by chunk: each chunk is read from memory once
+// (converted and scaled into buf) and revisited from L1. Both loops are `omp simd` reductions,
+// which gcc vectorises without -ffast-math; the entropy adds one multiply-add per element.
 template <typename T, bool kEntropy>
 inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
   RowStats st;
   alignas(64) float buf[kChunk];
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
     float cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
     for (int64_t j = 0; j < n; ++j) {
@@ -174,28 +166,24 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
       buf[j] = z;
       cmax = z > cmax ? z : cmax;
     }
-    for (int64_t j = n; j < n_pad; ++j) buf[j] = kNegInf;
     float m_new = cmax > st.m ? cmax : st.m;
-    if (m_new == kNegInf) continue;  // everything so far is -inf
+    if (m_new == kNegInf) continue;  // everything so far is -inf (or NaN, which the max skips)
     if (m_new > st.m && st.s > 0.0f) {
       float alpha = std::exp(st.m - m_new);
       if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
       st.s *= alpha;
     }
     st.m = m_new;
-    float s[kLanes] = {}, a[kLanes] = {};
-    for (int64_t j = 0; j < n_pad; j += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        float d = buf[j + k] - m_new;
-        float e = fast_exp(d);
-        s[k] += e;
-        if (kEntropy) a[k] += e > 0.0f ? e * d : 0.0f;
-      }
+    float s = 0.0f, a = 0.0f;
+#pragma omp simd reduction(+ : s, a)
+    for (int64_t j = 0; j < n; ++j) {
+      const float d = buf[j] - m_new;
+      const float e = fast_exp(d);
+      s += e;
+      if constexpr (kEntropy) a += e * (d > -87.3f ? d : -87.3f);  // fast_exp's own clamp: e = 0 there, no 0 * inf
     }
-    for (int64_t k = 0; k < kLanes; ++k) {
-      st.s += s[k];
-      st.a += a[k];
-    }
+    st.s += s;
+    st.a += a;
   }
   return st;
 }

@@ -12,17 +12,15 @@
 namespace rlhf_fast {
 namespace {
 
-#define RLHF_FAST_ROW_FN __attribute__((target_clones("avx512f", "avx2", "default"), flatten, noinline))
-
 // ---- kl_penalty ---------------------------------------------------------------
 template <int kEst, typename A, typename B>
-RLHF_FAST_ROW_FN void kl_penalty_loop(const A* a, const B* b, float* out, int64_t n) {
+RLHF_FAST_HOT_FN void kl_penalty_loop(const A* a, const B* b, float* out, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = kl_est_value(load_f32(a, i) - load_f32(b, i), kEst);
 }
 
 template <int kEst, typename A, typename B>
-RLHF_FAST_ROW_FN void kl_penalty_grad_loop(const A* a, const B* b, const float* g, A* ga, int64_t n) {
+RLHF_FAST_HOT_FN void kl_penalty_grad_loop(const A* a, const B* b, const float* g, A* ga, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) store_f32(ga, i, g[i] * kl_est_grad(load_f32(a, i) - load_f32(b, i), kEst));
 }
@@ -89,12 +87,11 @@ inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 // Streams one pair of rows chunk by chunk (each chunk read from memory once, revisited from L1).
 // z and z' are measured from their own running maxima, so w has no cancellation for large logits.
 template <typename X, typename Y>
-RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
+RLHF_FAST_HOT_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
   KLStats st;
   alignas(64) float bz[kChunk], bq[kChunk];
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
     const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const int64_t n_pad = (n + kLanes - 1) / kLanes * kLanes;
     float zmax = kNegInf, qmax = kNegInf;
 #pragma omp simd reduction(max : zmax, qmax)
     for (int64_t j = 0; j < n; ++j) {
@@ -103,10 +100,6 @@ RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
       bq[j] = q;
       zmax = z > zmax ? z : zmax;
       qmax = q > qmax ? q : qmax;
-    }
-    for (int64_t j = n; j < n_pad; ++j) {
-      bz[j] = kNegInf;
-      bq[j] = 0.0f;  // z = -inf: adds nothing to s or w
     }
     const float m_new = zmax > st.m ? zmax : st.m, mq_new = qmax > st.mq ? qmax : st.mq;
     const float ms_old = finite_or_zero(st.m), mqs_old = finite_or_zero(st.mq);
@@ -119,28 +112,31 @@ RLHF_FAST_ROW_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
     if (st.sq > 0.0f) st.sq *= std::exp(st.mq - mq);
     st.m = m_new;
     st.mq = mq_new;
-    float s[kLanes] = {}, w[kLanes] = {}, sq[kLanes] = {};
-    for (int64_t j = 0; j < n_pad; j += kLanes) {
-      for (int64_t k = 0; k < kLanes; ++k) {
-        const float z = bz[j + k] - mz, q = bq[j + k] - mq;
-        const float e = fast_exp(z);
-        s[k] += e;
-        w[k] += e > 0.0f ? e * (z - q) : 0.0f;
-        sq[k] += j + k < n ? fast_exp(q) : 0.0f;
-      }
+    float s = 0.0f, w = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : s, w, sq)
+    for (int64_t j = 0; j < n; ++j) {
+      const float z = bz[j] - mz, q = bq[j] - mq;
+      const float e = fast_exp(z);
+      s += e;
+      w += e > 0.0f ? e * (z - q) : 0.0f;  // e = 0 at z = -inf: no 0 * inf
+      sq += fast_exp(q);
     }
-    for (int64_t k = 0; k < kLanes; ++k) {
-      st.s += s[k];
-      st.w += w[k];
-      st.sq += sq[k];
-    }
+    st.s += s;
+    st.w += w;
+    st.sq += sq;
   }
   return st;
 }
 
+template <typename X>
+RLHF_FAST_HOT_FN void zero_row(X* gx, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) store_f32(gx, j, 0.0f);
+}
+
 // grad_x[j] = g * inv_temp * p_j (log p_j - log q_j - kl),  log p_j = (z_j - m) - log s
 template <typename X, typename Y>
-RLHF_FAST_ROW_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float kl,
+RLHF_FAST_HOT_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float kl,
                                       const float* st, float g) {
   const float scale = g * inv_temp, m = st[0], log_s = st[1], mq = st[2], log_sq = st[3];
 #pragma omp simd
@@ -196,9 +192,13 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
       X* gx = reinterpret_cast<X*>(gx_ptr);
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
-      for (int64_t r = 0; r < n_rows; ++r)
-        full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r], stats + 4 * r,
-                        g[r]);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        if (g[r] != 0.0f)
+          full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r],
+                          stats + 4 * r, g[r]);
+        else  // a masked row: exactly 0, even where the row is non-finite
+          zero_row(gx + gl.offset(r), V);
+      }
     });
   });
 }

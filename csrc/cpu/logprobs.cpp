@@ -1,15 +1,17 @@
 // Token log-probabilities and entropy from logits, one streaming pass per row.
 //   logp[r] = log_softmax(x[r] * inv_temp)[t[r]],  ent[r] = entropy(softmax(x[r] * inv_temp))
-// Backward writes grad_x only (optionally into x's own storage).
+// Backward writes grad_x only (optionally into x's own storage). A non-finite row gives NaN logp,
+// lse and entropy, and a NaN gradient unless both upstream grads of the row are 0: then the row
+// of grad_x is exactly 0 (masked rows: no 0 * NaN).
+#include <chrono>
+
 #include "common.h"
 
 namespace rlhf_fast {
 namespace {
 
-#define RLHF_FAST_ROW_FN __attribute__((target_clones("avx512f", "avx2", "default"), flatten, noinline))
-
 template <typename T, bool kEntropy>
-RLHF_FAST_ROW_FN RowStats logprobs_row(const T* x, int64_t V, float inv_temp) {
+RLHF_FAST_HOT_FN RowStats logprobs_row(const T* x, int64_t V, float inv_temp) {
   return row_stats<T, kEntropy>(x, V, inv_temp);
 }
 
@@ -23,7 +25,7 @@ inline float logprobs_grad(float z, float lse, float shift, float g_lp, float g_
 }
 
 template <typename T, bool kEntropy>
-RLHF_FAST_ROW_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float lse,
+RLHF_FAST_HOT_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float lse,
                                        float ent, float g_lp, float g_ent) {
   const float shift = ent - lse;
   const float z_t = load_f32(x, t) * inv_temp;  // read before the loop: gx may alias x
@@ -32,6 +34,12 @@ RLHF_FAST_ROW_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, 
     store_f32(gx, j, inv_temp * logprobs_grad<T, kEntropy>(load_f32(x, j) * inv_temp, lse, shift, g_lp, g_ent, 0.0f));
   }
   store_f32(gx, t, inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f));
+}
+
+template <typename T>
+RLHF_FAST_HOT_FN void zero_row(T* gx, int64_t V) {
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) store_f32(gx, j, 0.0f);
 }
 
 void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
@@ -75,17 +83,47 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t t = load_index(t_ptr, t_dtype, r);
-      if (g_ent)
-        logprobs_bwd_row<T, true>(x + lay.offset(r), gx + glay.offset(r), V, t, inv_temp, lse[r], ent[r], g_lp[r],
-                                  g_ent[r]);
+      const float gl = g_lp[r], ge = g_ent ? g_ent[r] : 0.0f;
+      T* grow = gx + glay.offset(r);
+      if (ge != 0.0f)
+        logprobs_bwd_row<T, true>(x + lay.offset(r), grow, V, t, inv_temp, lse[r], ent[r], gl, ge);
+      else if (gl != 0.0f)
+        logprobs_bwd_row<T, false>(x + lay.offset(r), grow, V, t, inv_temp, lse[r], 0.0f, gl, 0.0f);
       else
-        logprobs_bwd_row<T, false>(x + lay.offset(r), gx + glay.offset(r), V, t, inv_temp, lse[r], 0.0f, g_lp[r],
-                                   0.0f);
+        zero_row(grow, V);
     }
   });
 }
 
+// ---- benchmark floor ----------------------------------------------------------
+// The row kernels are bound by fast_exp: this is their inner loop (one L1-resident chunk, summed)
+// without the memory traffic, so n / seconds is the machine's exp throughput.
+RLHF_FAST_HOT_FN float exp_chunk_sum(const float* buf, int64_t n, float m) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < n; ++j) s += fast_exp(buf[j] - m);
+  return s;
+}
+
+volatile float exp_floor_sink = 0.0f;
+
+double exp_floor_seconds(int64_t n, int nthreads) {
+  const auto t0 = std::chrono::steady_clock::now();
+  float sink = 0.0f;
+#pragma omp parallel num_threads(num_threads(nthreads)) reduction(+ : sink)
+  {
+    alignas(64) float buf[kChunk];
+    for (int64_t j = 0; j < kChunk; ++j) buf[j] = -0.013f * static_cast<float>(j);
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < n; c += kChunk) sink += exp_chunk_sum(buf, n - c < kChunk ? n - c : kChunk, 0.0f);
+  }
+  exp_floor_sink = sink;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 void register_logprobs(py::module_& m) {
+  m.def("exp_floor_seconds", &exp_floor_seconds, py::call_guard<py::gil_scoped_release>(),
+        "seconds for n of the kernels' vectorised exp (summed over one L1 chunk) on nthreads threads");
   m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),
         "logits rows -> (logp, lse, entropy?) written to the given fp32 buffers");
   m.def("logprobs_bwd", &logprobs_bwd, py::call_guard<py::gil_scoped_release>(),

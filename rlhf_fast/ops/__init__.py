@@ -23,6 +23,13 @@ ppo_policy_loss    policy_loss.py       (the logprobs kernels)     test_policy_l
 value_loss         value_loss.py        -- (plain torch)           test_losses.py          --
 reward_model_loss  preference_losses    -- (plain torch)           test_losses.py          --
 dpo_loss           preference_losses    -- (plain torch)           test_losses.py          --
+linear_token_
+  logprobs         linear_logprobs.py   (logprobs kernels + BLAS)  test_linear_logprobs    bench_linear_logprobs
+linear_ppo_
+  policy_loss      linear_policy_loss   (logprobs kernels + BLAS)  test_linear_policy_loss bench_linear_logprobs
+linear_cross_
+  entropy          linear_policy_loss   (logprobs kernels + BLAS)  test_linear_policy_loss bench_linear_logprobs
+linear_full_kl     linear_kl.py         (kl kernels + BLAS)        test_linear_kl.py       --
 =================  ===================  =========================  ======================  ==================
 
 Shared by every op: ``_checks.py`` (argument checks; errors name the argument), ``_common.py``
@@ -44,9 +51,22 @@ Rules every op keeps:
 from rlhf_fast.ops.gae import gae, gae_ref, kl_shaped_rewards, kl_shaped_rewards_ref, ppo_advantages, ppo_advantages_ref
 from rlhf_fast.ops.group_advantages import group_advantages, group_advantages_ref
 from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref
+from rlhf_fast.ops.linear_kl import linear_full_kl, linear_full_kl_ref
+from rlhf_fast.ops.linear_logprobs import linear_token_logprobs, linear_token_logprobs_ref
+from rlhf_fast.ops.linear_policy_loss import (
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    linear_ppo_policy_loss,
+    linear_ppo_policy_loss_ref,
+)
 from rlhf_fast.ops.logprobs import token_logprobs, token_logprobs_ref
 from rlhf_fast.ops.policy_loss import (
-    LOSS_AGGS, aggregation_weights, policy_stats, policy_terms, ppo_policy_loss, ppo_policy_loss_ref,
+    LOSS_AGGS,
+    aggregation_weights,
+    policy_stats,
+    policy_terms,
+    ppo_policy_loss,
+    ppo_policy_loss_ref,
 )
 from rlhf_fast.ops.preference_losses import dpo_loss, reward_model_loss
 from rlhf_fast.ops.value_loss import value_loss
@@ -58,4 +78,6 @@ __all__ = [
     "masked_whiten", "masked_whiten_ref", "group_advantages", "group_advantages_ref",
     "ppo_policy_loss", "ppo_policy_loss_ref", "policy_terms", "policy_stats", "aggregation_weights", "LOSS_AGGS",
     "value_loss", "reward_model_loss", "dpo_loss",
+    "linear_token_logprobs", "linear_token_logprobs_ref", "linear_ppo_policy_loss", "linear_ppo_policy_loss_ref",
+    "linear_cross_entropy", "linear_cross_entropy_ref", "linear_full_kl", "linear_full_kl_ref",
 ]

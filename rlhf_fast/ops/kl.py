@@ -18,17 +18,30 @@ import torch
 import triton
 import triton.language as tl
 
-
 from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, triton_interpreting
 from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_estimator: re-exported)
-    KL_ESTIMATOR_NAMES, VALUE_DTYPES, check_estimator, check_float, check_logits, check_positive, check_same_device,
+    KL_ESTIMATOR_NAMES,
+    VALUE_DTYPES,
+    check_estimator,
+    check_float,
+    check_logits,
+    check_positive,
+    check_same_device,
     check_shape,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, flat_arg
+from rlhf_fast.ops._grad_pool import grad_buffer
 from rlhf_fast.ops._triton_common import (
-    KL_ESTIMATORS, cast_for_store, kl_estimate, kl_estimate_grad, nonfinite_count, num_warps_for, online_softmax_update,
-    row_offset, vocab_block,
+    KL_ESTIMATORS,
+    cast_for_store,
+    kl_estimate,
+    kl_estimate_grad,
+    nonfinite_count,
+    num_warps_for,
+    online_softmax_update,
+    row_offset,
+    vocab_block,
 )
 
 
@@ -341,7 +354,7 @@ class FullKLFunction(torch.autograd.Function):
         xd, yd, kl, stats = ctx.saved_tensors
         x = Rows(xd, ctx.x.n, ctx.x.v, *ctx.x.layout())
         y = Rows(yd, ctx.y.n, ctx.y.v, *ctx.y.layout())
-        grad = torch.empty(ctx.shape, dtype=xd.dtype, device=xd.device)
+        grad = grad_buffer(ctx.shape, xd.dtype, xd.device)
         grad_rows = Rows(grad, x.n, x.v, max(x.n, 1), 0, x.v)
         full_kl_bwd(x, y, grad_rows, kl, stats, flat_arg(g.float()), ctx.inv_temp, ctx.backend)
         return grad, None, None, None

@@ -21,6 +21,7 @@ from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, ptr
 from rlhf_fast.ops._checks import check_logits, check_positive, check_targets
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, mark_modified, may_overlap
+from rlhf_fast.ops._grad_pool import grad_buffer
 from rlhf_fast.ops._triton_common import cast_for_store, num_warps_for, row_offset, row_softmax_stats, vocab_block
 
 
@@ -211,7 +212,7 @@ def grad_rows(rows: Rows, shape, inplace: bool):
     Returns (grad tensor, its Rows view)."""
     if inplace:
         return rows.data, rows
-    grad = torch.empty(shape, dtype=rows.data.dtype, device=rows.data.device)
+    grad = grad_buffer(shape, rows.data.dtype, rows.data.device)
     return grad, Rows(grad, rows.n, rows.v, max(rows.n, 1), 0, rows.v)
 
 

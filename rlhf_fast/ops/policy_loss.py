@@ -375,3 +375,4 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
     return loss, dict(zip(opts["stat_names"], values))
+

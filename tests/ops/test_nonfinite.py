@@ -12,9 +12,7 @@ import rlhf_fast as rf
 V = 53
 POISONS = {"nan": float("nan"), "posinf": float("inf"), "all_neginf": None}
 # the C++ kernels' NaN handling lands with the `cpu` helper's branch
-CPP_PENDING = pytest.mark.xfail(strict=False, reason="C++ logprobs/kl NaN rule lands on the cpu branch")
 BACKENDS = ["triton", "cpu", "torch"]
-BACKENDS_CPP_PENDING = ["triton", pytest.param("cpu", marks=CPP_PENDING), "torch"]
 
 
 def poisoned(kind, shape=(3, 4), row=(1, 2), seed=0):
@@ -27,7 +25,7 @@ def poisoned(kind, shape=(3, 4), row=(1, 2), seed=0):
     return x
 
 
-@pytest.mark.parametrize("backend", BACKENDS_CPP_PENDING)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(POISONS))
 def test_token_logprobs_nonfinite_row_gives_nan(backend, kind):
     x = poisoned(kind)
@@ -79,7 +77,7 @@ def test_policy_loss_nonfinite_valid_row_gives_nan_loss(backend, kind):
     assert torch.isnan(loss), loss
 
 
-@pytest.mark.parametrize("backend", BACKENDS_CPP_PENDING)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", list(POISONS))
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.01])
 def test_policy_loss_masked_nonfinite_row_is_harmless(backend, kind, entropy_coef):
@@ -100,7 +98,7 @@ def test_policy_loss_masked_nonfinite_row_is_harmless(backend, kind, entropy_coe
     torch.testing.assert_close(xg.grad.double(), c64.grad, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS_CPP_PENDING)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logprobs_zero_upstream_grad_on_a_nan_row_gives_zero_grad(backend):
     """The caller masks the row (its grad_output is 0): 0 * NaN must not reach grad_logits."""
     if backend == "torch":
