@@ -297,8 +297,9 @@ class Demo:
         if algo == "RLOO":  # one mini-batch, one pass: on-policy REINFORCE (the paper's estimator)
             from rlhf_fast.trainer.rloo import RLOOConfig, RLOOTrainer
 
-            return RLOOTrainer, RLOOConfig(**common, learning_rate=c.grpo_lr, beta=kl, rollout_batch_size=c.grpo_prompts,
-                                           group_size=c.group_size, mini_batch_size=n, micro_batch_size=max(n // 2, 1))
+            return RLOOTrainer, RLOOConfig(**common, learning_rate=c.grpo_lr, beta=kl,
+                                           rollout_batch_size=c.grpo_prompts, group_size=c.group_size,
+                                           mini_batch_size=n, micro_batch_size=max(n // 2, 1))
         return GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl, rollout_batch_size=c.grpo_prompts,
                                        group_size=c.group_size, mini_batch_size=max(n // 2, 1),
                                        micro_batch_size=max(n // 2, 1))
@@ -318,7 +319,8 @@ class Demo:
         folder = folder or algo.lower() + ("" if leash else "_no_kl")
         what = (f"KL leash {'kl_coef' if algo == 'PPO' else 'beta'}={kl:g}" if leash else "KL leash OFF")
         against = "the reward model" if reward is None else "an AI judge"
-        self.log(f"\n[{ {'PPO': '3/4', 'GRPO': '4/4'}.get(algo, '+') }] {name} against {against}, {what}, {steps} steps")
+        stage = {"PPO": "3/4", "GRPO": "4/4"}.get(algo, "+")
+        self.log(f"\n[{stage}] {name} against {against}, {what}, {steps} steps")
         cls, config = self.rl_config(algo, kl, steps)
         config.output_dir = str(self.out / folder)
         c = self.cfg

@@ -29,7 +29,6 @@ from rlhf_fast.trainer.best_of_n import sample_n
 from rlhf_fast.trainer.dpo import DPOConfig, DPOTrainer
 from rlhf_fast.trainer.health import distinct_n
 from rlhf_fast.trainer.judge import Judge
-from rlhf_fast.trainer.rollout import reward_model_scores
 
 FAMILY_FOLDERS = ("best_of_n", "dpo", "rloo", "rlaif")
 
@@ -80,7 +79,8 @@ def dpo_stage(demo) -> None:
     out = trainer.train()
     demo.results["DPO"] = demo.evaluate(trainer.model, "DPO")
     r = demo.results["DPO"]
-    demo.log(f"      held-out pair accuracy (implicit reward) {out['eval/rewards/accuracy']:.3f}; gold {r['gold']:.3f}, "
+    demo.log(f"      held-out pair accuracy (implicit reward) {out['eval/rewards/accuracy']:.3f}; "
+             f"gold {r['gold']:.3f}, "
              f"proxy {r['proxy']:+.3f}, KL to SFT {r['kl']:.2f} -> {demo.out / 'dpo' / 'final'}")
 
 

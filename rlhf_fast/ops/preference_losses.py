@@ -74,7 +74,8 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
 
     Args: four (B,) tensors of summed response log-probs; beta > 0; label_smoothing in [0, 0.5)
     (sigmoid only); chosen_lengths, rejected_lengths: None, or both (B,) response token counts
-    (> 0) that divide each side's log-ratio (the rewards stay unnormalised); backend: None | "torch" (plain torch is this op's only implementation).
+    (> 0) that divide each side's log-ratio (the rewards stay unnormalised); backend: None | "torch"
+    (plain torch is this op's only implementation).
     Returns (loss 0-d, chosen_rewards (B,), rejected_rewards (B,)).
     """
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")

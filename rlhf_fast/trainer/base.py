@@ -356,8 +356,8 @@ class RLTrainer(Runtime):
                     "lr": self.scheduler.get_last_lr()[0]})
         if self.device.type == "cuda":
             out["perf/peak_mem_gib"] = times[2]
-        out.update(health_metrics(batch, group_size=self.completions_per_prompt, max_new_tokens=self.config.max_new_tokens,
-                                  gold_fn=self.gold_fn))
+        out.update(health_metrics(batch, group_size=self.completions_per_prompt,
+                                  max_new_tokens=self.config.max_new_tokens, gold_fn=self.gold_fn))
         return out
 
     # ------------------------------------------------------------------ resume
