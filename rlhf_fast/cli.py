@@ -1,10 +1,14 @@
 """``rlhf-fast``: the three RLHF stages, the demo and the benchmarks from one command.
 
-    rlhf-fast demo  [--quick] [--no-kl] [--out DIR] [--set key=value ...]
+    rlhf-fast demo  [--quick] [--no-kl] [--family] [--out DIR] [--set key=value ...]
     rlhf-fast sft   [--config sft.yaml] [--model PATH] [--set key=value ...]
     rlhf-fast rm    [--config rm.yaml]  [--model PATH] [--set key=value ...]
     rlhf-fast ppo   [--config ppo.yaml] [--model PATH] [--set key=value ...]
     rlhf-fast grpo  [--config grpo.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast rloo  [--config rloo.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast dpo   [--config dpo.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast best-of-n   [--config best_of_n.yaml] [--model PATH] [--set key=value ...]
+    rlhf-fast label-pairs [--model JUDGE] [--set pairs_file=PATH] [--set key=value ...]
     rlhf-fast bench [--full] [--only logprobs,kl]
 
 A stage's settings (``settings.py``): the fields of its config dataclass plus its run keys, from
@@ -58,37 +62,110 @@ def cmd_rm(cfg, run):
     _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
+def load_reward(command, cfg, run, tok, **kw) -> dict:
+    """{"reward_fn": ...} or {"reward_model": ...} from exactly one of reward_model, reward_fn,
+    reward_judge (an RLAIF judge: a causal LM scoring log p(verdict) under a rubric)."""
+    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_reward_model
+
+    given = [k for k in ("reward_model", "reward_fn", "reward_judge") if run.get(k)]
+    if len(given) != 1:
+        raise CLIError(f"`{command}` needs exactly one of reward_model (a folder), reward_fn (module:function) and "
+                       f"reward_judge (a causal-LM folder){'; got ' + ', '.join(given) if given else ''}")
+    if run.get("reward_fn"):
+        return {"reward_fn": load_reward_fn(run["reward_fn"])}
+    if run.get("reward_model"):
+        return {"reward_model": load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)}
+    from rlhf_fast.trainer.judge import SCALAR_TEMPLATE, Judge
+    from rlhf_fast.trainer.runtime import resolve_device
+
+    contrast = run.get("judge_contrast", " No")
+    lm = load_causal_lm(run["reward_judge"], tok, key="reward_judge", seed=cfg.seed, **kw)
+    try:
+        judge = Judge(lm.to(resolve_device(cfg.device)), tok, template=run.get("judge_template") or SCALAR_TEMPLATE,
+                      verdict=run.get("judge_verdict") or " Yes",
+                      contrast=None if str(contrast).lower() in ("none", "") else contrast)
+    except ValueError as e:
+        raise CLIError(f"reward_judge: {e}") from None
+    return {"reward_fn": judge}
+
+
 def cmd_rl(command, cfg, run):
     from rlhf_fast.data import load_prompts, policy_prompt
-    from rlhf_fast.models import (
-        load_causal_lm,
-        load_kwargs,
-        load_policy,
-        load_reward_fn,
-        load_reward_model,
-        load_tokenizer,
-    )
+    from rlhf_fast.models import load_causal_lm, load_kwargs, load_policy, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
+    from rlhf_fast.trainer.rloo import RLOOTrainer
 
-    if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
-        raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
     tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
     kw = load_kwargs(cfg)
     prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
-    reward = {}
-    if run.get("reward_fn"):
-        reward["reward_fn"] = load_reward_fn(run["reward_fn"])
-    else:
-        reward["reward_model"] = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)
+    reward = load_reward(command, cfg, run, tok, **kw)
+    extra = {}
+    if run.get("gold_fn"):
+        extra["gold_fn"] = load_reward_fn(run["gold_fn"])
+    if run.get("eval_prompts_file"):
+        extra["eval_prompts"] = [policy_prompt(tok, p) for p in load_prompts(run["eval_prompts_file"])]
     ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed, **kw) if run.get("ref_model") else None
     # --model tiny: the weights come from cfg.seed, so a resumed run rebuilds the same reference
     model = load_policy(run["model"], tok, value_head=command == "ppo", seed=cfg.seed, **kw)
-    cls = PPOTrainer if command == "ppo" else GRPOTrainer
-    trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward)
+    cls = {"ppo": PPOTrainer, "grpo": GRPOTrainer, "rloo": RLOOTrainer}[command]
+    trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward, **extra)
     trainer.train()
     if _rank0():
         print(f"{command}: done -> {Path(cfg.output_dir) / 'final'} (metrics: {Path(cfg.output_dir) / 'metrics.jsonl'})")
+
+
+def cmd_dpo(cfg, run):
+    from rlhf_fast.data import load_preferences
+    from rlhf_fast.models import load_causal_lm, load_tokenizer
+    from rlhf_fast.trainer.dpo import DPOTrainer
+
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    train = load_preferences(run["train_file"])
+    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
+    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
+    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
+    result = DPOTrainer(cfg, model=model, ref_model=ref, tokenizer=tok, train_data=train, eval_data=evals).train()
+    _report(cfg, result, ("eval/rewards/accuracy", "eval/loss", "train/rewards/accuracy", "train/loss"))
+
+
+def cmd_best_of_n(cfg, run):
+    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_tokenizer
+    from rlhf_fast.trainer.best_of_n import run_best_of_n
+
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    raw = load_prompts(run["prompts_file"])
+    reward = load_reward("best-of-n", cfg, run, tok)
+    gold = load_reward_fn(run["gold_fn"]) if run.get("gold_fn") else None
+    policy = load_causal_lm(run["model"], tok, seed=cfg.seed)
+    out = run_best_of_n(cfg, policy=policy, tokenizer=tok, prompts=[policy_prompt(tok, p) for p in raw],
+                        raw_prompts=raw, gold_fn=gold, **reward)
+    if "gold_curve" in out:
+        curve = out["gold_curve"]
+        print("gold reward of best-of-k (by the reward): " + ", ".join(f"k={k}: {v:.4f}" for k, v in curve.items()))
+
+
+def cmd_label_pairs(cfg, run):
+    from rlhf_fast.data import load_jsonl, write_jsonl
+    from rlhf_fast.models import load_causal_lm, load_tokenizer
+    from rlhf_fast.trainer.judge import Judge, label_pairs
+    from rlhf_fast.trainer.runtime import resolve_device
+
+    path = Path(cfg.output_dir) / "preferences.jsonl"
+    if path.exists() and not cfg.overwrite_output_dir:
+        raise CLIError(f"{path} exists; set overwrite_output_dir=true to replace it, or choose another output_dir")
+    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    rows = load_jsonl(run["pairs_file"], ("prompt", "response_a", "response_b"))
+    lm = load_causal_lm(run["model"], tok, seed=cfg.seed).to(resolve_device(cfg.device))
+    judge = Judge(lm, tok, pair_template=cfg.pair_template, pair_verdicts=(cfg.verdict_a, cfg.verdict_b),
+                  batch_size=cfg.batch_size, max_length=cfg.max_length)
+    try:
+        labelled = label_pairs(judge, rows)
+    except ValueError as e:
+        raise CLIError(f"{run['pairs_file']}: {e}") from None
+    write_jsonl(path, labelled)
+    print(f"label-pairs: {len(labelled)} pairs labelled by the judge -> {path}")
 
 
 def _report(cfg, result, keys):
@@ -143,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="output folder (output_dir)")
     d.add_argument("--quick", action="store_true", help="a reduced size (about a minute)")
     d.add_argument("--no-kl", action="store_true", help="also run PPO/GRPO without the KL leash (over-optimisation)")
+    d.add_argument("--family", action="store_true", help="also best-of-N, DPO, RLOO and RLAIF (the RLHF family)")
     for name, text in (("sft", "supervised fine-tuning on {prompt, response} JSONL"),
                        ("rm", "reward model on {prompt, chosen, rejected} JSONL (Bradley-Terry)"),
                        ("ppo", "PPO against a reward model or reward function"),
-                       ("grpo", "GRPO against a reward model or reward function")):
+                       ("grpo", "GRPO against a reward model or reward function"),
+                       ("rloo", "RLOO (leave-one-out REINFORCE, KL in the reward) against a reward"),
+                       ("dpo", "DPO on {prompt, chosen, rejected} JSONL (no reward model, no RL)"),
+                       ("best-of-n", "sample N per prompt, keep the best by a reward; write SFT / preference data"),
+                       ("label-pairs", "an AI judge labels {prompt, response_a, response_b} pairs (RLAIF)")):
         settings_args(sub.add_parser(name, help=text))
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/bench_*.py) and print its tables")
     b.add_argument("--full", action="store_true", help="each script's --full size (default: its --quick)")
@@ -213,6 +295,12 @@ def _dispatch(args):
                 return cmd_sft(cfg, run)
             if args.command == "rm":
                 return cmd_rm(cfg, run)
+            if args.command == "dpo":
+                return cmd_dpo(cfg, run)
+            if args.command == "best-of-n":
+                return cmd_best_of_n(cfg, run)
+            if args.command == "label-pairs":
+                return cmd_label_pairs(cfg, run)
             return cmd_rl(args.command, cfg, run)
     except BaseException:
         _forget_failed_start(saved, existed)
@@ -277,6 +365,8 @@ def demo_settings(args):
         sets.append(f"output_dir={args.out}")
     if args.no_kl:
         sets.append("no_kl_leash=true")
+    if args.family:
+        sets.append("family=true")
     if args.threads:
         sets.append(f"threads={args.threads}")
     cfg, run = resolve_settings("demo", args.config, sets)

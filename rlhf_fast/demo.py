@@ -8,11 +8,14 @@
     3. PPO   against the RM, KL leash (kl_coef) to the SFT policy    -> OUT/ppo/final
     4. GRPO  against the RM, KL leash (beta) to the SFT policy       -> OUT/grpo/final
     (+)      with no_kl_leash: PPO and GRPO again with the leash off -> OUT/ppo_no_kl, OUT/grpo_no_kl
+    (+)      with family (``demo --family``): best-of-N, DPO, RLOO and RLAIF (demo_family.py)
 
 Every policy is measured on held-out prompts with the programmatic gold reward (the truth),
 the reward model's score (the proxy that RL optimises) and its KL to the SFT policy (sum over
-the completion of log pi - log pi_sft on its own samples). RL runs are measured every
-``eval_every`` steps too: OUT/heldout.jsonl and OUT/heldout.png. OUT/summary.md holds the table.
+the completion of log pi - log pi_sft on its own samples) and distinct-2 of its samples (mode
+collapse). RL runs are measured every ``eval_every`` steps too: OUT/heldout.jsonl and
+OUT/heldout.png; OUT/frontier.png plots gold reward against KL for every method. OUT/summary.md
+holds the table (with each method's wall time).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import torch
 from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
 from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
+from rlhf_fast.trainer.health import distinct_n
 from rlhf_fast.trainer.runtime import resolve_device
 from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, check_field, check_types
 from rlhf_fast.trainer.grpo import GRPOTrainer
@@ -79,14 +83,22 @@ class DemoConfig:
     grpo_prompts: int = 16
     group_size: int = 4
     beta: float = 0.2
+    # the family (``demo --family``): best-of-N, DPO, RLOO, RLAIF
+    family: bool = False
+    bon_n: int = 8  # best-of-N samples per prompt
+    dpo_steps: int = 150
+    dpo_lr: float = 1e-4
+    dpo_beta: float = 0.3  # at 3e-4 and beta 0.1 DPO ran off (KL 12, gold 0.61 at the quick size)
+    rloo_beta: float = 0.05  # RLOO / RLAIF: coefficient of the sequence KL in the reward
 
     def __post_init__(self):
         check_types(self)
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "kl_coef", "beta"):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and f.name not in ("seed", "kl_coef", "beta",
+                                                                                          "rloo_beta"):
                 check_field(self, f.name, v > 0 or f.name in ("p_clean", "label_noise"), "must be > 0")
-        for name in ("kl_coef", "beta"):
+        for name in ("kl_coef", "beta", "rloo_beta"):
             check_field(self, name, getattr(self, name) >= 0, "must be >= 0")
         SortTask(p_clean=self.p_clean, label_noise=self.label_noise)  # range checks
 
@@ -119,8 +131,9 @@ def evaluate_policy(policy, prompts, *, tokenizer, reward_model, ref_model, samp
     ref_logp, _ = rollout_logprobs(ref_model, r, temperature=1.0, micro_batch_size=256)
     kl = (logp - ref_logp).sum(-1)
     exact = sum(c == ideal(p) for p, c in zip(ps, r.completions)) / len(ps)
+    toks = [row[m].tolist() for row, m in zip(r.responses.cpu(), r.response_mask.cpu())]
     return {"gold": r.scores.mean().item(), "proxy": proxy.mean().item(), "kl": kl.mean().item(), "exact": exact,
-            "eos_frac": r.has_eos.float().mean().item(),
+            "eos_frac": r.has_eos.float().mean().item(), "distinct_2": distinct_n(toks, 2),
             "examples": [[p, c] for p, c in zip(ps[::samples][:4], r.completions[::samples][:4])]}
 
 
@@ -172,6 +185,10 @@ class Demo:
             self.results["SFT"] = self.evaluate(self.sft_policy(), "SFT")
             for algo, kl, steps in self.rl_stages():
                 self.timed(algo.lower() + ("" if kl > 0 else "_no_kl"), lambda: self.rl(algo, kl=kl, steps=steps))
+            if cfg.family:
+                from rlhf_fast.demo_family import run_family
+
+                run_family(self)
         finally:
             torch.set_num_threads(threads)
         self.timings["total"] = time.perf_counter() - t0
@@ -277,6 +294,12 @@ class Demo:
                                          mini_batch_size=c.ppo_rollout_batch_size // 2,
                                          micro_batch_size=c.ppo_rollout_batch_size // 2, ppo_epochs=2)
         n = c.grpo_prompts * c.group_size
+        if algo == "RLOO":  # one mini-batch, one pass: on-policy REINFORCE (the paper's estimator)
+            from rlhf_fast.trainer.rloo import RLOOConfig, RLOOTrainer
+
+            return RLOOTrainer, RLOOConfig(**common, learning_rate=c.grpo_lr, beta=kl,
+                                           rollout_batch_size=c.grpo_prompts, group_size=c.group_size,
+                                           mini_batch_size=n, micro_batch_size=max(n // 2, 1))
         return GRPOTrainer, GRPOConfig(**common, learning_rate=c.grpo_lr, beta=kl, rollout_batch_size=c.grpo_prompts,
                                        group_size=c.group_size, mini_batch_size=max(n // 2, 1),
                                        micro_batch_size=max(n // 2, 1))
@@ -289,19 +312,22 @@ class Demo:
             stages += [("PPO", 0.0, c.no_kl_steps), ("GRPO", 0.0, c.no_kl_steps)]
         return stages
 
-    def rl(self, algo: str, kl: float, steps: int):
+    def rl(self, algo: str, kl: float, steps: int, name=None, folder=None, reward=None):
         d = self.out / "data"
         leash = kl > 0
-        name = f"{algo}" if leash else f"{algo} (no KL)"
-        folder = algo.lower() + ("" if leash else "_no_kl")
+        name = name or (f"{algo}" if leash else f"{algo} (no KL)")
+        folder = folder or algo.lower() + ("" if leash else "_no_kl")
         what = (f"KL leash {'kl_coef' if algo == 'PPO' else 'beta'}={kl:g}" if leash else "KL leash OFF")
-        self.log(f"\n[{3 if algo == 'PPO' else 4}/4] {algo} against the reward model, {what}, {steps} steps")
+        against = "the reward model" if reward is None else "an AI judge"
+        stage = {"PPO": "3/4", "GRPO": "4/4"}.get(algo, "+")
+        self.log(f"\n[{stage}] {name} against {against}, {what}, {steps} steps")
         cls, config = self.rl_config(algo, kl, steps)
+        config.output_dir = str(self.out / folder)
         c = self.cfg
         self.record(name, 0, self.results["SFT"])  # every run starts from the SFT policy
         trainer_class = with_heldout_eval(cls, lambda t: self.evaluate(t.model, name, t.step), c.eval_every)
         trainer = trainer_class(config, model=self.sft_policy(), ref_model=self.ref, tokenizer=self.tokenizer,
-                                reward_model=self.rm, prompts=load_prompts(d / "prompts.jsonl"))
+                                prompts=load_prompts(d / "prompts.jsonl"), **(reward or {"reward_model": self.rm}))
         trainer.train()
         self.results[name] = self.evaluate(trainer.model, name)
         r = self.results[name]
@@ -316,14 +342,18 @@ class Demo:
         text = self.table()
         (self.out / "summary.md").write_text(text + "\n")
         self.plot()
+        if len(self.results) > 2:
+            from rlhf_fast.demo_family import frontier_plot
+
+            frontier_plot(self)
         self.log("\n" + text)
         return summary
 
     def verdicts(self) -> dict:
         """Plain statements of what the numbers show, computed from them (never assumed)."""
         out, sft = {}, self.results["SFT"]["gold"]
-        for name in ("PPO", "GRPO"):
-            if name in self.results:
+        for name in self.results:
+            if name not in ("SFT", "RM") and "no KL" not in name:
                 gain = self.results[name]["gold"] - sft
                 out[name] = {"gold_gain": gain, "beats_sft": gain > 0}
         for name in ("PPO (no KL)", "GRPO (no KL)"):
@@ -342,13 +372,19 @@ class Demo:
         lines = ["## rlhf-fast demo: sort the digits (gold reward = programmatic truth, proxy = reward model)", "",
                  f"held-out: {c.n_eval_prompts} prompts x {c.eval_samples} samples at temperature 1; "
                  f"reward-model accuracy on {c.n_eval_pairs} held-out pairs labelled by the gold reward", "",
-                 "| policy | gold reward | exactly sorted | proxy (RM) | KL to SFT |", "|---|---|---|---|---|"]
+                 "| method | gold reward | exactly sorted | proxy (RM) | KL to SFT | distinct-2 | wall time |",
+                 "|---|---|---|---|---|---|---|"]
         for name, r in res.items():
             if name != "RM":
-                lines.append(f"| {name} | {r['gold']:.3f} | {r['exact']:.1%} | {r['proxy']:+.3f} | {r['kl']:.2f} |")
+                t = self.timings.get(timing_key(name))
+                kl = f"{r['kl']:.2f}" + (" *" if "kl_note" in r else "")
+                lines.append(f"| {name} | {r['gold']:.3f} | {r['exact']:.1%} | {r['proxy']:+.3f} | {kl} | "
+                             f"{r.get('distinct_2', float('nan')):.3f} | {'' if t is None else f'{t:.0f}s'} |")
+        if any("kl_note" in r for r in res.values()):
+            lines.append("\n\\* best-of-N's KL is the analytic log N - (N - 1) / N, not a sampled estimate")
         lines += ["", f"reward model held-out accuracy: {res['RM']['accuracy']:.3f} (chance 0.5)", ""]
-        for name in ("PPO", "GRPO"):
-            if name in v:
+        for name in v:
+            if "gold_gain" in v[name]:
                 g = v[name]["gold_gain"]
                 lines.append(f"{name} vs SFT gold reward: {res['SFT']['gold']:.3f} -> {res[name]['gold']:.3f} "
                              f"({g:+.3f}, {'better' if g > 0 else 'NOT better'})")
@@ -386,7 +422,8 @@ class Demo:
             for run in runs:
                 pts = [(r["step"], r[key]) for r in self.curves if r["run"] == run and math.isfinite(r[key])]
                 ax.plot(*zip(*pts), marker="o", ms=3, label=run, ls="--" if "no KL" in run else "-",
-                        color="tab:blue" if run.startswith("PPO") else "tab:orange")
+                        color={"PPO": "tab:blue", "GRPO": "tab:orange", "RLOO": "tab:green",
+                               "RLAIF": "tab:red"}.get(run.split(" ")[0], "tab:gray"))
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("RL step")
             ax.grid(alpha=0.3)
@@ -395,6 +432,13 @@ class Demo:
         fig.tight_layout()
         fig.savefig(self.out / "heldout.png", dpi=90)
         plt.close(fig)
+
+
+def timing_key(name: str) -> str:
+    """The ``timings`` key of a result row: its output folder (best-of-N: "best_of_n")."""
+    if name.startswith("Best-of-"):
+        return "best_of_n"
+    return name.lower().replace(" (no kl)", "_no_kl")
 
 
 def run_demo(config: DemoConfig | None = None, log=print) -> dict:

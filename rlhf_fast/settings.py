@@ -24,11 +24,28 @@ RUN_KEYS = {
             "ref_model": "frozen reference folder (default: a copy of the initial policy)",
             "reward_model": "reward-model folder (from `rlhf-fast rm`)",
             "reward_fn": "instead of reward_model: 'package.module:function', called as f(prompts, completions)",
-            "prompts_file": "JSONL of {prompt} (required)"},
+            "prompts_file": "JSONL of {prompt} (required)",
+            "reward_judge": "instead of reward_model: a causal-LM folder used as an RLAIF judge (log p(verdict))",
+            "judge_template": "the judge's rubric with {prompt} and {completion} (default: a yes/no question)",
+            "judge_verdict": "the verdict text scored (default ' Yes')",
+            "judge_contrast": "subtracted verdict (default ' No'; 'none' for log p(verdict) alone)",
+            "gold_fn": "optional 'package.module:function' gold reward, logged (reward/gold, proxy minus gold)",
+            "eval_prompts_file": "optional JSONL of {prompt}: held-out prompts scored every eval_steps"},
+    "dpo": {"model": "policy: causal-LM folder (e.g. the SFT checkpoint) or 'tiny'",
+            "tokenizer": "tokenizer folder (default: the model's)",
+            "ref_model": "frozen reference folder (default: a copy of the initial policy)",
+            "train_file": "JSONL of {prompt, chosen, rejected} (required)",
+            "eval_file": "JSONL of {prompt, chosen, rejected}"},
+    "label-pairs": {"model": "the judge: a causal-LM folder (or 'tiny')",
+                    "tokenizer": "tokenizer folder (default: the model's)",
+                    "pairs_file": "JSONL of {prompt, response_a, response_b} (required)"},
 }
-RUN_KEYS["grpo"] = RUN_KEYS["ppo"]
+RUN_KEYS["grpo"] = RUN_KEYS["rloo"] = RUN_KEYS["ppo"]
+RUN_KEYS["best-of-n"] = {k: v for k, v in RUN_KEYS["ppo"].items() if k not in ("ref_model", "eval_prompts_file")}
+RUN_KEYS["best-of-n"]["gold_fn"] = "optional 'package.module:function': gold reward of the kept samples, reported"
 REQUIRED = {"sft": ("model", "train_file"), "rm": ("model", "train_file"), "ppo": ("model", "prompts_file"),
-            "grpo": ("model", "prompts_file")}
+            "grpo": ("model", "prompts_file"), "rloo": ("model", "prompts_file"), "dpo": ("model", "train_file"),
+            "best-of-n": ("model", "prompts_file"), "label-pairs": ("model", "pairs_file")}
 
 
 class CLIError(Exception):
@@ -45,6 +62,14 @@ def config_class(command: str):
         from rlhf_fast.trainer.config import PPOConfig as cls
     elif command == "grpo":
         from rlhf_fast.trainer.config import GRPOConfig as cls
+    elif command == "rloo":
+        from rlhf_fast.trainer.rloo import RLOOConfig as cls
+    elif command == "dpo":
+        from rlhf_fast.trainer.dpo import DPOConfig as cls
+    elif command == "best-of-n":
+        from rlhf_fast.trainer.best_of_n import BestOfNConfig as cls
+    elif command == "label-pairs":
+        from rlhf_fast.trainer.judge import JudgeConfig as cls
     elif command == "demo":
         from rlhf_fast.demo import DemoConfig as cls
     else:

@@ -58,18 +58,24 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
              ref_rejected_logps: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0,
+             label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None,
              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """DPO (sigmoid, with conservative label smoothing) or IPO loss on sequence log-probs::
 
         h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        # length-normalised (chosen_lengths / rejected_lengths given: TRL's "sigmoid_norm" and its "ipo"):
+        h = (policy_chosen_logps - ref_chosen_logps) / chosen_lengths
+            - (policy_rejected_logps - ref_rejected_logps) / rejected_lengths
         sigmoid: loss = (-F.logsigmoid(beta * h) * (1 - label_smoothing)
                          - F.logsigmoid(-beta * h) * label_smoothing).mean()
         ipo:     loss = ((h - 1 / (2 * beta)) ** 2).mean()
         chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()   (rejected likewise)
 
     Args: four (B,) tensors of summed response log-probs; beta > 0; label_smoothing in [0, 0.5)
-    (sigmoid only); backend: None | "torch" (plain torch is this op's only implementation).
+    (sigmoid only); chosen_lengths, rejected_lengths: None, or both (B,) response token counts
+    (> 0) that divide each side's log-ratio (the rewards stay unnormalised); backend: None | "torch"
+    (plain torch is this op's only implementation).
     Returns (loss 0-d, chosen_rewards (B,), rejected_rewards (B,)).
     """
     names = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
@@ -90,10 +96,21 @@ def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Ten
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing != 0:
         raise ValueError("label_smoothing applies to loss_type='sigmoid' only")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        raise ValueError("chosen_lengths and rejected_lengths must be given together (or neither)")
     dtype = torch.promote_types(tensors[0].dtype, torch.float32)
     pc, pr, rc, rr = (t.to(dtype) for t in tensors)
     chosen, rejected = pc - rc, pr - rr
     h = chosen - rejected
+    if chosen_lengths is not None:
+        for n, t in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{n} must be a tensor, got {type(t).__name__}")
+            check_shape(n, t, tensors[0].shape, "policy_chosen_logps' shape")
+            check_same_device(policy_chosen_logps=tensors[0], **{n: t})
+            if not bool(((t > 0) & torch.isfinite(t.float())).all()):  # one host sync per call
+                raise ValueError(f"{n} must be positive finite token counts")
+        h = chosen / chosen_lengths.to(dtype) - rejected / rejected_lengths.to(dtype)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing)
         if label_smoothing:

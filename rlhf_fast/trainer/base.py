@@ -4,8 +4,9 @@
         batch = make_experience(step)        # sample + score (``rollout.py``), old / reference log-probs, values
         compute_advantages(batch)            # the algorithm's (ppo.py: KL-shaped GAE; grpo.py: group-relative)
         stats = update(batch, step)          # passes over mini-batches, each one optimizer step
-        metrics = rollout_metrics(...) | stats
+        metrics = rollout_metrics(...) | stats   # + failure-mode metrics (health.py)
         after_step(batch, metrics)           # the algorithm's (ppo.py: KL controller, explained variance)
+        with eval_prompts, every eval_steps: metrics |= evaluate_prompts(...)   # held-out, own RNG stream
         log; maybe_save()                    # a checkpoint every save_steps
     export(output_dir / "final")
 
@@ -33,6 +34,7 @@ from torch import nn
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.config import ConfigError, RLConfig
+from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
 from rlhf_fast.trainer.hf_io import is_peft
 from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
@@ -51,7 +53,7 @@ from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepar
 # fields a resumed run may change without a warning
 FREE_ON_RESUME = {"resume_from", "overwrite_output_dir", "total_steps", "output_dir", "save_steps",
                   "keep_checkpoints", "progress_bar", "tensorboard", "plot", "device", "distributed_strategy",
-                  "frozen_model_sharding", "dist_timeout_s"}
+                  "frozen_model_sharding", "dist_timeout_s", "eval_steps"}
 
 
 class RLTrainer(Runtime):
@@ -59,12 +61,17 @@ class RLTrainer(Runtime):
 
     Hooks: ``compute_advantages(batch)``, ``compute_loss(micro_batch) -> (loss, stats)``,
     ``after_step(batch, metrics)``; class attributes ``uses_value_head``, properties
-    ``uses_reference`` and ``updates_per_rollout``."""
+    ``uses_reference`` and ``updates_per_rollout``.
+
+    Optional: ``gold_fn(prompts, completions)`` (a held-out / gold reward never optimised: logged
+    as ``reward/gold`` and ``reward/proxy_minus_gold``) and ``eval_prompts`` (held-out prompts scored
+    every ``config.eval_steps`` steps and at the end; see health.py)."""
 
     config_class = RLConfig
     uses_value_head = False
 
-    def __init__(self, config, *, model, tokenizer, prompts, ref_model=None, reward_fn=None, reward_model=None):
+    def __init__(self, config, *, model, tokenizer, prompts, ref_model=None, reward_fn=None, reward_model=None,
+                 gold_fn=None, eval_prompts=None):
         if not isinstance(config, self.config_class):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         if (reward_fn is None) == (reward_model is None):
@@ -73,6 +80,13 @@ class RLTrainer(Runtime):
             raise TypeError("reward_fn must be callable as reward_fn(prompts, completions)")
         if tokenizer is None:
             raise ValueError("tokenizer is required (prompts are text; completions are decoded for reward_fn)")
+        if gold_fn is not None and not callable(gold_fn):
+            raise TypeError("gold_fn must be callable as gold_fn(prompts, completions)")
+        if eval_prompts is not None and (isinstance(eval_prompts, str) or not len(eval_prompts)
+                                         or not all(isinstance(p, str) for p in eval_prompts)):
+            raise ValueError("eval_prompts must be a non-empty list of strings (or None)")
+        self.gold_fn = gold_fn
+        self.eval_prompts = list(eval_prompts) if eval_prompts is not None else None
         self.setup_runtime(config)
         cfg = config
         cfg.check_world_size(self.world_size)
@@ -199,6 +213,9 @@ class RLTrainer(Runtime):
                 metrics = {**self.rollout_metrics(batch, t1 - t0, t2 - t1), **stats}
                 self.after_step(batch, metrics)
                 self.step = step + 1
+                if self.eval_prompts and (self.step == cfg.total_steps or
+                                          (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
+                    metrics.update(evaluate_prompts(self, self.eval_prompts, self.step))
                 log.log(self.step, metrics)
                 self.maybe_save()
         self.export()
@@ -391,6 +408,8 @@ class RLTrainer(Runtime):
                     "lr": self.scheduler.get_last_lr()[0]})
         if self.device.type == "cuda":
             out["perf/peak_mem_gib"] = times[2]
+        out.update(health_metrics(batch, group_size=self.completions_per_prompt,
+                                  max_new_tokens=self.config.max_new_tokens, gold_fn=self.gold_fn))
         return out
 
     # ------------------------------------------------------------------ resume

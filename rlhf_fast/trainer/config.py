@@ -146,6 +146,8 @@ class RLConfig(RunConfig):
     clip_eps: float = 0.2
     entropy_coef: float = 0.0
     loss_agg: str = "token-mean"
+    # held-out evaluation: with the trainer's eval_prompts, score them every eval_steps steps (0: at the end only)
+    eval_steps: int = 0
     # distribution
     frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
 
@@ -154,6 +156,7 @@ class RLConfig(RunConfig):
         check_field(self, "total_steps", self.total_steps >= 1, "must be >= 1")
         for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size"):
             check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
+        check_field(self, "eval_steps", self.eval_steps >= 0, "must be >= 0")
         check_choice(self, "prompt_truncation", ("left", "right", "error"))
         check_choice(self, "loss_agg", LOSS_AGGS)
         check_choice(self, "frozen_model_sharding", ("shard", "replicate"))

@@ -163,9 +163,37 @@ class MetricsLogger:
         return False
 
 
+# metrics.png: panels grouped by meaning (a metric joins the first group whose test matches), shown in PLOT_ORDER
+PLOT_GROUPS = (
+    ("reward", lambda k: any(w in k for w in ("reward", "gold", "accuracy"))),
+    ("KL", lambda k: "kl" in k.split("/")[-1] or k.startswith("kl/")),
+    ("loss", lambda k: "loss" in k or k.endswith("ppl")),
+    ("throughput", lambda k: k.startswith(("time/", "perf/")) or k in ("lr", "epoch")),
+    ("policy health", lambda k: True),
+)
+PLOT_ORDER = ("reward", "KL", "loss", "policy health", "throughput")
+
+
+def metric_group(key: str) -> str:
+    """The panel group of a metric name (PLOT_GROUPS)."""
+    return next(name for name, test in PLOT_GROUPS if test(key))
+
+
+def smooth(values: list[float]) -> list[float]:
+    """Exponential moving average with a window of about a tenth of the series (bias-corrected)."""
+    alpha = 2.0 / (max(len(values) // 10, 1) + 1)
+    out, avg, w = [], 0.0, 0.0
+    for v in values:
+        avg, w = (1 - alpha) * avg + alpha * v, (1 - alpha) * w + alpha
+        out.append(avg / w)
+    return out
+
+
 def plot_metrics(jsonl_path, png_path, keys=None) -> Path | None:
-    """One panel per metric (all keys but ``step`` unless ``keys`` is given). Written
-    atomically; returns the PNG's path, or None when there is nothing to plot."""
+    """One panel per metric (all keys but ``step`` unless ``keys`` is given), grouped by meaning
+    (reward first, then KL, loss, policy health, throughput; one row or more per group), step on
+    the x axis, the raw points faint under a smoothed line; a series of one point is a marker.
+    Written atomically; returns the PNG's path, or None when there is nothing to plot."""
     records = read_jsonl(jsonl_path)
     if not records:
         return None
@@ -176,21 +204,33 @@ def plot_metrics(jsonl_path, png_path, keys=None) -> Path | None:
 
     if keys is None:
         keys = sorted({k for r in records for k in r if k != "step"})
-    n = len(keys)
-    if n == 0:
+    if not keys:
         return None
-    cols = min(4, n)
-    rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None and math.isfinite(r[k])]
-        if pts:
-            ax.plot(*zip(*pts), lw=1.2)
-        ax.set_title(k, fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
+    order = PLOT_ORDER
+    first = ("reward/mean", "train/loss", "eval/loss")  # the headline series lead their group
+    keys = sorted(keys, key=lambda k: (k not in first, k))
+    groups = {g: [k for k in keys if metric_group(k) == g] for g in order}
+    cols = min(4, max(len(v) for v in groups.values()))
+    layout = []  # rows of (group, keys)
+    for g in order:
+        ks = groups[g]
+        layout += [(g, ks[i : i + cols]) for i in range(0, len(ks), cols)]
+    fig, axes = plt.subplots(len(layout), cols, figsize=(4 * cols, 2.7 * len(layout)), squeeze=False)
+    for row, (g, ks) in zip(axes, layout):
+        for ax, k in zip(row, ks):
+            pts = [(r["step"], r[k]) for r in records if k in r and r[k] is not None and math.isfinite(r[k])]
+            if len(pts) == 1:
+                ax.plot(*zip(*pts), marker="o", ms=6, ls="none", color="tab:blue")
+            elif pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker=".", ms=3, ls="none", alpha=0.35, color="tab:blue")
+                ax.plot(xs, smooth(list(ys)), lw=1.5, color="tab:blue")
+            ax.set_title(f"[{g}] {k}", fontsize=9)
+            ax.set_xlabel("step", fontsize=7)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3)
+        for ax in row[len(ks):]:
+            ax.axis("off")
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
