@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.ops._checks import check_loss_agg, check_positive
+from rlhf_fast.ops.logprobs import check_transform
 from rlhf_fast.ops.policy_loss import check_policy_options, ppo_policy_loss
 from rlhf_fast.ops.preference_losses import DPO_LOSS_TYPES, dpo_loss, reward_model_loss  # noqa: F401
 from rlhf_fast.ops.value_loss import value_loss
@@ -25,16 +26,19 @@ class PPOLoss(torch.nn.Module):
     mask (B, T), ref_logprobs (B, T) | None = None) -> (loss, stats).
     """
 
-    def __init__(self, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, temperature=1.0, kl_coef=0.0,
-                 kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
-                 inplace_backward=False):
+    def __init__(self, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, temperature=1.0, logit_scale=1.0,
+                 softcap=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
+                 compute_entropy=False, inplace_backward=False):
         super().__init__()
         names = ("clip_eps", "clip_eps_high", "dual_clip", "temperature", "kl_coef", "kl_estimator", "entropy_coef",
                  "loss_agg", "max_tokens")
         checked = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                        entropy_coef, loss_agg, max_tokens)
+        logit_scale, softcap = check_transform(logit_scale, softcap)
         self.options = dict(zip(names, checked), compute_entropy=bool(compute_entropy),
                             inplace_backward=bool(inplace_backward))
+        if logit_scale != 1.0 or softcap is not None:  # only when set: the defaults' repr stays as it was
+            self.options.update(logit_scale=logit_scale, softcap=softcap)
 
     def forward(self, logits, targets, old_logprobs, advantages, mask, ref_logprobs=None):
         return ppo_policy_loss(logits, targets, old_logprobs, advantages, mask, ref_logprobs=ref_logprobs,
@@ -54,7 +58,8 @@ class GRPOLoss(PPOLoss):
     loss_type: "grpo" -> seq-mean-token-mean, "bnpo" / "dapo" -> token-mean (DAPO over this batch's
     tokens), "dr_grpo" -> seq-mean-token-sum-norm with max_tokens = max_completion_length (default T).
     epsilon / epsilon_high: the clip range; beta: weight of the k3 KL to the reference policy;
-    delta: TRL's two-sided clipping (= dual_clip). Rows without valid tokens are left out of
+    delta: TRL's two-sided clipping (= dual_clip); logit_scale / softcap: the model's final-logit
+    transform (as ``ppo_policy_loss``). Rows without valid tokens are left out of
     "grpo"'s mean over sequences (TRL counts them as 0).
 
     forward(logits (B, T, V), targets (B, T), old_logprobs (B, T) | None, advantages (B,),
@@ -62,11 +67,12 @@ class GRPOLoss(PPOLoss):
     """
 
     def __init__(self, loss_type="grpo", *, epsilon=0.2, epsilon_high=None, beta=0.0, delta=None, temperature=1.0,
-                 max_completion_length=None, entropy_coef=0.0, compute_entropy=False, inplace_backward=False):
+                 logit_scale=1.0, softcap=None, max_completion_length=None, entropy_coef=0.0, compute_entropy=False,
+                 inplace_backward=False):
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSS_TYPES)}, got {loss_type!r}")
         super().__init__(clip_eps=epsilon, clip_eps_high=epsilon_high, dual_clip=delta, temperature=temperature,
-                         kl_coef=beta, kl_estimator="k3", entropy_coef=entropy_coef,
+                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3", entropy_coef=entropy_coef,
                          loss_agg=GRPO_LOSS_TYPES[loss_type], max_tokens=max_completion_length,
                          compute_entropy=compute_entropy, inplace_backward=inplace_backward)
         self.loss_type = loss_type

@@ -36,7 +36,8 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, masked_mean
 from rlhf_fast.ops.kl import kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
-    LAUNCHERS, can_write_inplace, check_first_inplace_backward, finish_inplace, grad_rows, logprobs_bwd, logprobs_fwd,
+    LAUNCHERS, can_write_inplace, check_first_inplace_backward, check_transform, finish_inplace, grad_rows, logit_coefs,
+    logit_transform_ref, logprobs_bwd, logprobs_fwd,
 )
 
 
@@ -106,9 +107,9 @@ def policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_cl
 
 # ---------------------------------------------------------------------------- reference
 def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                        dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
-                        entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
-                        inplace_backward=False):
+                        dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None, ref_logprobs=None,
+                        kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
+                        compute_entropy=False, inplace_backward=False):
     """Pure PyTorch definition (no input checks). Computes in fp32 (fp64 for fp64 logits).
     See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored."""
     del inplace_backward
@@ -117,6 +118,7 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
     # a masked row may hold anything (NaN, inf): it must not reach the loss or its gradient
     # (autograd of log_softmax would give 0 * NaN there), so it is replaced by zeros first
     z = torch.where(valid.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
+    z = logit_transform_ref(z, logit_scale, softcap)
     if temperature != 1.0:
         z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
@@ -229,9 +231,9 @@ class PolicyLossFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, old, adv, mask, ref, opts, backend):
         rows = as_rows(logits)
         flat_targets = targets.reshape(-1).contiguous()
-        inv_temp = 1.0 / opts["temperature"]
+        coefs = logit_coefs(opts["temperature"], opts["logit_scale"], opts["softcap"])
         with_entropy = opts["entropy_coef"] != 0 or opts["compute_entropy"]
-        logp, lse, ent = logprobs_fwd(rows, flat_targets, inv_temp, with_entropy, backend)
+        logp, lse, ent = logprobs_fwd(rows, flat_targets, coefs[0], with_entropy, backend, coefs[1])
         shape = logits.shape[:-1]
         loss, c_lp, c_ent, stats = policy_terms(
             logp.view(shape), None if ent is None else ent.view(shape), old, adv, ref, mask != 0, opts)
@@ -239,7 +241,7 @@ class PolicyLossFunction(torch.autograd.Function):
         c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
         ctx.save_for_backward(rows.data, flat_targets, lse, ent if c_ent is not None else None, c_lp, c_ent)
         ctx.layout = (rows.n, rows.v, *rows.layout())
-        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.shape, ctx.coefs, ctx.backend = logits.shape, coefs, backend
         ctx.inplace = can_write_inplace(rows, opts["inplace_backward"])
         opts["stat_names"][:] = list(stats)  # hands the (static) key order back to ppo_policy_loss
         values = tuple(stats.values())
@@ -256,7 +258,7 @@ class PolicyLossFunction(torch.autograd.Function):
         g_lp = c_lp * g_loss
         g_ent = None if c_ent is None else c_ent * g_loss
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
-        logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
+        logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.coefs[0], ctx.backend, ctx.coefs[1])
         if ctx.inplace:
             finish_inplace(ctx, rows)
             if grad.shape != ctx.shape:
@@ -287,7 +289,7 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
 def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor | None,
                     advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
                     clip_eps_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
-                    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                    logit_scale: float = 1.0, softcap: float | None = None, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                     entropy_coef: float = 0.0, loss_agg: str = "token-mean", max_tokens: int | None = None,
                     compute_entropy: bool = False, inplace_backward: bool = False,
                     backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -295,7 +297,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
 
     Per valid token (mask != 0), in fp32, with ``A`` the advantage::
 
-        logp  = log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]
+        z     = logit_transform_ref(logits.float(), logit_scale, softcap)       # scale, then softcap
+        logp  = log_softmax(z / temperature, -1).gather(-1, targets[..., None])[..., 0]
         ratio = exp(logp - old_logprobs)
         pg    = max(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
         pg    = where(A < 0, min(pg, -A * dual_clip), pg)                      # with dual_clip
@@ -311,6 +314,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         clip_eps: > 0, lower clip (and upper unless clip_eps_high). clip_eps_high: > 0, DAPO clip-higher.
         dual_clip: > 1 or None; caps the loss of negative-advantage tokens at -A * dual_clip.
         temperature: > 0, the sampler's temperature.
+        logit_scale: > 0; softcap: > 0 or None: the model's final-logit transform, fused into the
+            kernels as in ``token_logprobs`` (softcap not on backend="cuda").
         ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
         kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3".
         entropy_coef: weight of the entropy bonus (subtracted).
@@ -355,19 +360,21 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     (clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg,
      max_tokens) = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                         entropy_coef, loss_agg, max_tokens)
+    logit_scale, softcap = check_transform(logit_scale, softcap)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef != 0")
     check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
 
     opts = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
-                temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                temperature=temperature, logit_scale=logit_scale, softcap=softcap, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
                 inplace_backward=bool(inplace_backward))
     backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
         return ppo_policy_loss_ref(
             logits, targets, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-            dual_clip=dual_clip, temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+            dual_clip=dual_clip, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, max_tokens=max_tokens,
             compute_entropy=compute_entropy)
     opts["stat_names"] = []
