@@ -72,7 +72,8 @@ class GRPOLoss(PPOLoss):
         if loss_type not in GRPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of {tuple(GRPO_LOSS_TYPES)}, got {loss_type!r}")
         super().__init__(clip_eps=epsilon, clip_eps_high=epsilon_high, dual_clip=delta, temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3", entropy_coef=entropy_coef,
+                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3",
+                         entropy_coef=entropy_coef,
                          loss_agg=GRPO_LOSS_TYPES[loss_type], max_tokens=max_completion_length,
                          compute_entropy=compute_entropy, inplace_backward=inplace_backward)
         self.loss_type = loss_type

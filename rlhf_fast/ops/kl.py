@@ -32,7 +32,6 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (KL_ESTIMATOR_NAMES, check_es
     check_shape,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, flat_arg
-from rlhf_fast.ops.logprobs import check_transform, logit_coefs, logit_transform_ref
 from rlhf_fast.ops._grad_pool import grad_buffer
 from rlhf_fast.ops._triton_common import (
     KL_ESTIMATORS,
@@ -47,6 +46,7 @@ from rlhf_fast.ops._triton_common import (
     row_offset,
     vocab_block,
 )
+from rlhf_fast.ops.logprobs import check_transform, logit_coefs, logit_transform_ref
 
 
 def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -288,7 +288,8 @@ def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: fl
 def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float) -> None:
     _backend.cpu_kernels().full_kl_bwd(
         addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
-        addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), addr(g), _backend.num_threads(),
+        addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), addr(g),
+        _backend.num_threads(),
     )
 
 

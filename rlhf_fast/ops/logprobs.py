@@ -29,7 +29,13 @@ from rlhf_fast.ops._checks import check_logits, check_positive, check_targets
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, mark_modified, may_overlap
 from rlhf_fast.ops._grad_pool import grad_buffer
 from rlhf_fast.ops._triton_common import (
-    cast_for_store, logit_z, logit_z_grad, num_warps_for, row_offset, row_softmax_stats, vocab_block,
+    cast_for_store,
+    logit_z,
+    logit_z_grad,
+    num_warps_for,
+    row_offset,
+    row_softmax_stats,
+    vocab_block,
 )
 
 
@@ -310,7 +316,8 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False, inplace_backward: bool = False,
+                   logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
+                   inplace_backward: bool = False,
                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) from logits in one streaming pass.
 

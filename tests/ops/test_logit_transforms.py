@@ -12,8 +12,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-
 from helpers import assert_close_to_ref
+
 from rlhf_fast.losses import GRPOLoss, PPOLoss
 from rlhf_fast.ops import full_kl, full_kl_ref, ppo_policy_loss, ppo_policy_loss_ref, token_logprobs, token_logprobs_ref
 from rlhf_fast.ops._common import as_rows
@@ -170,7 +170,8 @@ def test_loss_modules(backend):
     kw = dict(temperature=0.9, logit_scale=0.5, softcap=7.0)
     ppo = PPOLoss(**kw)
     adv = torch.randn(B, S)
-    assert torch.equal(ppo(logits, targets, old, adv, mask)[0], ppo_policy_loss(logits, targets, old, adv, mask, **kw)[0])
+    want = ppo_policy_loss(logits, targets, old, adv, mask, **kw)[0]
+    assert torch.equal(ppo(logits, targets, old, adv, mask)[0], want)
     assert "softcap=7.0" in repr(ppo)
     grpo = GRPOLoss("bnpo", **kw)
     adv = torch.randn(B)
@@ -249,7 +250,7 @@ def _ulp_error(got, x):
     return ((got.double() - want).abs() / ulp).max().item()
 
 
-MAX_ULP = 4.0  # measured: about 3 (the exp-based branch just above |u| = 0.4)
+MAX_ULP = 4.0  # the C++ one measures 2.1 (the exp-based branch near |u| = 0.54)
 
 
 def test_cpu_tanh_error_bound():
