@@ -229,8 +229,10 @@ def _full_kl_bwd_kernel(
         logp = (z - m) - log_s
         p = tl.exp(logp)
         if SOFTCAP:
-            scale = g_row * logit_z_grad(z, inv_temp, cap_pre, SOFTCAP)
-        g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+            g = (g_row * logit_z_grad(z, inv_temp, cap_pre, SOFTCAP)) * p * tl.where(
+                p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+        else:
+            g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
         g = tl.where(g_row == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 

@@ -13,7 +13,8 @@ How it is fused (N = B * T rows, V = vocabulary):
             which also gives the closed-form per-token coefficients dL/dlogp and dL/dH.
   backward  one streaming pass writing grad_logits: the shared log-prob backward kernel
             (``logprobs_bwd``) with g_logp = grad_loss * dL/dlogp, g_ent = grad_loss * dL/dH:
-            grad_z = g_logp * (onehot - p) - g_ent * p * (log p + H), divided by the temperature.
+            grad_z = g_logp * (onehot - p) - g_ent * p * (log p + H), times dz/dx of the fused
+            logit transform (1 / temperature without logit_scale / softcap).
   The logits are read twice and grad_logits written once: the bandwidth floor.
 
 The scalar part is plain torch on (B, T) tensors (a few dozen elementwise ops, no vocabulary
