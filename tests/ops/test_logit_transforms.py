@@ -6,6 +6,7 @@ with grad_output != 1. The ``backend`` fixture runs each test on the Triton (int
 C++ (or, on GPU, the csrc CUDA) kernels.
 """
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -32,6 +33,11 @@ CASES = {
 }
 # |x| >> softcap: tanh saturates (|z| -> softcap exactly, gradient -> 0) over most of the row
 EXTREME = (1.3, 2.0, 3.0)
+
+
+def _seed(key) -> int:
+    """A seed per parametrisation, the same in every process (hash() of a str is salted)."""
+    return zlib.crc32(repr(key).encode())
 
 
 def _torch_same_dtype(x, T, scale, cap):
@@ -72,7 +78,7 @@ def _check_logprobs(logits, targets, T, scale, cap):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
 def test_token_logprobs(backend, dtype, case):
-    torch.manual_seed(hash((str(dtype), case)) % 2**31)
+    torch.manual_seed(_seed((str(dtype), case)))
     logits = _logits((3, 5), 1031, dtype, magnitude=6.0)
     _check_logprobs(logits, torch.randint(0, 1031, (3, 5)), *CASES[case])
 
@@ -102,7 +108,7 @@ def test_token_logprobs_inplace_backward(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES) + ["extreme"])
 def test_full_kl(backend, dtype, case):
-    torch.manual_seed(hash((str(dtype), case, "kl")) % 2**31)
+    torch.manual_seed(_seed((str(dtype), case, "kl")))
     T, scale, cap = EXTREME if case == "extreme" else CASES[case]
     magnitude = 40.0 if case == "extreme" else 4.0
     logits = _logits((2, 3), 1031, dtype, magnitude, view="sliced")
@@ -130,7 +136,7 @@ PPO_OPTS = dict(clip_eps=0.2, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01,
 @pytest.mark.parametrize("case", list(CASES) + ["extreme"])
 def test_ppo_policy_loss(backend, dtype, case):
     """Masked rows hold NaN logits: they reach neither the loss nor the gradient."""
-    torch.manual_seed(hash((str(dtype), case, "ppo")) % 2**31)
+    torch.manual_seed(_seed((str(dtype), case, "ppo")))
     T, scale, cap = EXTREME if case == "extreme" else CASES[case]
     B, S, V = 3, 6, 517
     logits = _logits((B, S), V, torch.float32, 40.0 if case == "extreme" else 4.0, view="sliced")
@@ -159,7 +165,9 @@ def test_ppo_policy_loss(backend, dtype, case):
     (r_loss * 2.5).backward()
     (t_loss * 2.5).backward()
     assert torch.equal(x.grad[0, 2], torch.zeros_like(x.grad[0, 2]))
-    assert_close_to_ref(x.grad, x64.grad, xt.grad, atol=1e-7, name="grad_logits")
+    # as tests/ops/test_policy_loss.py: ~1e-6 relative from lse in fp32, 2e-6 of the largest gradient
+    scale = max(1.0, float(x64.grad.abs().max()))
+    assert_close_to_ref(x.grad, x64.grad, xt.grad, atol=2e-6 * scale, name="grad_logits")
 
 
 def test_loss_modules(backend):
