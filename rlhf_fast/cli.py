@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,33 +103,16 @@ def benchmarks_dir(explicit=None) -> Path:
     candidates = [Path(explicit)] if explicit else [Path(__file__).resolve().parent.parent / "benchmarks",
                                                     Path.cwd() / "benchmarks"]
     for c in candidates:
-        if c.is_dir() and list(c.glob("bench_*.py")):
+        if c.is_dir() and (c / "run_all.py").is_file():
             return c
-    raise CLIError("no benchmarks/bench_*.py found (they live in the source checkout; pass --dir)")
+    raise CLIError("no benchmarks/run_all.py found (the benchmarks live in the source checkout; pass --dir)")
 
 
 def cmd_bench(args) -> int:
+    """Runs benchmarks/run_all.py of the source checkout (the runner lives beside the benchmarks)."""
     root = benchmarks_dir(args.dir)
-    scripts = sorted(root.glob("bench_*.py"))
-    if args.only:
-        wanted = {w.strip().removeprefix("bench_").removesuffix(".py") for w in args.only.split(",") if w.strip()}
-        names = {s.stem.removeprefix("bench_") for s in scripts}
-        missing = sorted(wanted - names)
-        if missing:
-            raise CLIError(f"--only: no benchmark {', '.join(missing)}; available: {', '.join(sorted(names))}")
-        scripts = [s for s in scripts if s.stem.removeprefix("bench_") in wanted]
-    failed = []
-    for s in scripts:
-        quick = not args.full and re.search(r"""["']--quick["']""", s.read_text()) is not None
-        cmd = [sys.executable, str(s)] + (["--quick"] if quick else [])
-        print(f"\n==== {s.name}{' --quick' if quick else ''} ====", flush=True)
-        rc = subprocess.call(cmd, cwd=root.parent)
-        if rc != 0:
-            failed.append(f"{s.name} (exit {rc})")
-    if failed:
-        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    argv = ["--dir", str(root)] + (["--full"] if args.full else []) + (["--only", args.only] if args.only else [])
+    return subprocess.call([sys.executable, str(root / "run_all.py"), *argv])
 
 
 # ---------------------------------------------------------------------------- main
@@ -159,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        ("grpo", "GRPO against a reward model or reward function")):
         settings_args(sub.add_parser(name, help=text))
     b = sub.add_parser("bench", help="run the benchmark suite (benchmarks/bench_*.py) and print its tables")
-    b.add_argument("--full", action="store_true", help="full sizes (default: each script's --quick when offered)")
+    b.add_argument("--full", action="store_true", help="each script's --full size (default: its --quick)")
     b.add_argument("--only", help="comma-separated names, e.g. logprobs,kl")
     b.add_argument("--dir", help="benchmarks folder (default: the source checkout's)")
     return p

@@ -1,6 +1,7 @@
 """The rlhf-fast command line: settings from YAML + --set (typed, unknown keys listed), clear
 errors for bad configs and bad data, each stage end to end on a tiny model, bench discovery."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,24 +157,33 @@ def test_missing_model_folder(capsys, tmp_path):
 
 
 # ---------------------------------------------------------------------------- bench, module entry
-def test_bench_discovers_scripts_and_passes_quick(capsys, tmp_path):
+def test_bench_discovers_scripts_and_passes_quick(tmp_path):
+    """`rlhf-fast bench` runs benchmarks/run_all.py of the folder: --quick / --full when a script offers it."""
+    shutil.copy(Path(__file__).resolve().parents[2] / "benchmarks" / "run_all.py", tmp_path / "run_all.py")
     (tmp_path / "bench_fast.py").write_text(
         "import argparse\np = argparse.ArgumentParser()\np.add_argument('--quick', action='store_true')\n"
-        "print('| op | quick |', p.parse_args().quick)\n")
+        "p.add_argument('--full', action='store_true')\nprint('| op | quick |', p.parse_args().quick)\n")
     (tmp_path / "bench_plain.py").write_text("import sys\nprint('plain', sys.argv[1:])\n")
     (tmp_path / "bench_broken.py").write_text("raise SystemExit(3)\n")
-    out = subprocess.run([sys.executable, "-m", "rlhf_fast", "bench", "--dir", str(tmp_path), "--only", "fast,plain"],
-                         capture_output=True, text=True, timeout=120)
+
+    def bench(*argv):
+        return subprocess.run([sys.executable, "-m", "rlhf_fast", "bench", "--dir", str(tmp_path), *argv],
+                              capture_output=True, text=True, timeout=120)
+
+    out = bench("--only", "fast,plain")
     assert out.returncode == 0, out.stderr
     assert "| op | quick | True" in out.stdout and "plain []" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "rlhf_fast", "bench", "--dir", str(tmp_path), "--only", "fast",
-                          "--full"], capture_output=True, text=True, timeout=120)
-    assert "| op | quick | False" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "rlhf_fast", "bench", "--dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = bench("--only", "fast", "--full")
+    assert "| op | quick | False" in out.stdout and "--full" in out.stdout
+    out = bench()
     assert out.returncode == 1 and "bench_broken.py (exit 3)" in out.stderr
-    rc, _, err = run_cli(capsys, "bench", "--dir", tmp_path, "--only", "nope")
-    assert rc == 2 and "no benchmark nope; available: broken, fast, plain" in err
+    out = bench("--only", "nope")
+    assert out.returncode == 2 and "no benchmark nope; available: broken, fast, plain" in out.stderr
+
+
+def test_bench_without_a_runner_is_one_line_error(capsys, tmp_path):
+    rc, _, err = run_cli(capsys, "bench", "--dir", tmp_path)
+    assert rc == 2 and "no benchmarks/run_all.py found" in err
 
 
 def test_repository_benchmarks_are_found():
