@@ -166,9 +166,9 @@ class LinearNLLFunction(_GradsInForward):
 
 # ---------------------------------------------------------------------------- public
 def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, clip_eps=0.2,
-                           clip_eps_high=None, dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0,
-                           kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
-                           compute_entropy=False, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                           clip_eps_high=None, dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                           ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean",
+                           max_tokens=None, compute_entropy=False, chunk_size=None, backend=None):
     """Clipped PPO / GRPO policy loss from hidden states, gradients computed in the forward:
 
         loss, stats = ppo_policy_loss(transform(hidden.float() @ weight.float().T + bias), targets,
