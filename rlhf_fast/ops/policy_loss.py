@@ -290,7 +290,8 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
 def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor | None,
                     advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
                     clip_eps_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
-                    logit_scale: float = 1.0, softcap: float | None = None, ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
+                    logit_scale: float = 1.0, softcap: float | None = None,
+                    ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                     entropy_coef: float = 0.0, loss_agg: str = "token-mean", max_tokens: int | None = None,
                     compute_entropy: bool = False, inplace_backward: bool = False,
                     backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -367,7 +368,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
 
     opts = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
-                temperature=temperature, logit_scale=logit_scale, softcap=softcap, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                temperature=temperature, logit_scale=logit_scale, softcap=softcap, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
                 inplace_backward=bool(inplace_backward))
     backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
