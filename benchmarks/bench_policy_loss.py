@@ -10,6 +10,9 @@ Providers:
   torch_compile      torch.compile of ppo_policy_loss_ref
   torch              ppo_policy_loss_ref, eager (log_softmax + gather + loss, torch autograd)
   liger              Liger-Kernel's triton_grpo_loss (GPU only; in place, loss_type="dapo", entropy off)
+Op policy_loss_modes: ppo_policy_loss with each issue-15 objective (MODES below) on top of the same
+options, against plain rlhf_fast (speedup_vs_rlhf_fast; the target is >= 1 / 1.1 = 0.91). "full"
+also reads the (B, T, V) ref_logits in the separate full_kl op's forward and backward.
 TRL computes this loss inline in its GRPOTrainer (selective_log_softmax + torch ops): the log-prob
 part is TRL's row of bench_logprobs.py.
 
@@ -30,12 +33,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    default_device, env_quick, fixed_mmap_threshold, fused_sizes, print_fused, run_fused, run_meta, write_json,
+    default_device, env_quick, fixed_mmap_threshold, fused_sizes, print_fused, print_table, run_fused, run_meta,
+    write_json,
 )
 
 from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref  # noqa: E402
 
 OPTS = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", loss_agg="token-mean")
+MODES = {
+    "gspo": dict(ratio_level="sequence"),
+    "gspo_token": dict(ratio_level="sequence_token"),
+    "cispo": dict(loss_type="cispo"),
+    "sapo": dict(loss_type="sapo"),
+    "tis": dict(correction="tis"),
+    "icepop": dict(correction="icepop"),
+    "low_var_kl": dict(kl_estimator="low_var_kl"),
+    "k3+": dict(kl_estimator="k3+"),
+    "full": dict(kl_estimator="full"),
+}
 
 
 def make_inputs(n, v, dtype, device, seq_len=512):
@@ -47,6 +62,7 @@ def make_inputs(n, v, dtype, device, seq_len=512):
     return dict(full=full, targets=torch.randint(0, v, (B, T), generator=g, device=device),
                 old=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
                 ref=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
+                sampler=lp + 0.1 * torch.randn(B, T, generator=g, device=device),
                 adv=torch.randn(B, generator=g, device=device), mask=torch.ones(B, T, dtype=torch.bool, device=device))
 
 
@@ -101,6 +117,29 @@ def make_setup(entropy):
     return setup
 
 
+def modes_setup(n, v, dtype, device):
+    """fwd_bwd of plain rlhf_fast and of each MODES entry (same inputs, same base options)."""
+    inp = make_inputs(n, v, dtype, device)
+    logits = inp["full"][:, :-1].contiguous()
+    del inp["full"]
+    args = (inp["targets"], inp["old"], inp["adv"], inp["mask"])
+    cases = {}
+    for name, extra in {"rlhf_fast": {}, **{f"rlhf_fast:{m}": kw for m, kw in MODES.items()}}.items():
+        x = logits.detach().clone().requires_grad_()
+        opts = dict(OPTS, **extra)
+        if opts.get("correction"):
+            opts["sampler_logprobs"] = inp["sampler"]
+        if opts["kl_estimator"] == "full":
+            opts["ref_logits"] = logits + 0.1
+
+        def fwd_bwd(x=x, opts=opts):
+            loss, _ = ppo_policy_loss(x, *args, ref_logprobs=inp["ref"], **opts)
+            return torch.autograd.grad(loss, x)
+        cases[name] = {"fwd_bwd": fwd_bwd}
+    nv, elem = logits.numel(), logits.element_size()
+    return cases, {"fwd": (nv * elem, nv), "fwd_bwd": (3 * nv * elem, 2 * nv)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=default_device())
@@ -121,7 +160,16 @@ def main(argv=None):
     results = []
     for op, entropy in (("policy_loss", False), ("policy_loss_entropy", True)):
         results += run_fused(op, make_setup(entropy), sizes, dtype, args.device, rounds=args.rounds)
+    modes = run_fused("policy_loss_modes", modes_setup, sizes, dtype, args.device, rounds=args.rounds,
+                      memory=False, against="rlhf_fast")
     print_fused(results)
+    for res in modes:  # cost of each mode relative to the plain fused clipped loss (target <= 1.1)
+        for r in res["rows"]:
+            if "fwd_bwd_ms" in r:
+                r["vs_clip"] = 1 / r["fwd_bwd_speedup_vs_rlhf_fast"]
+        print(f"\n{res['op']}  N={res['n']} V={res['v']} {res['dtype']}  (copy {res['bandwidth_GBps']:.1f} GB/s)")
+        print_table(res["rows"], ["provider", "fwd_bwd_ms", "fwd_bwd_copy_floor_ms", "vs_clip", "error"])
+    results += modes
     if not args.quick or args.out:
         name = args.out or f"policy_loss_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "ppo_policy_loss", "meta": run_meta(args.device), "results": results})

@@ -19,7 +19,8 @@ gae                gae.py               cpu/gae.cpp, cuda/gae.cu   test_gae.py  
 ppo_advantages     gae.py (+ whiten)    cpu/gae.cpp, whiten.cpp    test_gae.py             bench_advantages.py
 masked_whiten      whiten.py            cpu/whiten.cpp             test_whiten.py          bench_advantages.py
 group_advantages   group_advantages.py  cpu/group_advantages.cpp   test_group_advantages   bench_advantages.py
-ppo_policy_loss    policy_loss.py       (the logprobs kernels)     test_policy_loss.py     bench_policy_loss.py
+ppo_policy_loss    policy_loss.py,      (the logprobs kernels)     test_policy_loss.py,    bench_policy_loss.py
+                   policy_objectives.py                            test_policy_loss_modes
 value_loss         value_loss.py        -- (plain torch)           test_losses.py          --
 reward_model_loss  preference_losses    -- (plain torch)           test_losses.py          --
 dpo_loss           preference_losses    -- (plain torch)           test_losses.py          --

@@ -34,85 +34,28 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
     LOSS_AGGS, VALUE_DTYPES, check_estimator, check_finite_inputs, check_float, check_logits, check_loss_agg,
     check_number, check_positive, check_same_device, check_shape, check_targets,
 )
-from rlhf_fast.ops._common import Rows, as_rows, first_order_only, masked_mean
-from rlhf_fast.ops.kl import kl_penalty_ref
+from rlhf_fast.ops._common import Rows, as_rows, first_order_only
+from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
     LAUNCHERS, can_write_inplace, check_first_inplace_backward, check_transform, finish_inplace, grad_rows, logit_coefs,
     logit_transform_ref, logprobs_bwd, logprobs_fwd,
 )
-
-
-# ---------------------------------------------------------------------------- shared pieces
-def aggregation_weights(valid: torch.Tensor, loss_agg: str = "token-mean", max_tokens: int | None = None,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, T) weights ``w`` with ``loss = (w * per_token_loss).sum()``, from the valid-token mask alone.
-
-    token-mean:              valid / n_valid
-    seq-mean-token-mean:     valid / n_row / n_rows_with_tokens   (mean of each row's token mean)
-    seq-mean-token-sum:      valid / n_rows_with_tokens           (mean of each row's token sum)
-    seq-mean-token-sum-norm: valid / (B * max_tokens)             (Dr. GRPO; max_tokens defaults to T)
-    Counts are clamped to >= 1, so an all-masked batch gives weight 0, never NaN.
-    """
-    check_loss_agg(loss_agg)
-    v = valid.to(dtype)
-    if loss_agg == "token-mean":
-        return v / v.sum().clamp(min=1)
-    if loss_agg == "seq-mean-token-sum-norm":
-        B, T = valid.shape
-        return v / (B * (T if max_tokens is None else max_tokens))
-    n_row = v.sum(-1, keepdim=True)
-    n_rows = (n_row > 0).sum().clamp(min=1).to(dtype)
-    if loss_agg == "seq-mean-token-mean":
-        return v / n_row.clamp(min=1) / n_rows
-    return v / n_rows
-
-
-def _nonfinite_count(valid, *tensors):
-    bad = torch.zeros_like(valid)
-    for t in tensors:
-        if t is not None:
-            bad = bad | ~torch.isfinite(t)
-    return (bad & valid).sum()
-
-
-def policy_stats(logp, old, adv, ratio, ent, kl, pg_loss, valid, lo, hi, dual_clip, nonfinite) -> dict:
-    """The stats dict of ``ppo_policy_loss`` over valid tokens (all 0-d tensors, no host sync).
-
-    logp, old, adv, ratio: (B, T) with masked positions already zeroed; ent, kl: (B, T) or None;
-    pg_loss: the aggregated clipped term; valid: (B, T) bool; lo, hi: the clip range; dual_clip:
-    float or None; nonfinite: 0-d count of non-finite inputs at valid tokens."""
-    with torch.no_grad():
-        log_ratio = logp - old
-        clipped = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
-        if dual_clip is not None:
-            dual = (adv < 0) & (ratio > dual_clip)
-        else:
-            dual = torch.zeros_like(valid)
-        stats = {
-            "pg_loss": pg_loss.detach(),
-            "clip_frac": masked_mean(clipped.to(ratio.dtype), valid),
-            "dual_clip_frac": masked_mean(dual.to(ratio.dtype), valid),
-            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),  # k3 of pi_old || pi
-            "ratio_mean": masked_mean(ratio, valid),
-            # (B = 0: no element to reduce; the shape, not the data, decides: no host sync)
-            "ratio_max": torch.where(valid, ratio, torch.zeros_like(ratio)).amax() if ratio.numel()
-            else ratio.new_zeros(()),
-            "nonfinite_inputs": nonfinite,
-        }
-        if ent is not None:
-            stats["entropy"] = masked_mean(ent, valid)
-        if kl is not None:
-            stats["kl"] = masked_mean(kl, valid)
-    return stats
+from rlhf_fast.ops.policy_objectives import (  # noqa: F401  (aggregation_weights, policy_stats: re-exported)
+    POLICY_KL_ESTIMATORS, aggregation_weights, check_objective_options, count_nonfinite, is_extended,
+    objective_coefficients, policy_objective, policy_stats,
+)
 
 
 # ---------------------------------------------------------------------------- reference
 def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
                         dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None, ref_logprobs=None,
                         kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
-                        compute_entropy=False, inplace_backward=False):
+                        compute_entropy=False, inplace_backward=False, ratio_level="token", loss_type="clip",
+                        sapo_tau_pos=1.0, sapo_tau_neg=1.05, sampler_logprobs=None, correction=None,
+                        correction_level="token", correction_low=None, correction_high=None, ref_logits=None):
     """Pure PyTorch definition (no input checks). Computes in fp32 (fp64 for fp64 logits).
-    See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored."""
+    See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored.
+    The extended modes (policy_objectives.py) run ``policy_objective`` on the gathered log-probs."""
     del inplace_backward
     dtype = torch.promote_types(logits.dtype, torch.float32)
     valid = mask != 0
@@ -128,12 +71,24 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
     if entropy_coef != 0 or compute_entropy:
         p = logp_all.exp()
         ent = -(p * torch.where(p > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+    o = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
+             kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg,
+             max_tokens=max_tokens)
+    o.update(check_objective_options(ratio_level, loss_type, dual_clip, sapo_tau_pos, sapo_tau_neg, correction,
+                                     correction_level, correction_low, correction_high, kl_estimator))
+    if is_extended(o, sampler_logprobs):
+        kl_full = None
+        if kl_estimator == "full" and ref_logits is not None:
+            zr = torch.where(valid.unsqueeze(-1), ref_logits.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+            zr = logit_transform_ref(zr, logit_scale, softcap)  # z is transformed already (above)
+            kl_full = full_kl_ref(z, zr / temperature if temperature != 1.0 else zr)
+        return policy_objective(logp, ent, old_logprobs, advantages, ref_logprobs, sampler_logprobs, kl_full, valid, o)
 
     zero = torch.zeros_like(logp)
     old = logp.detach() if old_logprobs is None else old_logprobs.to(dtype)
     adv = advantages.to(dtype)
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
-    nonfinite = _nonfinite_count(valid, old, adv, ref_logprobs)
+    nonfinite = count_nonfinite(valid, old, adv, ref_logprobs)
     # Masked positions may hold anything (pad targets, NaN old log-probs): zero them before the math.
     logp_v = torch.where(valid, logp, zero)
     old = torch.where(valid, old, zero)
@@ -178,14 +133,20 @@ def policy_terms(logp, ent, old, adv, ref, valid, o: dict):
 
     logp, ent: (B, T) fp32 from the log-prob kernel (ent may be None); old, ref: (B, T) or None;
     adv: (B, T) or (B,); valid: (B, T) bool; o: the options dict ``ppo_policy_loss`` builds
-    (lo, hi, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, max_tokens).
+    (lo, hi, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg, max_tokens; optionally the
+    extended modes' keys, o["sampler"] (B, T) sampler log-probs and o["kl_full"] (B, T) exact KL).
     Returns (loss, c_lp, c_ent, stats) with c_lp = dloss/dlogp (B, T), c_ent = dloss/dH (B, T) or
-    None, stats as ``policy_stats``. Reused by every op that feeds logp from its own kernel."""
+    None, stats as ``policy_stats``. Reused by every op that feeds logp from its own kernel.
+    The clipped token-level modes use the closed form below; the extended ones (``is_extended``)
+    take the coefficients from autograd on ``policy_objective`` (policy_objectives.py)."""
+    sampler, kl_full = o.get("sampler"), o.get("kl_full")
+    if is_extended(o, sampler):
+        return objective_coefficients(logp, ent, old, adv, ref, sampler, kl_full, valid, o)
     zero = torch.zeros_like(logp)
     old = logp if old is None else old.float()
     adv = adv.float()
     adv = adv.unsqueeze(-1).expand_as(logp) if adv.dim() == 1 else adv
-    nonfinite = _nonfinite_count(valid, old, adv, ref)
+    nonfinite = count_nonfinite(valid, old, adv, ref)
     logp = torch.where(valid, logp, zero)
     old = torch.where(valid, old, zero)
     adv = torch.where(valid, adv, zero)
@@ -279,7 +240,8 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
     temperature = check_positive("temperature", temperature)
     kl_coef = check_number("kl_coef", kl_coef)
     entropy_coef = check_number("entropy_coef", entropy_coef)
-    check_estimator(kl_estimator, "kl_estimator")
+    if kl_estimator not in POLICY_KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {POLICY_KL_ESTIMATORS}, got {kl_estimator!r}")
     check_loss_agg(loss_agg)
     if max_tokens is not None:
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
@@ -293,7 +255,11 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
                     logit_scale: float = 1.0, softcap: float | None = None,
                     ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                     entropy_coef: float = 0.0, loss_agg: str = "token-mean", max_tokens: int | None = None,
-                    compute_entropy: bool = False, inplace_backward: bool = False,
+                    compute_entropy: bool = False, inplace_backward: bool = False, ratio_level: str = "token",
+                    loss_type: str = "clip", sapo_tau_pos: float = 1.0, sapo_tau_neg: float = 1.05,
+                    sampler_logprobs: torch.Tensor | None = None, correction: str | None = None,
+                    correction_level: str = "token", correction_low: float | None = None,
+                    correction_high: float | None = None, ref_logits: torch.Tensor | None = None,
                     backend: str | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO / GRPO policy loss from logits, fused (see the module docstring).
 
@@ -307,6 +273,9 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         l     = pg + kl_coef * kl_penalty(logp, ref_logprobs, kl_estimator) - entropy_coef * entropy
         loss  = (aggregation_weights(mask != 0, loss_agg, max_tokens) * l).sum()
 
+    The other objectives (GSPO's sequence ratio, CISPO, SAPO, rollout-mismatch correction, the
+    low_var_kl / k3+ / full KL) replace ratio / pg / kl as ``rlhf_fast.ops.policy_objectives`` states.
+
     Args:
         logits: (B, T, V) fp32 / fp16 / bf16; slices such as ``logits[:, :-1]`` are read in place.
         targets: (B, T) int32 / int64 in [0, V), also at masked positions (which are ignored).
@@ -319,7 +288,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         logit_scale: > 0; softcap: > 0 or None: the model's final-logit transform, fused into the
             kernels as in ``token_logprobs`` (softcap not on backend="cuda").
         ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
-        kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3".
+        kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3" |
+            "low_var_kl" | "k3+" (verl) | "full" (exact KL over the vocabulary from ``ref_logits``).
         entropy_coef: weight of the entropy bonus (subtracted).
         loss_agg: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" | "seq-mean-token-sum-norm".
         max_tokens: the "-norm" aggregation's constant (default T).
@@ -327,6 +297,16 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
             no entropy work is done at all.
         inplace_backward: write grad_logits into the logits' storage (logits unusable afterwards);
             as in ``token_logprobs``: ignored for overlapping logits, one backward only.
+        ratio_level: "token" | "sequence" (GSPO) | "sequence_token" (GSPO-token).
+        loss_type: "clip" | "cispo" (IS weight clamp(ratio, 1 - clip_eps, 1 + clip_eps_high) stop-gradient
+            times logp) | "sapo" (soft gate, temperatures sapo_tau_pos / sapo_tau_neg > 0).
+        sampler_logprobs: (B, T) the sampler's own log-probs of the targets; alone it adds the mismatch
+            stats, with ``correction`` it reweights the policy term.
+        correction: None | "tis" | "mis" | "icepop"; correction_level: "token" | "sequence" (the
+            sequence weight multiplies the token ratios); correction_low / correction_high: the bounds
+            (defaults: tis / mis (None, 2.0), icepop (0.5, 5.0)).
+        ref_logits: (B, T, V) the reference's logits, for kl_estimator="full" (inplace_backward is then
+            ignored: two backward passes read the logits).
         backend: None (automatic) | "triton" | "cpu" | "cuda" | "torch"; see rlhf_fast._backend.
 
     Returns:
@@ -335,7 +315,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
             clipped term alone), clip_frac, dual_clip_frac, approx_kl (k3 of old vs current policy),
             ratio_mean, ratio_max, nonfinite_inputs (valid tokens with non-finite old_logprobs /
             advantages / ref_logprobs), plus entropy (mean) when computed and kl (mean penalty)
-            when ref_logprobs is given.
+            when ref_logprobs is given; with sampler_logprobs also mismatch_abs_mean, mismatch_abs_max,
+            is_ratio_p05 / p50 / p95, is_masked_frac (``policy_objectives.mismatch_stats``).
     Non-finite old_logprobs / advantages / ref_logprobs at valid tokens raise ValueError for CPU
     tensors; on GPU they are counted in ``stats["nonfinite_inputs"]`` (no host sync) and the loss is NaN.
     """
@@ -357,21 +338,35 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     if ref_logprobs is not None:
         check_float("ref_logprobs", ref_logprobs, VALUE_DTYPES)
         check_shape("ref_logprobs", ref_logprobs, (B, T), "the logits' (B, T)")
+    if sampler_logprobs is not None:
+        check_float("sampler_logprobs", sampler_logprobs, VALUE_DTYPES)
+        check_shape("sampler_logprobs", sampler_logprobs, (B, T), "the logits' (B, T)")
+    if ref_logits is not None:
+        check_logits("ref_logits", ref_logits)
+        check_shape("ref_logits", ref_logits, tuple(logits.shape), "the logits' shape")
     check_same_device(logits=logits, targets=targets, old_logprobs=old_logprobs, advantages=advantages,
-                      mask=mask, ref_logprobs=ref_logprobs)
+                      mask=mask, ref_logprobs=ref_logprobs, sampler_logprobs=sampler_logprobs, ref_logits=ref_logits)
     (clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg,
      max_tokens) = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                         entropy_coef, loss_agg, max_tokens)
     logit_scale, softcap = check_transform(logit_scale, softcap)
-    if kl_coef != 0 and ref_logprobs is None:
+    ext = check_objective_options(ratio_level, loss_type, dual_clip, sapo_tau_pos, sapo_tau_neg, correction,
+                                  correction_level, correction_low, correction_high, kl_estimator)
+    if kl_estimator == "full":
+        if kl_coef != 0 and ref_logits is None:
+            raise ValueError("ref_logits is required when kl_estimator='full' and kl_coef != 0")
+    elif kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef != 0")
-    check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
+    if correction is not None and sampler_logprobs is None:
+        raise ValueError(f"sampler_logprobs is required when correction={correction!r}")
+    check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
+                        sampler_logprobs=sampler_logprobs)
 
     opts = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
                 temperature=temperature, logit_scale=logit_scale, softcap=softcap, kl_coef=kl_coef,
                 kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
-                inplace_backward=bool(inplace_backward))
+                inplace_backward=bool(inplace_backward) and kl_estimator != "full", **ext)
     backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
         return ppo_policy_loss_ref(
@@ -379,10 +374,23 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
             dual_clip=dual_clip, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
             ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, max_tokens=max_tokens,
-            compute_entropy=compute_entropy)
+            compute_entropy=compute_entropy, sampler_logprobs=sampler_logprobs, ref_logits=ref_logits, **ext)
     opts["stat_names"] = []
     detach = (lambda t: None if t is None else t.detach())
+    opts["sampler"] = detach(sampler_logprobs)
+    kl_tok = None
+    if kl_estimator == "full" and ref_logits is not None:
+        # the exact KL is its own fused op (its backward reads ref_logits); the policy term sees its value,
+        # and ``kl - sg(kl)`` (exactly 0) carries its gradient into the same loss
+        kl_tok = full_kl(logits, ref_logits.detach(), temperature=temperature, logit_scale=logit_scale,
+                         softcap=softcap, backend=backend)
+        opts["kl_full"] = kl_tok.detach()
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
+    if kl_tok is not None and kl_coef != 0:
+        valid = mask != 0
+        w = aggregation_weights(valid, loss_agg, max_tokens)
+        d = torch.where(valid, kl_tok - kl_tok.detach(), torch.zeros_like(kl_tok))
+        loss = loss + kl_coef * (w * d).sum()
     return loss, dict(zip(opts["stat_names"], values))
 

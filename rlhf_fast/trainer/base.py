@@ -131,6 +131,16 @@ class RLTrainer(Runtime):
         """Whether the experience needs the frozen reference's log-probs."""
         return True
 
+    @property
+    def records_sampler_logprobs(self) -> bool:
+        """Whether rollouts keep the sampler's own log-probs (``Rollout.sampler_logprobs``)."""
+        return False
+
+    @property
+    def uses_sampler_logprobs_as_old(self) -> bool:
+        """Whether the sampler's log-probs stand in for the old ones (no old-log-prob forward)."""
+        return False
+
     def init_state(self) -> None:
         """Trainer-specific state that checkpoints hold (created before a resume)."""
 
@@ -192,37 +202,49 @@ class RLTrainer(Runtime):
             cache[epoch] = torch.randperm(len(self.prompts), generator=g).tolist()
         return cache[epoch]
 
-    def sample(self, step: int, repeat: int = 1) -> Rollout:
+    def sample(self, step: int, repeat: int = 1, stream: int = 0) -> Rollout:
         """Samples ``repeat`` completions for each of this rank's prompts of the step (the r-th of
         ``world_size`` contiguous shares; copies consecutive, so a group stays on its rank) and
-        scores them."""
+        scores them. ``stream`` > 0: another draw of prompts for the same step (a seeded
+        permutation per (step, stream); dynamic sampling's refills)."""
         cfg = self.config
         share = cfg.rollout_batch_size // self.world_size
-        mine = self.prompt_indices(step)[self.rank * share : (self.rank + 1) * share]
+        prompts = self.prompt_indices(step)
+        if stream:
+            g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_537 + 7919 * stream)
+            prompts = torch.randperm(len(self.prompts), generator=g).tolist()
+            prompts = (prompts * (cfg.rollout_batch_size // len(prompts) + 1))[: cfg.rollout_batch_size]
+        mine = prompts[self.rank * share : (self.rank + 1) * share]
         idx = [i for i in mine for _ in range(repeat)]
         if self.world_size > 1:  # a sampling stream per (step, rank), whatever happened before
-            torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank) % 2**63)
+            torch.manual_seed(((cfg.seed * 1_000_003 + step) * 65_537 + self.rank + 1_000_033 * stream) % 2**63)
         with gathered(self.model, within=self.model.policy), gathered(self.reward_model, full=False):
             try:
                 return sample_rollout(
                     self.model.policy, self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device,
                     reward_fn=self.reward_fn, reward_model=self.reward_model,
-                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast)
+                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast,
+                    record_logprobs=self.records_sampler_logprobs)
             except RewardFunctionError as e:  # name the step too
                 raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
 
     def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
         """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,
         under no_grad, the policy's log-probs at the sampling temperature (the "old" ones), its
-        values (with a value head) and the reference's log-probs (when ``uses_reference``)."""
+        values (with a value head) and the reference's log-probs (when ``uses_reference``).
+        With ``uses_sampler_logprobs_as_old`` (no value head) the sampler's log-probs are the old
+        ones and the policy's forward is skipped."""
         cfg = self.config
         if batch is None:
             batch = self.sample(step, repeat=self.completions_per_prompt)
         kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
-        batch.logprobs, values = rollout_logprobs(self.model, batch, with_values=self.uses_value_head, **kw)
-        if self.uses_value_head:
-            batch.values = values
+        if self.uses_sampler_logprobs_as_old and not self.uses_value_head and batch.sampler_logprobs is not None:
+            batch.logprobs = batch.sampler_logprobs
+        else:
+            batch.logprobs, values = rollout_logprobs(self.model, batch, with_values=self.uses_value_head, **kw)
+            if self.uses_value_head:
+                batch.values = values
         if self.uses_reference:
             with gathered(self.ref_model, full=False):
                 batch.ref_logprobs = rollout_logprobs(self.ref_model, batch, **kw)[0]

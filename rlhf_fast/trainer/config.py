@@ -194,8 +194,25 @@ class GRPOConfig(RLConfig):
     clip_eps_high: float | None = None  # clip-higher (DAPO); None: the same as clip_eps
     baseline: str = "mean"  # "mean" (GRPO) | "leave_one_out" (RLOO)
     scale: str = "group"  # divide advantages by the group std | the batch std | "none" (Dr. GRPO)
-    loss_type: str = "grpo"  # TRL's: "grpo" | "bnpo" | "dr_grpo" | "dapo"; sets loss_agg
+    loss_type: str = "grpo"  # TRL's: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "cispo" | "sapo"; sets loss_agg
     loss_agg: str = ""  # derived from loss_type; leave empty
+    # the objective (rlhf_fast.ops.policy_objectives states each formula)
+    importance_sampling_level: str = "token"  # "token" | "sequence" (GSPO: exp(mean log-ratio)) | "sequence_token"
+    kl_estimator: str = "k3"  # of the beta KL: "k1" | "abs" | "k2" | "k3" | "low_var_kl" | "k3+" (verl)
+    sapo_temperature_pos: float = 1.0  # loss_type="sapo": gate temperature of A > 0 tokens (SAPO's default)
+    sapo_temperature_neg: float = 1.05  # ... and of A <= 0 tokens
+    # rollout-mismatch correction from the sampler's own log-probs (recorded during generation)
+    rollout_correction: str | None = None  # None | "tis" (truncate) | "mis" (mask) | "icepop" (two-sided token mask)
+    rollout_correction_level: str = "token"  # "token" | "sequence" (tis / mis)
+    rollout_correction_low: float | None = None  # lower bound (None: tis / mis none, icepop 0.5)
+    rollout_correction_high: float | None = None  # upper bound (None: tis / mis 2.0, icepop 5.0)
+    use_sampler_logprobs_as_old: bool = False  # skip the old-log-prob forward (needs num_iterations=1, no correction)
+    # DAPO's sampling tricks
+    dynamic_sampling: bool = False  # drop groups whose scores are all equal and sample more prompts to refill
+    dynamic_sampling_max_tries: int = 4  # sampling rounds per step at most (then equal groups fill the rest)
+    overlong_buffer: int = 0  # > 0: soft length penalty over the last overlong_buffer of max_new_tokens (DAPO)
+    overlong_penalty: float = 1.0  # the penalty at max_new_tokens (it rises linearly over the buffer)
+    mask_truncated_completions: bool = False  # completions without EOS get no loss (DAPO overlong filtering)
 
     def __post_init__(self):
         check_choice(self, "loss_type", tuple(GRPO_LOSS_AGG))
@@ -212,6 +229,26 @@ class GRPOConfig(RLConfig):
             check_field(self, "clip_eps_high", self.clip_eps_high >= self.clip_eps, f"must be >= clip_eps={self.clip_eps}")
         check_choice(self, "baseline", ("mean", "leave_one_out"))
         check_choice(self, "scale", ("group", "batch", "none"))
+        check_choice(self, "importance_sampling_level", ("token", "sequence", "sequence_token"))
+        check_choice(self, "kl_estimator", KL_ESTIMATORS + ("low_var_kl", "k3+"))
+        for name in ("sapo_temperature_pos", "sapo_temperature_neg"):
+            check_field(self, name, getattr(self, name) > 0, "must be > 0")
+        check_choice(self, "rollout_correction", (None, "tis", "mis", "icepop"))
+        check_choice(self, "rollout_correction_level", ("token", "sequence"))
+        check_field(self, "rollout_correction_level",
+                    self.rollout_correction != "icepop" or self.rollout_correction_level == "token",
+                    "must be 'token' with rollout_correction='icepop'")
+        for name in ("rollout_correction_low", "rollout_correction_high"):
+            check_field(self, name, getattr(self, name) is None or getattr(self, name) >= 0, "must be >= 0 or None")
+        if self.use_sampler_logprobs_as_old:
+            check_field(self, "use_sampler_logprobs_as_old", self.num_iterations == 1,
+                        f"needs num_iterations=1 (got {self.num_iterations}): later passes need the old policy")
+            check_field(self, "use_sampler_logprobs_as_old", self.rollout_correction is None,
+                        "the sampler's log-probs are then the old ones, so a rollout_correction would be 1: drop it")
+        check_field(self, "dynamic_sampling_max_tries", self.dynamic_sampling_max_tries >= 1, "must be >= 1")
+        check_field(self, "overlong_buffer", 0 <= self.overlong_buffer <= self.max_new_tokens,
+                    f"must lie in [0, max_new_tokens={self.max_new_tokens}]")
+        check_field(self, "overlong_penalty", self.overlong_penalty >= 0, "must be >= 0")
 
     @property
     def sequences_per_step(self) -> int:
@@ -222,7 +259,7 @@ class GRPOConfig(RLConfig):
 # sequences; "bnpo" and "dapo" average all tokens of the batch (we normalise over the
 # mini-batch in both); "dr_grpo" sums each sequence and divides by max_new_tokens.
 GRPO_LOSS_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
-                 "dr_grpo": "seq-mean-token-sum-norm"}
+                 "dr_grpo": "seq-mean-token-sum-norm", "cispo": "token-mean", "sapo": "seq-mean-token-mean"}
 
 
 # ---------------------------------------------------------------------------- checks

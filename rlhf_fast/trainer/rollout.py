@@ -60,30 +60,70 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[t
 
 
 # ---------------------------------------------------------------------------- sampling
+def _sampled_logprob_recorder(temperature: float):
+    """A (LogitsProcessor, StoppingCriteria) pair for ``generate``: the processor applies the
+    temperature itself (``scores / temperature``, as HF's warper, which is then left out) and keeps
+    the result, i.e. the logits the sampler draws from; the criterion, called once the token is
+    appended, records its log-prob with the fused ``token_logprobs`` (one (B, V) row per step
+    alive at a time; it never stops generation)."""
+    from transformers import LogitsProcessor, StoppingCriteria
+
+    class Keep(LogitsProcessor):
+        scores = None
+
+        def __call__(self, input_ids, scores):
+            Keep.scores = scores / temperature if temperature != 1.0 else scores
+            return Keep.scores
+
+    class Record(StoppingCriteria):
+        steps: list = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            tok = input_ids[:, -1:]
+            self.steps.append(token_logprobs(Keep.scores[:, None], tok)[:, 0].float())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    record = Record()
+    record.steps = []
+    return Keep(), record
+
+
 @torch.no_grad()
 def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int) -> torch.Tensor:
+                       eos_id: int, pad_id: int, with_logprobs: bool = False):
     """(B, R <= max_new_tokens) sampled completion ids, drawn from ``softmax(logits / temperature)``
     with the KV cache. Nothing else shapes the distribution (no top-k / top-p / repetition
-    penalty, whatever the model's generation_config says), so the loss can recompute it."""
-    from transformers import GenerationConfig
+    penalty, whatever the model's generation_config says), so the loss can recompute it.
+    With ``with_logprobs``: (ids, sampler_logprobs (B, R) fp32), the log-probs of the sampled tokens
+    under the distribution they were drawn from (the sampler's numerics, no extra forward)."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     gen = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        do_sample=True, temperature=1.0 if with_logprobs else temperature, top_k=0, top_p=1.0, min_p=None,
+        typical_p=1.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens, min_new_tokens=0,
         eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, bad_words_ids=None, suppress_tokens=None,
         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
     )
     saved = policy.generation_config
     policy.generation_config = GenerationConfig()  # the model's own defaults must not leak in
+    extra = {}
+    if with_logprobs:
+        keep, record = _sampled_logprob_recorder(temperature)
+        extra = dict(logits_processor=LogitsProcessorList([keep]), stopping_criteria=StoppingCriteriaList([record]))
     try:
         # synced_gpus=False: under FSDP the trainer gathers the whole policy first (distributed.gathered),
         # so no rank waits for another's tokens
         seq = policy.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen,
-                              synced_gpus=False)
+                              synced_gpus=False, **extra)
     finally:
         policy.generation_config = saved
-    return seq[:, input_ids.shape[1]:]
+    responses = seq[:, input_ids.shape[1]:]
+    if not with_logprobs:
+        return responses
+    R = responses.shape[1]
+    lp = torch.stack(record.steps[:R], 1) if R else responses.new_zeros(responses.shape, dtype=torch.float32)
+    return responses, lp
 
 
 def completion_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,6 +198,7 @@ class Rollout:
 
     input_ids / attention_mask: (B, P + R) left-padded prompt + completion (padding after EOS
     is masked); response_start: P; response_mask (B, R) bool; scores (B,); has_eos (B,).
+    sampler_logprobs (B, R) fp32, 0 outside response_mask: the sampler's own log-probs (when recorded).
     Filled later, each (B, R) fp32 and 0 outside response_mask: logprobs (policy at sampling
     time), ref_logprobs, values, rewards, advantages (GRPO: (B,)), returns.
     """
@@ -171,6 +212,7 @@ class Rollout:
     scores: torch.Tensor
     has_eos: torch.Tensor
     logprobs: torch.Tensor | None = None
+    sampler_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
     rewards: torch.Tensor | None = None
@@ -206,9 +248,11 @@ class Rollout:
 
 
 def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature, device,
-                   reward_fn=None, reward_model=None, missing_eos_penalty=0.0, autocast=None) -> Rollout:
+                   reward_fn=None, reward_model=None, missing_eos_penalty=0.0, autocast=None,
+                   record_logprobs: bool = False) -> Rollout:
     """Samples one completion per prompt and scores it (``reward_fn`` on text, or
-    ``reward_model`` on ids); completions that never emit EOS lose ``missing_eos_penalty``."""
+    ``reward_model`` on ids); completions that never emit EOS lose ``missing_eos_penalty``.
+    ``record_logprobs``: also keep the sampler's log-probs (``Rollout.sampler_logprobs``)."""
     eos_id, pad_id = special_ids(tokenizer)
     ids, mask = left_pad(prompt_ids, pad_id, device)
     ctx = autocast() if autocast is not None else torch.autocast(torch.device(device).type, enabled=False)
@@ -216,10 +260,11 @@ def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, te
     policy.eval()
     try:
         with ctx:
-            responses = sample_completions(policy, ids, mask, max_new_tokens=max_new_tokens,
-                                           temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+            out = sample_completions(policy, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature,
+                                     eos_id=eos_id, pad_id=pad_id, with_logprobs=record_logprobs)
     finally:
         policy.train(was_training)
+    responses, sampler_lp = out if record_logprobs else (out, None)
     resp_mask, has_eos = completion_mask(responses, eos_id)
     input_ids = torch.cat([ids, torch.where(resp_mask, responses, pad_id)], 1)
     attention_mask = torch.cat([mask, resp_mask.long()], 1)
@@ -231,7 +276,34 @@ def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, te
             scores = reward_model_scores(reward_model, input_ids, attention_mask)
     if missing_eos_penalty:
         scores = scores - missing_eos_penalty * (~has_eos).float()
-    return Rollout(list(prompts), completions, input_ids, attention_mask, ids.shape[1], resp_mask, scores, has_eos)
+    if sampler_lp is not None:
+        sampler_lp = torch.where(resp_mask, sampler_lp, 0.0)
+    return Rollout(list(prompts), completions, input_ids, attention_mask, ids.shape[1], resp_mask, scores, has_eos,
+                   sampler_logprobs=sampler_lp)
+
+
+def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
+    """One Rollout of the rows of ``parts`` (sampled but not yet scored by the trainer: only the
+    sampling fields), prompts re-left-padded and responses right-padded to the widest part."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r.response_start for r in parts)
+    R = max(r.response_mask.shape[1] for r in parts)
+
+    def pad(x, left, right, value):
+        return torch.nn.functional.pad(x, (left, right), value=value)
+
+    ids, att, rmask, slp = [], [], [], []
+    for r in parts:
+        p, w = r.response_start, r.response_mask.shape[1]
+        ids.append(torch.cat([pad(r.input_ids[:, :p], P - p, 0, pad_id), pad(r.input_ids[:, p:], 0, R - w, pad_id)], 1))
+        att.append(torch.cat([pad(r.attention_mask[:, :p], P - p, 0, 0), pad(r.attention_mask[:, p:], 0, R - w, 0)], 1))
+        rmask.append(pad(r.response_mask, 0, R - w, False))
+        if r.sampler_logprobs is not None:
+            slp.append(pad(r.sampler_logprobs, 0, R - w, 0.0))
+    return Rollout([p for r in parts for p in r.prompts], [c for r in parts for c in r.completions], torch.cat(ids),
+                   torch.cat(att), P, torch.cat(rmask), torch.cat([r.scores for r in parts]),
+                   torch.cat([r.has_eos for r in parts]), sampler_logprobs=torch.cat(slp) if slp else None)
 
 
 @torch.no_grad()

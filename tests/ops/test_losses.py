@@ -199,7 +199,7 @@ def test_grpo_loss_maps_trl_loss_types(loss_type, agg):
     with pytest.raises(ValueError, match="advantages"):
         mod(logits, targets, old, adv[:, None].expand(-1, 5).contiguous(), mask, ref)
     with pytest.raises(ValueError, match="loss_type"):
-        GRPOLoss("sapo")
+        GRPOLoss("vespo")
 
 
 def test_value_loss_module():
