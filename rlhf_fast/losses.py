@@ -106,7 +106,8 @@ class GRPOLoss(PPOLoss):
             if clip_eps_high <= 0:
                 raise ValueError(f"epsilon_high must be > 1 for loss_type='cispo' (an absolute cap), got {cap}")
         super().__init__(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=delta, temperature=temperature,
-                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3", entropy_coef=entropy_coef,
+                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3",
+                         entropy_coef=entropy_coef,
                          loss_agg=GRPO_LOSS_TYPES[loss_type], max_tokens=max_completion_length,
                          compute_entropy=compute_entropy, inplace_backward=inplace_backward,
                          ratio_level=importance_sampling_level,
