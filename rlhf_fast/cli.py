@@ -34,48 +34,56 @@ from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: 
 # ---------------------------------------------------------------------------- commands
 def cmd_sft(cfg, run):
     from rlhf_fast.data import load_sft
-    from rlhf_fast.models import load_causal_lm, load_tokenizer
+    from rlhf_fast.models import load_causal_lm, load_kwargs, load_tokenizer
     from rlhf_fast.trainer.sft import SFTTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
     train = load_sft(run["train_file"])
     evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
+    model = load_causal_lm(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
     result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/loss", "train/loss"))
 
 
 def cmd_rm(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.models import load_reward_model, load_tokenizer
+    from rlhf_fast.models import load_kwargs, load_reward_model, load_tokenizer
     from rlhf_fast.trainer.reward import RewardTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
     train = load_preferences(run["train_file"])
     evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    model = load_reward_model(run["model"], tok, seed=cfg.seed)
+    model = load_reward_model(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
     result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
     _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
 def cmd_rl(command, cfg, run):
     from rlhf_fast.data import load_prompts, policy_prompt
-    from rlhf_fast.models import load_causal_lm, load_policy, load_reward_fn, load_reward_model, load_tokenizer
+    from rlhf_fast.models import (
+        load_causal_lm,
+        load_kwargs,
+        load_policy,
+        load_reward_fn,
+        load_reward_model,
+        load_tokenizer,
+    )
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
 
     if bool(run.get("reward_model")) == bool(run.get("reward_fn")):
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder) and reward_fn (module:function)")
-    tok = load_tokenizer(run["model"], run.get("tokenizer"))
+    tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
+    kw = load_kwargs(cfg)
     prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
     reward = {}
     if run.get("reward_fn"):
         reward["reward_fn"] = load_reward_fn(run["reward_fn"])
     else:
-        reward["reward_model"] = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed)
-    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
+        reward["reward_model"] = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)
+    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed, **kw) if run.get("ref_model") else None
     # --model tiny: the weights come from cfg.seed, so a resumed run rebuilds the same reference
-    model = load_policy(run["model"], tok, value_head=command == "ppo", seed=cfg.seed)
+    model = load_policy(run["model"], tok, value_head=command == "ppo", seed=cfg.seed, **kw)
     cls = PPOTrainer if command == "ppo" else GRPOTrainer
     trainer = cls(cfg, model=model, ref_model=ref, tokenizer=tok, prompts=prompts, **reward)
     trainer.train()
@@ -125,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting (repeatable)")
         if with_model:
-            sp.add_argument("--model", help="local Hugging Face model folder (or 'tiny')")
+            sp.add_argument("--model", help="local Hugging Face model folder, hub id in the HF cache ('org/model'), or 'tiny'")
         sp.add_argument("--threads", type=int, help="torch CPU threads")
         sp.add_argument("--list-keys", action="store_true", help="print the valid settings and exit")
         sp.add_argument("--debug", action="store_true", help="show the traceback of an error (also RLHF_FAST_DEBUG=1)")

@@ -33,7 +33,9 @@ from torch import nn
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.config import ConfigError, RLConfig
-from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation
+from rlhf_fast.trainer.hf_io import is_peft
+from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
+from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
 from rlhf_fast.trainer.process_group import rank, world_size
 from rlhf_fast.trainer.rollout import (
     Rollout,
@@ -75,22 +77,27 @@ class RLTrainer(Runtime):
         cfg = config
         cfg.check_world_size(self.world_size)
 
-        # the policy (+ value head) ...
+        # the policy (+ value head), with LoRA adapters when the config asks (lora.py) ...
         if not isinstance(model, PolicyValueModel):
-            model = PolicyValueModel(model, value_head=self.uses_value_head)
+            model = PolicyValueModel(apply_lora(model, cfg), value_head=self.uses_value_head)
+        else:
+            model.policy = apply_lora(model.policy, cfg)
         if self.uses_value_head and model.value_head is None:
             raise ValueError(f"{type(self).__name__} needs a PolicyValueModel with a value head")
-        # ... the frozen reference: the initial policy unless given
+        # ... the frozen reference: the initial policy unless given; with LoRA, the policy's own
+        # base with its adapters disabled (ref_model None: no second copy of the weights)
         if isinstance(ref_model, PolicyValueModel):
             ref_model = ref_model.policy
         if ref_model is not None and ref_model is model.policy:
             raise ValueError("ref_model is the policy itself; pass a frozen copy, or None to copy the initial policy")
-        ref_model = ref_model if ref_model is not None else copy.deepcopy(model.policy)
-        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
+        if ref_model is None and not is_peft(model.policy):
+            ref_model = copy.deepcopy(model.policy)
+        self.aux_coef = router_aux_loss_coef(model.policy, cfg.router_aux_loss_coef)
+        attn = resolve_attn_implementation(cfg.attn_implementation, self.device, model.policy.config)
         for m in (model.policy, model.critic, ref_model):
             if m is not None and hasattr(m, "set_attn_implementation") and m.config._attn_implementation != attn:
                 m.set_attn_implementation(attn)
-        self.ref_model = self._frozen(ref_model)
+        self.ref_model = self._frozen(ref_model) if ref_model is not None else None
         self.reward_model = self._frozen(reward_model) if reward_model is not None else None
         self.reward_fn = reward_fn
         disable_dropout(model)
@@ -100,6 +107,7 @@ class RLTrainer(Runtime):
             model.value_head.requires_grad_(False)  # never in the loss (DDP refuses unused parameters)
         # self.model: the PolicyValueModel (FSDP-sharded in place); self.train_model: what the
         # loss's forward goes through (self.model, or its DDP wrapper)
+        self.prepare_precision(model)
         self.model, self.train_model = prepare_trainable(model.train(), cfg.distributed_strategy, self.device)
 
         self.tokenizer = tokenizer
@@ -153,9 +161,28 @@ class RLTrainer(Runtime):
     def after_step(self, batch: Rollout, metrics: dict) -> None:
         """Adds to / acts on a finished step's metrics (before they are logged)."""
 
+    def policy_forward(self, mb: Rollout, *, with_values: bool = True):
+        """(logits, values or None, router aux loss or None) of a micro-batch, under autocast
+        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``)."""
+        with self.autocast():
+            if self.aux_coef > 0:
+                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
+                                        with_aux=True)
+            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start,
+                                              with_values=with_values)
+        return logits, values, None
+
+    def add_router_aux(self, loss: torch.Tensor, aux, stats: dict) -> torch.Tensor:
+        """``loss + aux_coef * aux`` (logged as ``loss/router_aux``); ``loss`` when aux is None."""
+        if aux is None:
+            return loss
+        loss = loss + self.aux_coef * aux
+        stats["loss/router_aux"], stats["loss/total"] = aux.detach(), loss.detach()
+        return loss
+
     def _frozen(self, m: nn.Module) -> nn.Module:
         disable_dropout(m)
-        m = m.eval().requires_grad_(False)
+        m = self.frozen_dtype(m.eval().requires_grad_(False))
         return prepare_frozen(m, self.config.frozen_model_sharding, self.device)
 
     # ------------------------------------------------------------------ the loop
@@ -245,7 +272,10 @@ class RLTrainer(Runtime):
             batch.logprobs, values = rollout_logprobs(self.model, batch, with_values=self.uses_value_head, **kw)
             if self.uses_value_head:
                 batch.values = values
-        if self.uses_reference:
+        if self.uses_reference and self.ref_model is None:  # LoRA: the base model, adapters off
+            with adapters_disabled(self.model.policy):
+                batch.ref_logprobs = rollout_logprobs(self.model, batch, **kw)[0]
+        elif self.uses_reference:
             with gathered(self.ref_model, full=False):
                 batch.ref_logprobs = rollout_logprobs(self.ref_model, batch, **kw)[0]
         for name in ("logprobs", "values", "ref_logprobs"):
@@ -319,7 +349,7 @@ class RLTrainer(Runtime):
         for i, (micro, scale) in enumerate(micros):
             with no_sync(self.train_model, skip=i < len(micros) - 1):
                 loss, s = self.compute_loss(micro)
-                (loss * scale).backward()
+                self.backward(loss * scale)
             loss_sum = loss_sum + loss.detach() * scale
             stats.append(s)
         return stats, self.optimizer_step(step, all_reduce(loss_sum) / self.world_size)

@@ -16,6 +16,7 @@ and ``micro_batch_size`` must divide ``mini_batch_size / world``; the trainer ch
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import typing
 from dataclasses import dataclass
@@ -51,8 +52,22 @@ class RunConfig:
     micro_batch_size: int = 8
     # model execution
     attn_implementation: str = "auto"  # "auto": flash_attention_2 on CUDA when flash-attn imports, else sdpa
-    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU | "bf16" | "fp32"
+    precision: str = "auto"  # compute: "auto" (bf16 autocast on CUDA, fp32 on CPU) | "bf16" | "fp16" (autocast, loss scaling) | "fp32"
+    master_weights: str = "fp32"  # trainable weights + optimizer state: "fp32" (a bf16 checkpoint is upcast) | "model" (as loaded)
+    frozen_dtype: str = "auto"  # reference / reward models: "auto" (as loaded) | "bf16" | "fp32"
     gradient_checkpointing: bool = False
+    router_aux_loss_coef: float | None = None  # MoE load-balancing loss weight; None: the model config's, 0: off
+    # model loading (the CLI's loaders)
+    model_dtype: str = "auto"  # dtype of loaded weights: "auto" (the checkpoint's) | "fp32" | "bf16" | "fp16"
+    trust_remote_code: bool = False
+    model_init_kwargs: str = ""  # a JSON object of extra from_pretrained kwargs, e.g. '{"revision": "main"}'
+    # LoRA through PEFT (lora_r > 0 or peft_config turns it on); PPO/GRPO's reference = the base, adapters off
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # RL stages turn dropout off (log-probs must match the sampler's)
+    lora_target_modules: str = "all-linear"  # "all-linear" or comma-separated module names (q_proj,v_proj)
+    peft_config: str = ""  # a JSON file of peft.LoraConfig fields (instead of the lora_* fields)
+    lora_export_merged: bool = False  # also export final/merged: the adapter merged into full weights
     # checkpoints and logging
     save_steps: int = 0  # 0: a checkpoint at the end only
     keep_checkpoints: int = 2
@@ -80,7 +95,23 @@ class RunConfig:
             check_field(self, name, 0 <= getattr(self, name) <= 1, "must lie in [0, 1]")
         check_choice(self, "lr_scheduler", ("constant", "linear", "cosine"))
         check_choice(self, "attn_implementation", ("auto", "flash_attention_2", "sdpa", "eager"))
-        check_choice(self, "precision", ("auto", "bf16", "fp32"))
+        check_choice(self, "precision", ("auto", "bf16", "fp16", "fp32"))
+        check_choice(self, "master_weights", ("fp32", "model"))
+        check_choice(self, "frozen_dtype", ("auto", "bf16", "fp32"))
+        check_choice(self, "model_dtype", ("auto", "fp32", "bf16", "fp16"))
+        if self.router_aux_loss_coef is not None:
+            check_field(self, "router_aux_loss_coef", self.router_aux_loss_coef >= 0, "must be >= 0 (or None)")
+        check_field(self, "lora_r", self.lora_r >= 0, "must be >= 0 (0: no LoRA)")
+        check_field(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
+        check_field(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must lie in [0, 1)")
+        check_field(self, "lora_target_modules", bool(self.lora_target_modules.strip()), "must not be empty")
+        check_field(self, "peft_config", not (self.peft_config and self.lora_r), "set either peft_config or lora_r, not both")
+        if self.model_init_kwargs:
+            try:
+                kw = json.loads(self.model_init_kwargs)
+            except ValueError as e:
+                kw = e
+            check_field(self, "model_init_kwargs", isinstance(kw, dict), "must be a JSON object")
         check_choice(self, "distributed_strategy", ("fsdp", "ddp"))
         check_field(self, "dist_timeout_s", self.dist_timeout_s > 0, "must be > 0")
 

@@ -127,8 +127,7 @@ class GRPOTrainer(RLTrainer):
         """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
         with per-sequence advantages and ``beta`` * k3 KL to the reference."""
         cfg = self.config
-        with self.autocast():
-            logits, _ = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=False)
+        logits, _, aux = self.policy_forward(mb, with_values=False)
         loss, pg = ppo_policy_loss(
             logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
             clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
@@ -149,7 +148,7 @@ class GRPOTrainer(RLTrainer):
                   "is_masked_frac"):
             if k in pg:
                 stats[f"mismatch/{k}"] = pg[k]
-        return loss, stats
+        return self.add_router_aux(loss, aux, stats), stats
 
 
 def overlong_penalty(response_mask: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:

@@ -8,6 +8,9 @@
 A model that owns its own file format (``PolicyValueModel``) provides ``save_pretrained(folder,
 state_dict=None)`` and ``read_weights(folder)``; these functions defer to it. Tied parameters
 (an LM head sharing the embedding) are stored once and filled in under every name on read.
+A PEFT model (LoRA) writes its adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+what ``PeftModel.from_pretrained`` loads) and its trainable tensors (``trainable.safetensors``);
+reading takes the frozen base weights from the model itself (they never change in training).
 """
 from __future__ import annotations
 
@@ -15,6 +18,13 @@ import contextlib
 from pathlib import Path
 
 import torch
+
+TRAINABLE_FILE = "trainable.safetensors"  # a PEFT model's trainable tensors, keyed as its state_dict()
+
+
+def is_peft(model) -> bool:
+    """Whether ``model`` is a PEFT wrapper (``get_peft_model(...)``, ``PeftModel.from_pretrained``)."""
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
 @contextlib.contextmanager
@@ -79,6 +89,13 @@ def save_weights(model: torch.nn.Module, directory, state_dict: dict | None = No
         kw = {} if state_dict is None else {"state_dict": state_dict, "safe_serialization": True}
         with quiet_hf_progress():
             model.save_pretrained(directory, **kw)
+        if is_peft(model):
+            from safetensors.torch import save_file
+
+            sd = model.state_dict() if state_dict is None else state_dict
+            trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items() if k in trainable},
+                      str(directory / TRAINABLE_FILE))
     elif state_dict is None:
         from safetensors.torch import save_model
 
@@ -93,7 +110,12 @@ def read_weights(model: torch.nn.Module, directory) -> dict:
     """The full state dict (CPU tensors, keys as ``model.state_dict()``) that
     :func:`save_weights` wrote to ``directory``: through ``model.read_weights`` when the model
     owns its format, else the folder's ``model*.safetensors``."""
-    sd = model.read_weights(directory) if hasattr(model, "read_weights") else read_safetensors(directory)
+    if hasattr(model, "read_weights"):
+        sd = model.read_weights(directory)
+    elif is_peft(model):
+        sd = {**model.state_dict(), **read_safetensors(directory, pattern=TRAINABLE_FILE)}
+    else:
+        sd = read_safetensors(directory)
     return complete(model, sd, directory)
 
 

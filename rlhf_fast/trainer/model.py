@@ -5,8 +5,10 @@
     logits = lm_head(h)                        # (B, R, V): prompt positions never reach the LM head
     values = value_head(h).squeeze(-1)         # (B, R): V(s_t) before response token t
 
-``trunk`` is the causal LM's ``base_model`` (a ``LlamaModel``, ``GPT2Model``, ...) and
-``lm_head`` its ``get_output_embeddings()``; with ``separate_critic=True`` the values come from
+``trunk`` is the causal LM's ``base_model`` (a ``LlamaModel``, ``GPT2Model``, ...; under a PEFT
+wrapper, the wrapped model's) and ``lm_head`` its ``get_output_embeddings()`` followed by the
+head's logit transform read from the config (``logit_transform``: Granite's ``logits_scaling``,
+Cohere's ``logit_scale``, Gemma2's ``final_logit_softcapping``); with ``separate_critic=True`` the values come from
 a second trunk (a copy of the policy's) instead. Position ids are ``cumsum(attention_mask) - 1``,
 as Hugging Face ``generate`` uses, so left-padded rows score exactly what was sampled.
 
@@ -19,21 +21,29 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
+import re
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_fast.trainer.hf_io import load_weights, quiet_hf_progress, read_safetensors
+from rlhf_fast.trainer.hf_io import TRAINABLE_FILE, is_peft, load_weights, quiet_hf_progress, read_safetensors
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 META_FILE = "value_model.json"
 
 
-def resolve_attn_implementation(requested: str, device) -> str:
-    """"auto" -> "flash_attention_2" when flash-attn imports and ``device`` is CUDA, else "sdpa"."""
+def resolve_attn_implementation(requested: str, device, config=None) -> str:
+    """"auto" -> "eager" for a model whose attention soft-caps its scores (``config`` with
+    ``attn_logit_softcapping``, e.g. Gemma2: only eager attention applies the cap), else
+    "flash_attention_2" when flash-attn imports and ``device`` is CUDA, else "sdpa"."""
     if requested != "auto":
         return requested
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "eager"
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
@@ -44,8 +54,16 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The model a PEFT wrapper (``get_peft_model(...)``) holds, with its adapters injected in
+    place; ``model`` itself when it is not wrapped."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
+
+
 def lm_trunk(causal_lm: nn.Module) -> nn.Module:
     """The transformer body of a Hugging Face causal LM (everything but the LM head)."""
+    causal_lm = unwrap_peft(causal_lm)
     trunk = getattr(causal_lm, "base_model", None)
     if trunk is None or trunk is causal_lm:
         raise TypeError(f"{type(causal_lm).__name__} has no separate base_model trunk; pass an "
@@ -53,20 +71,120 @@ def lm_trunk(causal_lm: nn.Module) -> nn.Module:
     return trunk
 
 
+# The config fields that change a causal LM's logits after ``lm_head(hidden)``, as
+# (logit_scale, softcap) of ``softcap * tanh(logit_scale * z / softcap)``; each maps its value v to:
+LOGIT_FIELDS = {
+    "logits_scaling": lambda v: (1.0 / v, None),  # Granite: z / logits_scaling
+    "logit_scale": lambda v: (v, None),  # Cohere: z * logit_scale
+    "final_logit_softcapping": lambda v: (1.0, v),  # Gemma2 / Gemma3: c * tanh(z / c)
+}
+# fields whose names look like a head transform but act inside the trunk or not at all
+TRUNK_LOGIT_FIELDS = {
+    "attn_logit_softcapping", "output_router_logits", "num_logits_to_keep", "moe_router_logit_softcapping",
+    "mlp_up_softcap", "mlp_gate_softcap", "attention_logit_cap", "conf_attention_logit_cap",
+    "attention_invalid_logits_value", "output_auxiliary_logits", "router_logit_softcapping",
+}
+_HEAD_LIKE = re.compile(r"logit|lm_head_mult|output_mult|softcap|soft_cap")
+
+
+def logit_transform(config) -> tuple[float, float | None]:
+    """(logit_scale, softcap) such that the model's logits are ``transform_logits(lm_head(h),
+    logit_scale, softcap)``, read from ``config`` by the table ``LOGIT_FIELDS``. A config with
+    another field that looks like a head transform (``logit``, ``softcap``, ``lm_head_multiplier``,
+    ...) set is refused with a ``NotImplementedError`` naming the field: never trained silently."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale, cap = 1.0, None
+    for name, value in sorted(text.to_dict().items()):
+        if name in LOGIT_FIELDS:
+            if value is None or (name == "final_logit_softcapping" and not value):
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{type(text).__name__}.{name}={value!r}: expected a finite number > 0")
+            s, c = LOGIT_FIELDS[name](float(value))
+            scale, cap = scale * s, c if c is not None else cap
+        elif _HEAD_LIKE.search(name) and name not in TRUNK_LOGIT_FIELDS and value not in (None, False, 0):
+            if value in (1, 1.0) and re.search(r"mult|scal", name):
+                continue  # an identity multiplier
+            raise NotImplementedError(
+                f"{type(text).__name__}.{name}={value!r}: this head transform is not supported (known fields: "
+                f"{', '.join(LOGIT_FIELDS)}); its logits would differ from lm_head(hidden)")
+    return scale, cap
+
+
+def transform_logits(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """``softcap * tanh(logit_scale * logits / softcap)`` (no cap when ``softcap`` is None), computed
+    in fp32 when it does anything. The one place the trainer applies a head transform in torch,
+    until the fused ops take ``logit_scale=`` / ``softcap=`` themselves."""
+    if logit_scale == 1.0 and softcap is None:
+        return logits
+    z = logits.float() * logit_scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def check_plain_lm_head(causal_lm: nn.Module) -> None:
-    """Logits must be exactly ``lm_head(hidden)``; models that post-process them are refused."""
-    cfg = causal_lm.config
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        raise NotImplementedError(f"{type(causal_lm).__name__}: final_logit_softcapping is not supported")
-    if getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
-        raise NotImplementedError(f"{type(causal_lm).__name__}: logit_scale is not supported")
+    """Refuses a model whose logits are not ``transform_logits(lm_head(hidden), *logit_transform(config))``
+    (an unknown head transform, named)."""
+    logit_transform(unwrap_peft(causal_lm).config)
+
+
+def head_logits(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits from trunk states ``hidden``: its LM head, then its logit transform."""
+    causal_lm = unwrap_peft(causal_lm)
+    return transform_logits(causal_lm.get_output_embeddings()(hidden), *logit_transform(causal_lm.config))
+
+
+def head_width(causal_lm: nn.Module) -> int:
+    """The width of the trunk's output that the LM head reads (not always ``hidden_size``: OPT
+    with ``word_embed_proj_dim`` projects first)."""
+    head = unwrap_peft(causal_lm).get_output_embeddings()
+    width = getattr(head, "in_features", None)
+    return int(width) if width is not None else int(head.weight.shape[-1])
+
+
+def moe_router(config) -> tuple[int, int] | None:
+    """(num_experts, top_k) of a mixture-of-experts config with a learned router, else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    k = getattr(text, "num_experts_per_tok", None)
+    return (int(n), int(k)) if n and k and not isinstance(n, bool) else None
+
+
+def router_aux_loss_coef(model: nn.Module, override: float | None = None) -> float:
+    """The router auxiliary-loss coefficient: ``override`` unless None, else the config's
+    ``router_aux_loss_coef``; 0 for a model without a router."""
+    cfg = unwrap_peft(model).config
+    if moe_router(cfg) is None:
+        return 0.0
+    if override is not None:
+        return float(override)
+    return float(getattr(cfg.get_text_config(), "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def trunk_forward(trunk: nn.Module, input_ids, attention_mask, *, router_aux: bool = False):
+    """(hidden (B, L, H), aux): the trunk's last hidden states (after its final norm) and, with
+    ``router_aux``, the Switch load-balancing loss of its routers over the attended tokens, as the
+    model family's own ``load_balancing_loss_func`` computes it (a 0-d tensor; None otherwise)."""
+    kw = {"output_router_logits": True} if router_aux else {}
+    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kw)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    if not router_aux:
+        return hidden, None
+    spec = moe_router(trunk.config)
+    logits = getattr(out, "router_logits", None)
+    if spec is None or not logits:
+        raise ValueError(f"{type(trunk).__name__} returned no router logits; the router aux loss needs a "
+                         "mixture-of-experts model")
+    fn = getattr(sys.modules[type(trunk).__module__], "load_balancing_loss_func", None)
+    if fn is None:
+        from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func as fn
+    aux = fn(tuple(logits), spec[0], spec[1], attention_mask)
+    return hidden, torch.as_tensor(aux, dtype=torch.float32, device=hidden.device).float()
 
 
 def trunk_hidden(trunk: nn.Module, input_ids, attention_mask) -> torch.Tensor:
     """(B, L, H) last hidden states (after the trunk's final norm)."""
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return trunk_forward(trunk, input_ids, attention_mask)[0]
 
 
 def response_logits(causal_lm: nn.Module, input_ids, attention_mask, response_start: int) -> torch.Tensor:
@@ -74,7 +192,7 @@ def response_logits(causal_lm: nn.Module, input_ids, attention_mask, response_st
     the LM head applied to those positions only. Works for a policy or a frozen reference."""
     _check_start(response_start, input_ids)
     hidden = trunk_hidden(lm_trunk(causal_lm), input_ids, attention_mask)
-    return causal_lm.get_output_embeddings()(hidden[:, response_start - 1 : -1])
+    return head_logits(causal_lm, hidden[:, response_start - 1 : -1])
 
 
 def _check_start(response_start, input_ids):
@@ -87,8 +205,9 @@ class PolicyValueModel(nn.Module):
     """A Hugging Face causal LM (the policy) plus a value head (hidden -> 1) on its trunk.
 
     Args:
-        policy: an ``AutoModelForCausalLM`` model.
-        value_head: add the value head (PPO); False for a bare policy (GRPO).
+        policy: an ``AutoModelForCausalLM`` model, or one wrapped by PEFT (``get_peft_model``).
+        value_head: add the value head (PPO); False for a bare policy (GRPO). Its width is the
+            LM head's input width (``head_width``).
         separate_critic: compute values on a second trunk, initialised as a copy of the
             policy's (``critic`` overrides the copy).
     """
@@ -97,14 +216,15 @@ class PolicyValueModel(nn.Module):
                  critic: nn.Module | None = None):
         super().__init__()
         lm_trunk(policy)
-        check_plain_lm_head(policy)
+        # (logit_scale, softcap) of the head, from the config (refuses an unknown head transform)
+        self.logit_scale, self.softcap = logit_transform(unwrap_peft(policy).config)
         self.policy = policy
         if critic is not None and not separate_critic:
             raise ValueError("critic was given but separate_critic=False")
         self.critic = (critic if critic is not None else copy.deepcopy(lm_trunk(policy))) if separate_critic else None
         self.value_head = None
         if value_head:
-            hidden = policy.config.get_text_config().hidden_size
+            hidden = head_width(policy)
             # zero-initialised: V = 0 until the value loss has spoken, instead of noise of size ~1
             # that would dominate the first advantages of small rewards
             self.value_head = nn.Linear(hidden, 1, dtype=torch.float32, device=policy.device)
@@ -114,11 +234,11 @@ class PolicyValueModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config, *, value_head: bool = True, separate_critic: bool = False,
-                    attn_implementation: str = "sdpa", dtype=None) -> "PolicyValueModel":
+                    attn_implementation: str | None = None, dtype=None) -> "PolicyValueModel":
         """A freshly initialised model from a ``transformers`` config (e.g. a tiny LlamaConfig)."""
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"attn_implementation": attn_implementation}
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         if dtype is not None:
             kwargs["dtype"] = dtype
         policy = AutoModelForCausalLM.from_config(config, **kwargs)
@@ -126,17 +246,22 @@ class PolicyValueModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, *, value_head: bool = True, separate_critic: bool | None = None,
-                        attn_implementation: str = "sdpa", dtype=None) -> "PolicyValueModel":
+                        attn_implementation: str | None = None, dtype=None, trust_remote_code: bool = False,
+                        **model_init_kwargs) -> "PolicyValueModel":
         """Loads a local HF causal-LM folder (e.g. an SFT checkpoint). The value head and critic
         are loaded when the folder has them, else initialised (the critic as the policy's copy).
-        ``separate_critic=None`` follows the folder (False when it has no value_model.json)."""
+        ``separate_critic=None`` follows the folder (False when it has no value_model.json).
+        ``attn_implementation``, ``dtype``, ``trust_remote_code`` and ``model_init_kwargs`` go to
+        every ``from_pretrained`` (the policy's and the critic's)."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         path = Path(path)
         meta = json.loads((path / META_FILE).read_text()) if (path / META_FILE).exists() else {}
         if separate_critic is None:
             separate_critic = bool(meta.get("separate_critic", False))
-        kwargs = {"attn_implementation": attn_implementation}
+        kwargs = {**model_init_kwargs, "trust_remote_code": trust_remote_code}
+        if attn_implementation:  # None: transformers' default (sdpa where the family supports it, else eager)
+            kwargs["attn_implementation"] = attn_implementation
         if dtype is not None:
             kwargs["dtype"] = dtype
         policy = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -151,8 +276,10 @@ class PolicyValueModel(nn.Module):
 
     # ------------------------------------------------------------------ the file format (one writer, one reader)
     def file_meta(self) -> dict:
-        """What ``value_model.json`` records: which parts the folder holds."""
-        return {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
+        """What ``value_model.json`` records: which parts the folder holds (``lora``: the policy
+        is written as a PEFT adapter, ``adapter_config.json`` + ``adapter_model.safetensors``)."""
+        meta = {"value_head": self.value_head is not None, "separate_critic": self.critic is not None}
+        return {**meta, "lora": True} if is_peft(self.policy) else meta
 
     def save_pretrained(self, path, state_dict: dict | None = None, **_) -> None:
         """The policy as a HF safetensors checkpoint; ``value_model.json``, the value head and
@@ -171,6 +298,10 @@ class PolicyValueModel(nn.Module):
         with quiet_hf_progress():
             kw = {} if own else {"state_dict": part("policy.")}
             self.policy.save_pretrained(path, safe_serialization=True, **kw)
+            if is_peft(self.policy):  # the adapter, and every trainable policy tensor for read_weights
+                trainable = {n for n, p in self.named_parameters() if p.requires_grad and n.startswith("policy.")}
+                save_file({k: v.detach().contiguous().cpu() for k, v in sd.items() if k in trainable},
+                          str(path / TRAINABLE_FILE))
             (path / META_FILE).write_text(json.dumps(self.file_meta()) + "\n")
             if self.value_head is not None:
                 save_file({k: v.detach().contiguous().cpu() for k, v in part("value_head.").items()},
@@ -186,7 +317,11 @@ class PolicyValueModel(nn.Module):
         meta = json.loads((path / META_FILE).read_text())
         if meta != self.file_meta():
             raise ValueError(f"{path} holds a model with {meta}, this one has {self.file_meta()}")
-        sd = read_safetensors(path, "policy.")
+        if is_peft(self.policy):  # frozen base weights as they are (never trained), trained ones from the file
+            sd = {k: v for k, v in self.state_dict().items() if k.startswith("policy.")}
+            sd.update(read_safetensors(path, pattern=TRAINABLE_FILE))
+        else:
+            sd = read_safetensors(path, "policy.")
         if self.value_head is not None:
             sd.update(read_safetensors(path, "value_head.", pattern=VALUE_HEAD_FILE))
         if self.critic is not None:
@@ -212,7 +347,8 @@ class PolicyValueModel(nn.Module):
             else:
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def forward(self, input_ids, attention_mask, response_start: int, *, with_values: bool = True):
+    def forward(self, input_ids, attention_mask, response_start: int, *, with_values: bool = True,
+                with_aux: bool = False):
         """One pass for the logits and values of the response positions.
 
         Args:
@@ -220,14 +356,17 @@ class PolicyValueModel(nn.Module):
             attention_mask: (B, L) 1 on real tokens, 0 on padding.
             response_start: P, the index of the first response token.
             with_values: also compute values (needs the value head).
+            with_aux: also return the policy's router auxiliary loss (a mixture-of-experts model).
         Returns:
-            logits (B, L - P, V) in the model's (autocast) dtype, predicting ``input_ids[:, P:]``;
-            values (B, L - P) fp32, or None.
+            logits (B, L - P, V) in the model's (autocast) dtype (fp32 after a logit transform),
+            predicting ``input_ids[:, P:]``; values (B, L - P) fp32, or None; with ``with_aux``
+            a third item, the router aux loss (0-d fp32).
         """
         _check_start(response_start, input_ids)
-        hidden = trunk_hidden(lm_trunk(self.policy), input_ids, attention_mask)
+        hidden, aux = trunk_forward(lm_trunk(self.policy), input_ids, attention_mask, router_aux=with_aux)
         scored = hidden[:, response_start - 1 : -1]
-        logits = self.policy.get_output_embeddings()(scored)
+        logits = transform_logits(unwrap_peft(self.policy).get_output_embeddings()(scored), self.logit_scale,
+                                  self.softcap)
         values = None
         if with_values:
             if self.value_head is None:
@@ -235,21 +374,23 @@ class PolicyValueModel(nn.Module):
             if self.critic is not None:
                 scored = trunk_hidden(self.critic, input_ids, attention_mask)[:, response_start - 1 : -1]
             values = self._values(scored)
-        return logits, values
+        return (logits, values, aux) if with_aux else (logits, values)
 
     def _values(self, hidden) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):
             return self.value_head(hidden.float()).squeeze(-1)
 
-    def score_sequences(self, input_ids, attention_mask) -> torch.Tensor:
+    def score_sequences(self, input_ids, attention_mask, *, with_aux: bool = False):
         """(B,) the value head at each row's last attended token: this model used as a reward
-        model (a trunk with a scalar head)."""
+        model (a trunk with a scalar head: the sequence-scoring head of a causal LM that has no
+        ``*ForSequenceClassification`` class). ``with_aux``: (scores, router aux loss)."""
         if self.value_head is None:
             raise ValueError("score_sequences needs a value head")
         trunk = self.critic if self.critic is not None else lm_trunk(self.policy)
-        hidden = trunk_hidden(trunk, input_ids, attention_mask)
+        hidden, aux = trunk_forward(trunk, input_ids, attention_mask, router_aux=with_aux)
         last = last_token_index(attention_mask)
-        return self._values(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        scores = self._values(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])
+        return (scores, aux) if with_aux else scores
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

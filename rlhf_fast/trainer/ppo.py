@@ -70,8 +70,7 @@ class PPOTrainer(RLTrainer):
         """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
         plus ``vf_coef`` times the clipped value loss."""
         cfg = self.config
-        with self.autocast():
-            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start)
+        logits, values, aux = self.policy_forward(mb)
         pg_loss, pg = ppo_policy_loss(
             logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
             temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
@@ -83,7 +82,7 @@ class PPOTrainer(RLTrainer):
                  "policy/entropy": pg["entropy"], "policy/clip_frac": pg["clip_frac"],
                  "policy/approx_kl": pg["approx_kl"], "policy/ratio_mean": pg["ratio_mean"],
                  "value/clip_frac": vf["clip_frac"]}
-        return loss, stats
+        return self.add_router_aux(loss, aux, stats), stats
 
     # ------------------------------------------------------------------ 4. KL controller
     def after_step(self, batch: Rollout, metrics: dict) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from rlhf_fast.data import PREFERENCE_FIELDS, encode_example, pad_batch
 from rlhf_fast.ops import reward_model_loss
 from rlhf_fast.trainer.rollout import sequence_scores
@@ -36,14 +38,33 @@ class RewardConfig(SupervisedConfig):
 
 def reward_model_from_pretrained(path, *, pad_token_id=None, **kwargs):
     """``AutoModelForSequenceClassification`` with one label from a local folder: a trained reward
-    model, or a causal LM (e.g. an SFT checkpoint) whose trunk gets a fresh scalar head."""
+    model, or a causal LM (e.g. an SFT checkpoint) whose trunk gets a fresh scalar head. A causal
+    LM whose family has no ``*ForSequenceClassification`` class (OLMoE, Granite, Cohere, ...), or
+    a folder written by a PolicyValueModel, becomes a ``PolicyValueModel`` scorer instead (its
+    value head read at the last attended token; ``score_sequences``). ``kwargs`` go to
+    ``from_pretrained`` (``dtype``, ``attn_implementation``, ``trust_remote_code``, ...)."""
+    from pathlib import Path
+
     import transformers
+
+    from rlhf_fast.trainer.model import META_FILE, PolicyValueModel
 
     kwargs.setdefault("num_labels", 1)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized: score.weight" is the point here
     try:
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        has_seqcls = type(config) in transformers.AutoModelForSequenceClassification._model_mapping
+        if (Path(path) / META_FILE).is_file() or not has_seqcls:
+            fresh = not (Path(path) / META_FILE).is_file()
+            kwargs.pop("num_labels")
+            model = PolicyValueModel.from_pretrained(path, value_head=True, separate_critic=False, **kwargs)
+            if fresh:  # a scalar head drawn as HF draws a fresh ``score`` head
+                std = getattr(config.get_text_config(), "initializer_range", 0.02)
+                torch.nn.init.normal_(model.value_head.weight, std=std)
+            model.config = model.policy.config
+        else:
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if pad_token_id is not None:
@@ -67,6 +88,7 @@ class RewardTrainer(SupervisedTrainer):
 
     config_class = RewardConfig
     primary_metric = "accuracy"
+    lora_task_type = "SEQ_CLS"
 
     def __init__(self, config: RewardConfig, *, model, tokenizer, train_data, eval_data=None):
         super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
@@ -87,8 +109,14 @@ class RewardTrainer(SupervisedTrainer):
 
     def model_loss(self, model, items):
         batch = pad_batch([c for c, _ in items] + [r for _, r in items], self.pad_id)
-        scores = sequence_scores(model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+        ids, attn = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        scores, aux = sequence_scores(model, ids, attn, with_aux=True) if self.aux_coef > 0 else (
+            sequence_scores(model, ids, attn), None)
         chosen, rejected = scores.split(len(items))
         margin = self.config.margin or None
         loss, acc = reward_model_loss(chosen, rejected, margin=margin)
-        return loss, {"accuracy": acc, "margin": (chosen - rejected).mean().detach(), "reward_mean": scores.mean().detach()}
+        stats = {"accuracy": acc, "margin": (chosen - rejected).mean().detach(), "reward_mean": scores.mean().detach()}
+        if aux is not None:
+            stats["router_aux"] = aux.detach()
+            loss = loss + self.aux_coef * aux
+        return loss, stats

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf_fast.ops import token_logprobs
-from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_hidden
+from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_forward
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -139,23 +139,27 @@ def decode_completions(tokenizer, responses, mask) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- scoring
-def sequence_scores(model, input_ids, attention_mask) -> torch.Tensor:
+def sequence_scores(model, input_ids, attention_mask, *, with_aux: bool = False):
     """(B,) fp32 scores of whole sequences, differentiable: anything with
     ``score_sequences(input_ids, attention_mask)`` (e.g. a PolicyValueModel used as a trunk with a
     scalar head), or a HF ``*ForSequenceClassification`` with one label, read at each row's last
-    attended token (found from the mask, so pad == eos and left padding are fine)."""
+    attended token (found from the mask, so pad == eos and left padding are fine). ``with_aux``:
+    (scores, router aux loss) of a mixture-of-experts model."""
     if hasattr(model, "score_sequences"):
+        if with_aux:
+            scores, aux = model.score_sequences(input_ids, attention_mask, with_aux=True)
+            return scores.float().reshape(-1), aux
         return model.score_sequences(input_ids, attention_mask).float().reshape(-1)
     head = getattr(model, "score", None)
     if not isinstance(head, torch.nn.Module):
         raise TypeError(f"reward model ({type(model).__name__}) must define score_sequences() or be a "
                         "Hugging Face *ForSequenceClassification model with a `score` head")
-    hidden = trunk_hidden(lm_trunk(model), input_ids, attention_mask)
+    hidden, aux = trunk_forward(lm_trunk(model), input_ids, attention_mask, router_aux=with_aux)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     out = head(hidden[rows, last_token_index(attention_mask)])
     if out.shape[-1] != 1:
         raise ValueError(f"reward model must have one output (num_labels=1), got {out.shape[-1]}")
-    return out[:, 0].float()
+    return (out[:, 0].float(), aux) if with_aux else out[:, 0].float()
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from torch import nn
 from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer.collectives import broadcast_object
 from rlhf_fast.trainer.config import ConfigError
+from rlhf_fast.trainer.hf_io import is_peft
 from rlhf_fast.trainer.metrics import JSONL, MetricsLogger
 from rlhf_fast.trainer.process_group import init_distributed, is_distributed, rank, rank_device, world_size
 from rlhf_fast.trainer.sharding import local_tensor
@@ -108,9 +110,32 @@ class Runtime:
         self.step = 0
 
     def autocast(self):
-        """bf16 autocast on CUDA ("auto" / "bf16"), and on CPU only with precision="bf16"."""
+        """bf16 autocast on CUDA ("auto" / "bf16"), and on CPU only with precision="bf16"; fp16
+        autocast with precision="fp16" (the optimizer step then unscales a scaled loss)."""
         p, dev = self.config.precision, self.device.type
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=p == "bf16" or (p == "auto" and dev == "cuda"))
+        dtype = torch.float16 if p == "fp16" else torch.bfloat16
+        return torch.autocast(dev, dtype=dtype, enabled=p in ("bf16", "fp16") or (p == "auto" and dev == "cuda"))
+
+    def prepare_precision(self, model: nn.Module) -> nn.Module:
+        """``master_weights="fp32"``: the trainable floating-point parameters become fp32 in place
+        (a bf16 checkpoint is upcast; frozen ones, e.g. a LoRA base, keep their dtype), so the
+        optimizer's state is fp32 and an update at lr 1e-6 is not lost to bf16 rounding while
+        the forward computes in ``precision`` under autocast."""
+        if self.config.master_weights == "fp32":
+            for p in model.parameters():
+                if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
+        return model
+
+    def frozen_dtype(self, model: nn.Module) -> nn.Module:
+        """A frozen (reference / reward) model in ``config.frozen_dtype`` ("auto": as it is)."""
+        dt = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(self.config.frozen_dtype)
+        return model.to(dt) if dt is not None else model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the fp16 loss scaler when precision="fp16"."""
+        scaler = getattr(self, "scaler", None)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
 
     def build_optimizer(self, params, total_steps: int) -> None:
         """AdamW over ``params`` and the LR schedule (``lr_multiplier``) over ``total_steps``
@@ -121,6 +146,8 @@ class Runtime:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_multiplier, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_scheduler,
             min_ratio=cfg.min_lr_ratio))
+        # fp16 has too few exponent bits for small gradients: the loss is scaled (and unscaled in optimizer_step)
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
 
     def start_run(self) -> None:
         """Resumes ``config.resume_from``, or starts fresh: then ``output_dir`` must not hold
@@ -142,14 +169,25 @@ class Runtime:
         norm are finite (one host sync), steps the optimizer and the LR schedule; returns the norm."""
         cfg = self.config
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         grad_norm = local_tensor(grad_norm)  # FSDP: the global norm, as a replicated DTensor
+        if scaler is not None and bool(torch.isfinite(loss)) and not bool(torch.isfinite(grad_norm)):
+            scaler.update()  # an fp16 overflow of the scaled gradients: skip this step, halve the scale
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm.detach()
         if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
             what = "loss" if not bool(torch.isfinite(loss)) else "gradient norm"
             self.optimizer.zero_grad(set_to_none=True)
             self.stop_non_finite(step + 1, f"non-finite {what} (loss {float(loss)}, grad norm {float(grad_norm)}); "
                                            "stopped before the optimizer step")
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()
@@ -184,6 +222,8 @@ class Runtime:
         """Atomic checkpoint of model, optimizer, scheduler, RNGs and ``extra_state()`` at the
         current step (every rank calls it; rank 0 writes and gets the path, the others None)."""
         state = {"config": self.config.to_dict(), "world_size": self.world_size, **self.extra_state()}
+        if getattr(self, "scaler", None) is not None:  # fp16: the loss scale resumes where it was
+            state["grad_scaler"] = self.scaler.state_dict()
         return ckpt.save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                     scheduler=self.scheduler, state=state, generators={"shuffle": self.generator},
                                     keep_last=self.config.keep_checkpoints)
@@ -200,6 +240,8 @@ class Runtime:
         state = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                      generators={"shuffle": self.generator}, map_location=self.device)
         self.step = int(state["step"])
+        if getattr(self, "scaler", None) is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.load_extra_state(state)
         self.check_resumed(path, state)
 
@@ -207,4 +249,15 @@ class Runtime:
         """Writes the model (``save_pretrained``; a PolicyValueModel with its value head) and the
         tokenizer to ``path`` (default ``output_dir/final``): every rank calls it, rank 0 writes."""
         path = Path(path) if path is not None else self.output_dir / "final"
-        return ckpt.export_pretrained(self.model, path, self.tokenizer)
+        out = ckpt.export_pretrained(self.model, path, self.tokenizer)
+        lm = getattr(self.model, "policy", self.model)
+        if self.config.lora_export_merged and is_peft(lm) and self.world_size > 1:
+            if self.rank == 0:
+                warnings.warn("lora_export_merged: skipped under torchrun (the model is sharded); merge the exported "
+                              "adapter in one process: PeftModel.from_pretrained(base, path).merge_and_unload()",
+                              stacklevel=2)
+        elif self.config.lora_export_merged and is_peft(lm):  # ``path / "merged"``: full weights
+            from rlhf_fast.trainer.lora import export_merged
+
+            export_merged(lm, path / "merged", self.tokenizer)
+        return out

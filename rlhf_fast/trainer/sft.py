@@ -22,7 +22,7 @@ import torch
 
 from rlhf_fast.data import SFT_FIELDS, encode_example, pad_batch
 from rlhf_fast.ops import token_logprobs
-from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
+from rlhf_fast.trainer.model import check_plain_lm_head, head_logits, lm_trunk, trunk_forward
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 
 
@@ -34,14 +34,15 @@ class SFTConfig(SupervisedConfig):
     learning_rate: float = 1e-4
 
 
-def response_nll(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean NLL over the response tokens, their count) for a padded batch from ``pad_batch``."""
+def response_nll(model, batch: dict, *, with_aux: bool = False):
+    """(mean NLL over the response tokens, their count) for a padded batch from ``pad_batch``;
+    ``with_aux``: a third item, the router aux loss of a mixture-of-experts model."""
     ids, attn, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    hidden = trunk_hidden(lm_trunk(model), ids, attn)
+    hidden, aux = trunk_forward(lm_trunk(model), ids, attn, router_aux=with_aux)
     sel = resp[:, 1:]
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel])
+    logits = head_logits(model, hidden[:, :-1][sel])
     logp = token_logprobs(logits, ids[:, 1:][sel], inplace_backward=True)
-    return -logp.mean(), sel.sum()
+    return (-logp.mean(), sel.sum(), aux) if with_aux else (-logp.mean(), sel.sum())
 
 
 class SFTTrainer(SupervisedTrainer):
@@ -75,6 +76,9 @@ class SFTTrainer(SupervisedTrainer):
 
     def model_loss(self, model, items):
         batch = {k: v.to(self.device) for k, v in pad_batch(items, self.pad_id).items()}
+        if self.aux_coef > 0:
+            loss, _, aux = response_nll(model, batch, with_aux=True)
+            return loss + self.aux_coef * aux, {"nll": loss.detach(), "router_aux": aux.detach()}
         loss, _ = response_nll(model, batch)
         return loss, {}
 

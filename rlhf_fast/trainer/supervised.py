@@ -32,7 +32,8 @@ import torch
 
 from rlhf_fast.trainer.collectives import all_reduce
 from rlhf_fast.trainer.config import RunConfig, check_field
-from rlhf_fast.trainer.model import resolve_attn_implementation
+from rlhf_fast.trainer.lora import apply_lora
+from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
 from rlhf_fast.trainer.runtime import Runtime
 from rlhf_fast.trainer.sharding import CallThrough, no_sync, prepare_trainable
 
@@ -69,6 +70,7 @@ class SupervisedTrainer(Runtime):
 
     config_class = SupervisedConfig
     primary_metric = "loss"  # the progress bar's eval figure
+    lora_task_type = "CAUSAL_LM"  # the PEFT task type of the model LoRA wraps
 
     def __init__(self, config, *, model, tokenizer, train_data, eval_data=None):
         if not isinstance(config, self.config_class):
@@ -82,14 +84,24 @@ class SupervisedTrainer(Runtime):
         if self.pad_id is None:
             raise ValueError("tokenizer has neither a pad_token nor an eos_token to pad with")
 
-        attn = resolve_attn_implementation(cfg.attn_implementation, self.device)
-        if hasattr(model, "set_attn_implementation") and model.config._attn_implementation != attn:
-            model.set_attn_implementation(attn)
+        if isinstance(model, PolicyValueModel):  # a causal LM with a sequence-scoring head
+            model.policy = apply_lora(model.policy, cfg)
+        else:
+            model = apply_lora(model, cfg, task_type=self.lora_task_type)
+        self.aux_coef = router_aux_loss_coef(getattr(model, "policy", model), cfg.router_aux_loss_coef)
+        attn = resolve_attn_implementation(cfg.attn_implementation, self.device, getattr(model, "config", None))
+        lm = model.policy if isinstance(model, PolicyValueModel) else model
+        if hasattr(lm, "set_attn_implementation") and lm.config._attn_implementation != attn:
+            lm.set_attn_implementation(attn)
         if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if isinstance(model, PolicyValueModel):
+                model.gradient_checkpointing_enable()
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # self.model: the model itself (FSDP-sharded in place); self.train_model: what the loss's
         # forward goes through (FSDP / DDP act at a module's forward): CallThrough(model, model_loss)
         # or its DDP wrapper
+        self.prepare_precision(model)
         self.net, self.train_model = prepare_trainable(
             CallThrough(model.train(), self._model_loss), cfg.distributed_strategy, self.device)
         self.model = self.net.module
@@ -194,7 +206,7 @@ class SupervisedTrainer(Runtime):
             with no_sync(self.train_model, skip=i < len(parts) - 1):
                 with self.autocast():
                     loss, st = self.compute_loss(part)
-                (loss * (share * self.world_size)).backward()  # x world: DDP / FSDP average the ranks' gradients
+                self.backward(loss * (share * self.world_size))  # x world: DDP / FSDP average the ranks' gradients
             loss_sum = loss_sum + loss.detach() * share
             stats.append({k: v.detach().float() * share for k, v in st.items()})
         loss_sum = all_reduce(loss_sum)  # the global batch's loss, the same on every rank
