@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.ops._checks import check_loss_agg, check_positive
+from rlhf_fast.ops.logprobs import check_transform
 from rlhf_fast.ops.policy_loss import check_policy_options, ppo_policy_loss
 from rlhf_fast.ops.policy_objectives import check_objective_options
 from rlhf_fast.ops.preference_losses import DPO_LOSS_TYPES, dpo_loss, reward_model_loss  # noqa: F401
@@ -28,19 +29,23 @@ class PPOLoss(torch.nn.Module):
     The objective options (ratio_level, loss_type, sapo_tau_*, correction*) are ppo_policy_loss's.
     """
 
-    def __init__(self, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, temperature=1.0, kl_coef=0.0,
-                 kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
-                 inplace_backward=False, ratio_level="token", loss_type="clip", sapo_tau_pos=1.0, sapo_tau_neg=1.05,
-                 correction=None, correction_level="token", correction_low=None, correction_high=None):
+    def __init__(self, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, temperature=1.0, logit_scale=1.0,
+                 softcap=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
+                 compute_entropy=False, inplace_backward=False, ratio_level="token", loss_type="clip",
+                 sapo_tau_pos=1.0, sapo_tau_neg=1.05, correction=None, correction_level="token", correction_low=None,
+                 correction_high=None):
         super().__init__()
         names = ("clip_eps", "clip_eps_high", "dual_clip", "temperature", "kl_coef", "kl_estimator", "entropy_coef",
                  "loss_agg", "max_tokens")
         checked = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                        entropy_coef, loss_agg, max_tokens)
+        logit_scale, softcap = check_transform(logit_scale, softcap)
         ext = check_objective_options(ratio_level, loss_type, dual_clip, sapo_tau_pos, sapo_tau_neg, correction,
                                       correction_level, correction_low, correction_high, kl_estimator)
         self.options = dict(zip(names, checked), compute_entropy=bool(compute_entropy),
                             inplace_backward=bool(inplace_backward), **ext)
+        if logit_scale != 1.0 or softcap is not None:  # only when set: the defaults' repr stays as it was
+            self.options.update(logit_scale=logit_scale, softcap=softcap)
 
     def forward(self, logits, targets, old_logprobs, advantages, mask, ref_logprobs=None, sampler_logprobs=None,
                 ref_logits=None):
@@ -65,7 +70,8 @@ class GRPOLoss(PPOLoss):
     loss_type: "grpo" -> seq-mean-token-mean, "bnpo" / "dapo" -> token-mean (DAPO over this batch's
     tokens), "dr_grpo" -> seq-mean-token-sum-norm with max_tokens = max_completion_length (default T).
     epsilon / epsilon_high: the clip range; beta: weight of the k3 KL to the reference policy;
-    delta: TRL's two-sided clipping (= dual_clip). Rows without valid tokens are left out of
+    delta: TRL's two-sided clipping (= dual_clip); logit_scale / softcap: the model's final-logit
+    transform (as ``ppo_policy_loss``). Rows without valid tokens are left out of
     "grpo"'s mean over sequences (TRL counts them as 0).
     "cispo": TRL's CISPO, IS weight sg(min(ratio, epsilon_high)) with epsilon_high an absolute cap
     (default 5.0, TRL's recommendation), token-mean; "sapo": soft gate with sapo_temperature_pos /
@@ -79,7 +85,8 @@ class GRPOLoss(PPOLoss):
     """
 
     def __init__(self, loss_type="grpo", *, epsilon=0.2, epsilon_high=None, beta=0.0, delta=None, temperature=1.0,
-                 max_completion_length=None, entropy_coef=0.0, compute_entropy=False, inplace_backward=False,
+                 logit_scale=1.0, softcap=None, max_completion_length=None, entropy_coef=0.0, compute_entropy=False,
+                 inplace_backward=False,
                  importance_sampling_level="token", sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
                  vllm_importance_sampling_mode=None, vllm_importance_sampling_clip_min=None,
                  vllm_importance_sampling_clip_max=3.0):
@@ -99,7 +106,8 @@ class GRPOLoss(PPOLoss):
             if clip_eps_high <= 0:
                 raise ValueError(f"epsilon_high must be > 1 for loss_type='cispo' (an absolute cap), got {cap}")
         super().__init__(clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=delta, temperature=temperature,
-                         kl_coef=beta, kl_estimator="k3", entropy_coef=entropy_coef,
+                         logit_scale=logit_scale, softcap=softcap, kl_coef=beta, kl_estimator="k3",
+                         entropy_coef=entropy_coef,
                          loss_agg=GRPO_LOSS_TYPES[loss_type], max_tokens=max_completion_length,
                          compute_entropy=compute_entropy, inplace_backward=inplace_backward,
                          ratio_level=importance_sampling_level,

@@ -131,12 +131,47 @@ inline float fast_exp(float x) {
   return x == x ? y : x;  // NaN stays NaN
 }
 
+// tanh(u) in float, branch-free (selects only) so loops using it vectorize: the odd Taylor
+// polynomial to u^15 for |u| < 0.4 (truncation < 1e-9 relative), else (1 - e) / (1 + e) with
+// e = fast_exp(-2|u|), where 1 - e no longer cancels; the sign is copied back. Max relative error
+// 2.1 ulp measured (near |u| = 0.54) (tests/ops/test_logit_transforms.py measures it); +-1 for |u| > 9.1
+// and +-inf, NaN for NaN.
+inline float fast_tanh(float u) {
+  const float a = std::fabs(u);
+  const float e = fast_exp(-2.0f * a);
+  const float big = (1.0f - e) / (1.0f + e);
+  const float as = a < 0.4f ? a : 0.4f;  // the polynomial's own range: no inf - inf where it is not selected
+  const float u2 = as * as;
+  float p = -1.45583438705131827e-3f;  // -929569 / 638512875
+  p = p * u2 + 3.59212803657248102e-3f;  // 21844 / 6081075
+  p = p * u2 - 8.86323552990219656e-3f;  // -1382 / 155925
+  p = p * u2 + 2.18694885361552028e-2f;  // 62 / 2835
+  p = p * u2 - 5.39682539682539683e-2f;  // -17 / 315
+  p = p * u2 + 1.33333333333333333e-1f;  // 2 / 15
+  p = p * u2 - 3.33333333333333333e-1f;  // -1 / 3
+  const float small = as + as * u2 * p;
+  return std::copysign(a < 0.4f ? small : big, u);
+}
+
+// The logit transform every vocabulary kernel applies on load (see rlhf_fast/ops/logprobs.py
+// logit_coefs): z = x * mul without softcap, z = tanh(x * cap_pre) * mul with it, where
+// mul = softcap / T and cap_pre = logit_scale / softcap; dz/dx = mul * cap_pre * (1 - tanh^2).
+template <bool kCap>
+inline float logit_z(float x, float mul, float cap_pre) {
+  if constexpr (kCap) return fast_tanh(x * cap_pre) * mul;
+  return x * mul;
+}
+
+inline float logit_z_any(float x, float mul, float cap_pre) {  // scalar use: cap_pre == 0 means no softcap
+  return cap_pre != 0.0f ? logit_z<true>(x, mul, cap_pre) : logit_z<false>(x, mul, cap_pre);
+}
+
 // Hot row functions: one clone per x86-64 level (v3 = AVX2 + FMA + F16C, v4 = AVX-512), picked
 // at load time. tests/ops/test_cpu_vectorization.py checks that their loops stay vectorised.
 #define RLHF_FAST_HOT_FN \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten, noinline))
 
-// Online softmax statistics of one row of z = logits * inv_temp, in one pass:
+// Online softmax statistics of one row of z = logit_z<kCap>(logits), in one pass:
 // m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (for the entropy).
 // A row holding NaN or +inf, or only -inf, gives s = NaN or 0, so lse, logp and H are NaN.
 struct RowStats {
@@ -153,8 +188,8 @@ constexpr int64_t kChunk = 512;
 // Streams one row (x[0..V)), updating stats chunk by chunk: each chunk is read from memory once
 // (converted and scaled into buf) and revisited from L1. Both loops are `omp simd` reductions,
 // which gcc vectorises without -ffast-math; the entropy adds one multiply-add per element.
-template <typename T, bool kEntropy>
-inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
+template <typename T, bool kEntropy, bool kCap = false>
+inline RowStats row_stats(const T* x, int64_t V, float inv_temp, float cap_pre = 0.0f) {
   RowStats st;
   alignas(64) float buf[kChunk];
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -162,7 +197,7 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp) {
     float cmax = kNegInf;
 #pragma omp simd reduction(max : cmax)
     for (int64_t j = 0; j < n; ++j) {
-      float z = load_f32(x, c0 + j) * inv_temp;
+      float z = logit_z<kCap>(load_f32(x, c0 + j), inv_temp, cap_pre);
       buf[j] = z;
       cmax = z > cmax ? z : cmax;
     }

@@ -1,6 +1,7 @@
 // KL on CPU (semantics: rlhf_fast/ops/kl.py *_ref).
 //   kl_penalty: elementwise estimators of d = logp - ref_logp (kl_estimators.h) and their gradient.
-//   full_kl:    exact KL(softmax(z) || softmax(z')) per row, z = x * inv_temp, z' = y * inv_temp, in one
+//   full_kl:    exact KL(softmax(z) || softmax(z')) per row, z = logit_z(x), z' = logit_z(y) (common.h: x * inv_temp,
+//               or with softcap tanh(x * cap_pre) * inv_temp), in one
 //               streaming pass over both rows. Online statistics: m = max z, s = sum exp(z - m),
 //               m' = max z', s' = sum exp(z' - m'), w = sum exp(z - m) ((z - m) - (z' - m')):
 //               KL = w / s - (log s - log s').  Backward: dKL/dz_j = p_j (log p_j - log q_j - KL).
@@ -86,8 +87,8 @@ inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 
 // Streams one pair of rows chunk by chunk (each chunk read from memory once, revisited from L1).
 // z and z' are measured from their own running maxima, so w has no cancellation for large logits.
-template <typename X, typename Y>
-RLHF_FAST_HOT_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
+template <typename X, typename Y, bool kCap>
+inline KLStats full_kl_stats(const X* x, const Y* y, int64_t V, float inv_temp, float cap_pre) {
   KLStats st;
   alignas(64) float bz[kChunk], bq[kChunk];
   for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
@@ -95,7 +96,8 @@ RLHF_FAST_HOT_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
     float zmax = kNegInf, qmax = kNegInf;
 #pragma omp simd reduction(max : zmax, qmax)
     for (int64_t j = 0; j < n; ++j) {
-      const float z = load_f32(x, c0 + j) * inv_temp, q = load_f32(y, c0 + j) * inv_temp;
+      const float z = logit_z<kCap>(load_f32(x, c0 + j), inv_temp, cap_pre);
+      const float q = logit_z<kCap>(load_f32(y, c0 + j), inv_temp, cap_pre);
       bz[j] = z;
       bq[j] = q;
       zmax = z > zmax ? z : zmax;
@@ -128,6 +130,16 @@ RLHF_FAST_HOT_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float in
   return st;
 }
 
+template <typename X, typename Y>
+RLHF_FAST_HOT_FN KLStats full_kl_row(const X* x, const Y* y, int64_t V, float inv_temp) {
+  return full_kl_stats<X, Y, false>(x, y, V, inv_temp, 0.0f);
+}
+
+template <typename X, typename Y>  // the softcap's clone: a separate function keeps the plain one's symbol
+RLHF_FAST_HOT_FN KLStats full_kl_cap_row(const X* x, const Y* y, int64_t V, float inv_temp, float cap_pre) {
+  return full_kl_stats<X, Y, true>(x, y, V, inv_temp, cap_pre);
+}
+
 template <typename X>
 RLHF_FAST_HOT_FN void zero_row(X* gx, int64_t V) {
 #pragma omp simd
@@ -148,10 +160,26 @@ RLHF_FAST_HOT_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, 
   }
 }
 
+// With the softcap: the same times dz/dx / inv_temp = cap_pre * (1 - tanh(x_j * cap_pre)^2)
+template <typename X, typename Y>
+RLHF_FAST_HOT_FN void full_kl_cap_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float cap_pre,
+                                          float kl, const float* st, float g) {
+  const float scale = g * inv_temp * cap_pre, m = st[0], log_s = st[1], mq = st[2], log_sq = st[3];
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {
+    const float th = fast_tanh(load_f32(x, j) * cap_pre);
+    const float z = th * inv_temp, q = logit_z<true>(load_f32(y, j), inv_temp, cap_pre);
+    const float logp = (z - m) - log_s;
+    const float p = fast_exp(logp);
+    store_f32(gx, j, p > 0.0f ? (scale * (1.0f - th * th)) * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f);
+  }
+}
+
 // kl (N,) fp32; stats (N, 4) fp32: m, log s, m', log s' (for backward)
 void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
                  uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
-                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t stats_ptr, int nthreads) {
+                 int64_t n_rows, int64_t V, float inv_temp, float cap_pre, uintptr_t kl_ptr, uintptr_t stats_ptr,
+                 int nthreads) {
   const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si};
   float* kl = reinterpret_cast<float*>(kl_ptr);
   float* stats = reinterpret_cast<float*>(stats_ptr);
@@ -163,7 +191,8 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r) {
-        const KLStats st = full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
+        const KLStats st = cap_pre != 0.0f ? full_kl_cap_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp, cap_pre)
+                                           : full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
         const float log_s = std::log(st.s), log_sq = std::log(st.sq);
         kl[r] = st.w / st.s - (log_s - log_sq);
         stats[4 * r] = st.m;
@@ -178,8 +207,8 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
 void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
                  uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
                  uintptr_t gx_ptr, int64_t g_inner, int64_t g_so, int64_t g_si,
-                 int64_t n_rows, int64_t V, float inv_temp, uintptr_t kl_ptr, uintptr_t stats_ptr, uintptr_t g_ptr,
-                 int nthreads) {
+                 int64_t n_rows, int64_t V, float inv_temp, float cap_pre, uintptr_t kl_ptr, uintptr_t stats_ptr,
+                 uintptr_t g_ptr, int nthreads) {
   const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si}, gl{g_inner, g_so, g_si};
   const float* kl = reinterpret_cast<const float*>(kl_ptr);
   const float* stats = reinterpret_cast<const float*>(stats_ptr);
@@ -193,7 +222,10 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       X* gx = reinterpret_cast<X*>(gx_ptr);
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r) {
-        if (g[r] != 0.0f)
+        if (g[r] != 0.0f && cap_pre != 0.0f)
+          full_kl_cap_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, cap_pre, kl[r],
+                              stats + 4 * r, g[r]);
+        else if (g[r] != 0.0f)
           full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r],
                           stats + 4 * r, g[r]);
         else  // a masked row: exactly 0, even where the row is non-finite

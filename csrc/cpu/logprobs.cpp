@@ -1,5 +1,6 @@
 // Token log-probabilities and entropy from logits, one streaming pass per row.
-//   logp[r] = log_softmax(x[r] * inv_temp)[t[r]],  ent[r] = entropy(softmax(x[r] * inv_temp))
+//   logp[r] = log_softmax(z[r])[t[r]],  ent[r] = entropy(softmax(z[r])),  z = logit_z(x) (common.h):
+//   x * inv_temp, or with softcap (cap_pre != 0) tanh(x * cap_pre) * inv_temp.
 // Backward writes grad_x only (optionally into x's own storage). A non-finite row gives NaN logp,
 // lse and entropy, and a NaN gradient unless both upstream grads of the row are 0: then the row
 // of grad_x is exactly 0 (masked rows: no 0 * NaN).
@@ -13,6 +14,18 @@ namespace {
 template <typename T, bool kEntropy>
 RLHF_FAST_HOT_FN RowStats logprobs_row(const T* x, int64_t V, float inv_temp) {
   return row_stats<T, kEntropy>(x, V, inv_temp);
+}
+
+// The same with the softcap: a separate function (not a template flag) keeps the plain one's symbol
+template <typename T, bool kEntropy>
+RLHF_FAST_HOT_FN RowStats logprobs_cap_row(const T* x, int64_t V, float inv_temp, float cap_pre) {
+  return row_stats<T, kEntropy, true>(x, V, inv_temp, cap_pre);
+}
+
+template <typename T, bool kEntropy>
+inline RowStats logprobs_stats(const T* x, int64_t V, float inv_temp, float cap_pre) {
+  return cap_pre != 0.0f ? logprobs_cap_row<T, kEntropy>(x, V, inv_temp, cap_pre)
+                         : logprobs_row<T, kEntropy>(x, V, inv_temp);
 }
 
 // grad_x[j] = inv_temp * (g_lp * ([j == t] - p_j) - g_ent * p_j * (z_j - lse + H)),  p_j = exp(z_j - lse)
@@ -36,6 +49,31 @@ RLHF_FAST_HOT_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, 
   store_f32(gx, t, inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f));
 }
 
+// With the softcap: grad_x[j] = grad_z[j] * inv_temp * cap_pre * (1 - tanh(x_j * cap_pre)^2)
+template <typename T, bool kEntropy>
+RLHF_FAST_HOT_FN void logprobs_cap_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float cap_pre,
+                                           float lse, float ent, float g_lp, float g_ent) {
+  const float shift = ent - lse, dz = inv_temp * cap_pre;
+  const float th_t = fast_tanh(load_f32(x, t) * cap_pre);  // read before the loop: gx may alias x
+#pragma omp simd
+  for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
+    const float th = fast_tanh(load_f32(x, j) * cap_pre);
+    const float g = logprobs_grad<T, kEntropy>(th * inv_temp, lse, shift, g_lp, g_ent, 0.0f);
+    store_f32(gx, j, g * (dz * (1.0f - th * th)));
+  }
+  const float g_t = logprobs_grad<T, kEntropy>(th_t * inv_temp, lse, shift, g_lp, g_ent, 1.0f);
+  store_f32(gx, t, g_t * (dz * (1.0f - th_t * th_t)));
+}
+
+template <typename T, bool kEntropy>
+inline void logprobs_bwd_any(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float cap_pre, float lse,
+                             float ent, float g_lp, float g_ent) {
+  if (cap_pre != 0.0f)
+    logprobs_cap_bwd_row<T, kEntropy>(x, gx, V, t, inv_temp, cap_pre, lse, ent, g_lp, g_ent);
+  else
+    logprobs_bwd_row<T, kEntropy>(x, gx, V, t, inv_temp, lse, ent, g_lp, g_ent);
+}
+
 template <typename T>
 RLHF_FAST_HOT_FN void zero_row(T* gx, int64_t V) {
 #pragma omp simd
@@ -43,7 +81,7 @@ RLHF_FAST_HOT_FN void zero_row(T* gx, int64_t V) {
 }
 
 void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
-                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp,
+                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp, float cap_pre,
                   uintptr_t logp_ptr, uintptr_t lse_ptr, uintptr_t ent_ptr, int nthreads) {
   const RowLayout lay{inner, s_outer, s_inner};
   float* logp = reinterpret_cast<float*>(logp_ptr);
@@ -55,10 +93,11 @@ void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
 #pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
     for (int64_t r = 0; r < n_rows; ++r) {
       const T* row = x + lay.offset(r);
-      RowStats st = ent ? logprobs_row<T, true>(row, V, inv_temp) : logprobs_row<T, false>(row, V, inv_temp);
+      RowStats st = ent ? logprobs_stats<T, true>(row, V, inv_temp, cap_pre)
+                        : logprobs_stats<T, false>(row, V, inv_temp, cap_pre);
       const float log_s = std::log(st.s);
       const int64_t t = load_index(t_ptr, t_dtype, r);
-      float lp = (load_f32(row, t) * inv_temp - st.m) - log_s;  // exact subtraction first
+      float lp = (logit_z_any(load_f32(row, t), inv_temp, cap_pre) - st.m) - log_s;  // exact subtraction first
       logp[r] = lp > 0.0f ? 0.0f : lp;
       lse_out[r] = st.m + log_s;
       if (ent) ent[r] = st.entropy();
@@ -68,7 +107,7 @@ void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
 
 void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, int64_t s_inner,
                   uintptr_t gx_ptr, int64_t g_inner, int64_t g_s_outer, int64_t g_s_inner,
-                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp,
+                  uintptr_t t_ptr, int t_dtype, int64_t n_rows, int64_t V, float inv_temp, float cap_pre,
                   uintptr_t lse_ptr, uintptr_t ent_ptr, uintptr_t g_lp_ptr, uintptr_t g_ent_ptr, int nthreads) {
   const RowLayout lay{inner, s_outer, s_inner};
   const RowLayout glay{g_inner, g_s_outer, g_s_inner};
@@ -86,9 +125,9 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
       const float gl = g_lp[r], ge = g_ent ? g_ent[r] : 0.0f;
       T* grow = gx + glay.offset(r);
       if (ge != 0.0f)
-        logprobs_bwd_row<T, true>(x + lay.offset(r), grow, V, t, inv_temp, lse[r], ent[r], gl, ge);
+        logprobs_bwd_any<T, true>(x + lay.offset(r), grow, V, t, inv_temp, cap_pre, lse[r], ent[r], gl, ge);
       else if (gl != 0.0f)
-        logprobs_bwd_row<T, false>(x + lay.offset(r), grow, V, t, inv_temp, lse[r], 0.0f, gl, 0.0f);
+        logprobs_bwd_any<T, false>(x + lay.offset(r), grow, V, t, inv_temp, cap_pre, lse[r], 0.0f, gl, 0.0f);
       else
         zero_row(grow, V);
     }
@@ -121,7 +160,15 @@ double exp_floor_seconds(int64_t n, int nthreads) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+// The softcap's tanh on n floats (for tests/ops/test_logit_transforms.py's error bound).
+void softcap_tanh(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n) {
+  const float* in = reinterpret_cast<const float*>(in_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_tanh(in[i]);
+}
+
 void register_logprobs(py::module_& m) {
+  m.def("softcap_tanh", &softcap_tanh, "fast_tanh (the kernels' softcap tanh) of n fp32 values");
   m.def("exp_floor_seconds", &exp_floor_seconds, py::call_guard<py::gil_scoped_release>(),
         "seconds for n of the kernels' vectorised exp (summed over one L1 chunk) on nthreads threads");
   m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),

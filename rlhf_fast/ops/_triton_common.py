@@ -88,9 +88,54 @@ def finite_or_neginf(z):
 
 
 @triton.jit
-def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+def tanh_approx(u):
+    """tanh(u) in fp32 with the formula of fast_tanh in csrc/cpu/common.h (tl has no tanh the
+    interpreter runs): the odd Taylor polynomial to u^15 for |u| < 0.4, else (1 - e) / (1 + e),
+    e = exp(-2|u|), sign copied back. A few ulp; +-1 at +-inf, NaN for NaN."""
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    a = tl.minimum(a, 0.4)  # the polynomial's own range: no inf - inf where it is not selected
+    u2 = a * a
+    p = -1.45583438705131827e-3
+    p = p * u2 + 3.59212803657248102e-3
+    p = p * u2 - 8.86323552990219656e-3
+    p = p * u2 + 2.18694885361552028e-2
+    p = p * u2 - 5.39682539682539683e-2
+    p = p * u2 + 1.33333333333333333e-1
+    p = p * u2 - 3.33333333333333333e-1
+    t = tl.where(tl.abs(u) < 0.4, a + a * u2 * p, big)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def logit_z(x, mul, cap_pre, SOFTCAP: tl.constexpr):
+    """The fused logit transform (rlhf_fast.ops.logprobs.logit_coefs): x fp32 -> z = x * mul, or
+    with SOFTCAP z = tanh(x * cap_pre) * mul (mul = softcap / T, cap_pre = logit_scale / softcap)."""
+    if SOFTCAP:
+        z = tanh_approx(x * cap_pre) * mul
+    else:
+        z = x * mul
+    return z
+
+
+@triton.jit
+def logit_z_grad(z, mul, cap_pre, SOFTCAP: tl.constexpr):
+    """dz/dx of logit_z, from z itself: mul, or with SOFTCAP mul * cap_pre * (1 - (z / mul)^2)."""
+    if SOFTCAP:
+        th = z / mul
+        out = (mul * cap_pre) * (1.0 - th * th)
+    else:
+        out = mul
+    return out
+
+
+@triton.jit
+def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr, cap_pre,
+                      SOFTCAP: tl.constexpr):
     """One streaming pass over a row of V logits at row_ptr (unit stride).
-    Returns (m, log_s, entropy) of softmax(row * inv_temp): lse = m + log_s, and a log-prob is
+    Returns (m, log_s, entropy) of softmax(z), z = logit_z(row, inv_temp, cap_pre, SOFTCAP)
+    (softmax(row * inv_temp) without SOFTCAP): lse = m + log_s, and a log-prob is
     best formed as (z - m) - log_s (exact subtraction first, as torch's log_softmax does);
     entropy is 0 unless WITH_ENTROPY.
 
@@ -102,7 +147,10 @@ def row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY: tl.constexpr, BLOCK_V:
     bad = 0
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        z = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32) * inv_temp
+        ok = offs < V
+        z = logit_z(tl.load(row_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
+        if SOFTCAP:
+            z = tl.where(ok, z, float("-inf"))  # tanh(-inf) is -1: lanes past V must stay -inf
         bad += nonfinite_count(z)
         m, s, a = online_softmax_update(m, s, a, finite_or_neginf(z), WITH_ENTROPY)
     no_softmax = (bad > 0) | (s == 0.0)

@@ -1,7 +1,8 @@
 """KL estimators and exact full-vocabulary KL.
 
 ``kl_penalty`` is elementwise on per-token log-probs. ``full_kl`` is the exact
-KL(softmax(z) || softmax(z')) per token, z = logits / T, z' = ref_logits / T, in one streaming
+KL(softmax(z) || softmax(z')) per token, z = t(logits) / T, z' = t(ref_logits) / T with the logit
+transform t = ``logit_transform_ref`` (scale, then softcap; fused like in logprobs.py), in one streaming
 pass over both rows with online statistics and no vocabulary-sized temporary:
 
     KL = E_p[z - z'] - (lse(z) - lse(z')) = w / s - (log s - log s')
@@ -37,12 +38,15 @@ from rlhf_fast.ops._triton_common import (
     cast_for_store,
     kl_estimate,
     kl_estimate_grad,
+    logit_z,
+    logit_z_grad,
     nonfinite_count,
     num_warps_for,
     online_softmax_update,
     row_offset,
     vocab_block,
 )
+from rlhf_fast.ops.logprobs import check_transform, logit_coefs, logit_transform_ref
 
 
 def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -61,12 +65,14 @@ def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
     return torch.expm1(-d) + d
 
 
-def full_kl_ref(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Pure PyTorch definition of the exact per-token KL(softmax(logits / T) || softmax(ref_logits / T)).
+def full_kl_ref(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0, *,
+                logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """Pure PyTorch definition of the exact per-token KL(softmax(t(logits) / T) || softmax(t(ref_logits) / T)),
+    t = logit_transform_ref(., logit_scale, softcap) on both sides.
     Computes in fp32 (fp64 for fp64 logits); 0 * log 0 := 0, so -inf logits of the policy add nothing."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    logp = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
-    logq = torch.log_softmax(ref_logits.to(dtype) / temperature, dim=-1)
+    logp = torch.log_softmax(logit_transform_ref(logits.to(dtype), logit_scale, softcap) / temperature, dim=-1)
+    logq = torch.log_softmax(logit_transform_ref(ref_logits.to(dtype), logit_scale, softcap) / temperature, dim=-1)
     p = logp.exp()
     # the where sits inside the product so that -inf - -inf never reaches autograd either
     return (p * torch.where(p > 0, logp - logq, torch.zeros_like(p))).sum(-1)
@@ -143,7 +149,9 @@ def _full_kl_fwd_kernel(
     y_inner,
     y_s_outer,
     y_s_inner,
-    inv_temp,
+    inv_temp,  # mul of logit_coefs: z = x * mul, or tanh(x * cap_pre) * mul with SOFTCAP
+    cap_pre,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -159,8 +167,10 @@ def _full_kl_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
-        z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-        q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        z = logit_z(tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
+        if SOFTCAP:
+            z = tl.where(ok, z, float("-inf"))  # tanh(-inf) is -1: lanes past V must stay -inf
+        q = logit_z(tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
         q_for_max = tl.where(ok, q, float("-inf"))
         bad += nonfinite_count(z) + nonfinite_count(q_for_max)
         m, s, w = _online_kl_update(m, s, w, mq, z, q, q_for_max)
@@ -194,10 +204,12 @@ def _full_kl_bwd_kernel(
     g_inner,
     g_s_outer,
     g_s_inner,
-    inv_temp,
+    inv_temp,  # as in the forward
+    cap_pre,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """grad_j = g / T * p_j (log p_j - log q_j - KL)."""
+    """grad_j = g * dz_j/dx_j * p_j (log p_j - log q_j - KL), dz/dx = 1 / T without softcap."""
     row = tl.program_id(0)
     xp = x_ptr + row_offset(row, x_inner, x_s_outer, x_s_inner)
     yp = y_ptr + row_offset(row, y_inner, y_s_outer, y_s_inner)
@@ -207,16 +219,21 @@ def _full_kl_bwd_kernel(
     log_s = tl.load(stats_ptr + row * 4 + 1)
     mq = tl.load(stats_ptr + row * 4 + 2)
     log_sq = tl.load(stats_ptr + row * 4 + 3)
-    scale = tl.load(g_ptr + row) * inv_temp
+    g_row = tl.load(g_ptr + row)
+    scale = g_row * inv_temp
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         ok = offs < V
-        z = tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32) * inv_temp
-        q = tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32) * inv_temp
+        z = logit_z(tl.load(xp + offs, mask=ok, other=float("-inf")).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
+        q = logit_z(tl.load(yp + offs, mask=ok, other=0.0).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
         logp = (z - m) - log_s
         p = tl.exp(logp)
-        g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
-        g = tl.where(scale == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
+        if SOFTCAP:
+            g = (g_row * logit_z_grad(z, inv_temp, cap_pre, SOFTCAP)) * p * tl.where(
+                p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+        else:
+            g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
+        g = tl.where(g_row == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 
 
@@ -247,33 +264,34 @@ def _kl_penalty_bwd_cpu(logprobs, ref_logprobs, g, grad, est: int) -> None:
                                           addr(g), addr(grad), logprobs.numel(), est, _backend.num_threads())
 
 
-def _full_kl_fwd_triton(x: Rows, y: Rows, kl, stats, inv_temp: float) -> None:
+def _full_kl_fwd_triton(x: Rows, y: Rows, kl, stats, inv_temp: float, cap_pre: float) -> None:
     block = vocab_block(x.v)
     _full_kl_fwd_kernel[(x.n,)](
-        x.data, y.data, kl, stats, x.v, *x.layout(), *y.layout(), inv_temp, BLOCK_V=block,
-        num_warps=num_warps_for(block),
-    )
-
-
-def _full_kl_fwd_cpu(x: Rows, y: Rows, kl, stats, inv_temp: float) -> None:
-    _backend.cpu_kernels().full_kl_fwd(
-        addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
-        x.n, x.v, inv_temp, addr(kl), addr(stats), _backend.num_threads(),
-    )
-
-
-def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float) -> None:
-    block = vocab_block(x.v)
-    _full_kl_bwd_kernel[(x.n,)](
-        x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
+        x.data, y.data, kl, stats, x.v, *x.layout(), *y.layout(), inv_temp, cap_pre, SOFTCAP=cap_pre != 0.0,
         BLOCK_V=block, num_warps=num_warps_for(block),
     )
 
 
-def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float) -> None:
+def _full_kl_fwd_cpu(x: Rows, y: Rows, kl, stats, inv_temp: float, cap_pre: float) -> None:
+    _backend.cpu_kernels().full_kl_fwd(
+        addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
+        x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), _backend.num_threads(),
+    )
+
+
+def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float) -> None:
+    block = vocab_block(x.v)
+    _full_kl_bwd_kernel[(x.n,)](
+        x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
+        cap_pre, SOFTCAP=cap_pre != 0.0, BLOCK_V=block, num_warps=num_warps_for(block),
+    )
+
+
+def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float) -> None:
     _backend.cpu_kernels().full_kl_bwd(
         addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
-        addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, addr(kl), addr(stats), addr(g), _backend.num_threads(),
+        addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), addr(g),
+        _backend.num_threads(),
     )
 
 
@@ -299,20 +317,21 @@ def kl_penalty_bwd(logprobs, ref_logprobs, g, est: int, backend: str):
     return grad
 
 
-def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str):
-    """Returns fp32 kl (N,) and the row statistics (N, 4) backward needs."""
+def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str, cap_pre: float = 0.0):
+    """Returns fp32 kl (N,) and the row statistics (N, 4) backward needs; (inv_temp, cap_pre): logit_coefs."""
     dev = x.data.device
     kl = torch.empty(x.n, dtype=torch.float32, device=dev)
     stats = torch.empty(x.n, 4, dtype=torch.float32, device=dev)
     if x.n:
-        FULL_KL_LAUNCHERS[backend][0](x, y, kl, stats, inv_temp)
+        FULL_KL_LAUNCHERS[backend][0](x, y, kl, stats, inv_temp, cap_pre)
     return kl, stats
 
 
-def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str) -> None:
+def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str,
+                cap_pre: float = 0.0) -> None:
     """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches)."""
     if x.n:
-        FULL_KL_LAUNCHERS[backend][1](x, y, grad, kl, stats, g, inv_temp)
+        FULL_KL_LAUNCHERS[backend][1](x, y, grad, kl, stats, g, inv_temp, cap_pre)
 
 
 # ---------------------------------------------------------------------------- autograd
@@ -338,14 +357,14 @@ class KLPenaltyFunction(torch.autograd.Function):
 
 class FullKLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, ref_logits, temperature, backend):
+    def forward(ctx, logits, ref_logits, coefs, backend):
         x, y = as_rows(logits), as_rows(ref_logits)
-        inv_temp = 1.0 / temperature
-        kl, stats = full_kl_fwd(x, y, inv_temp, backend)
+        inv_temp, cap_pre = coefs
+        kl, stats = full_kl_fwd(x, y, inv_temp, backend, cap_pre)
         ctx.save_for_backward(x.data, y.data, kl, stats)
         ctx.x = Rows(None, x.n, x.v, *x.layout())
         ctx.y = Rows(None, y.n, y.v, *y.layout())
-        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.shape, ctx.coefs, ctx.backend = logits.shape, coefs, backend
         return kl.view(logits.shape[:-1])
 
     @staticmethod
@@ -356,7 +375,7 @@ class FullKLFunction(torch.autograd.Function):
         y = Rows(yd, ctx.y.n, ctx.y.v, *ctx.y.layout())
         grad = grad_buffer(ctx.shape, xd.dtype, xd.device)
         grad_rows = Rows(grad, x.n, x.v, max(x.n, 1), 0, x.v)
-        full_kl_bwd(x, y, grad_rows, kl, stats, flat_arg(g.float()), ctx.inv_temp, ctx.backend)
+        full_kl_bwd(x, y, grad_rows, kl, stats, flat_arg(g.float()), ctx.coefs[0], ctx.backend, ctx.coefs[1])
         return grad, None, None, None
 
 
@@ -389,18 +408,20 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: float = 1.0,
-            backend: str | None = None) -> torch.Tensor:
-    """Exact per-token KL(softmax(logits / T) || softmax(ref_logits / T)) in one streaming pass:
+            logit_scale: float = 1.0, softcap: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Exact per-token KL(softmax(t(logits) / T) || softmax(t(ref_logits) / T)) in one streaming pass:
 
-        logp = torch.log_softmax(logits.float() / T, -1); logq = torch.log_softmax(ref_logits.float() / T, -1)
+        t = lambda x: logit_transform_ref(x.float(), logit_scale, softcap)   # scale, then softcap
+        logp = torch.log_softmax(t(logits) / T, -1); logq = torch.log_softmax(t(ref_logits) / T, -1)
         kl = (logp.exp() * (logp - logq)).sum(-1)
 
-    without allocating either (N, V) softmax.
+    without allocating either (N, V) softmax (the transform is fused into the kernels).
 
     Args:
         logits: (..., V) fp32 / fp16 / bf16, the policy's logits.
         ref_logits: (..., V) same shape, the reference model's logits (no gradient).
         temperature: > 0.
+        logit_scale: > 0; softcap: > 0 or None: the transform of both sides, as in ``token_logprobs``.
         backend: None (automatic) | "triton" | "cpu" | "torch"; see rlhf_fast._backend.
 
     Returns:
@@ -411,7 +432,8 @@ def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, temperature: floa
     check_shape("ref_logits", ref_logits, logits.shape, "logits' shape")
     check_same_device(logits=logits, ref_logits=ref_logits)
     temperature = check_positive("temperature", temperature)
+    logit_scale, softcap = check_transform(logit_scale, softcap)
     backend = _backend.select_backend(logits.device, FULL_KL_LAUNCHERS, backend=backend)
     if backend == "torch":
-        return full_kl_ref(logits, ref_logits.detach(), temperature)
-    return FullKLFunction.apply(logits, ref_logits.detach(), temperature, backend)
+        return full_kl_ref(logits, ref_logits.detach(), temperature, logit_scale=logit_scale, softcap=softcap)
+    return FullKLFunction.apply(logits, ref_logits.detach(), logit_coefs(temperature, logit_scale, softcap), backend)

@@ -3,9 +3,9 @@
 ``linear_full_kl(hidden, weight, ref_hidden, ref_weight)`` computes
 ``full_kl(transform(hidden @ weight.T + bias), transform(ref_hidden @ ref_weight.T + ref_bias))``,
 i.e. ``KL(softmax(z / T) || softmax(z_ref / T))`` per token, without any (N, V) tensor: row
-chunks of C tokens, two chunk GEMMs, the shared ``full_kl`` kernel on the (C, V) pair. A per-token
-op, so backward recomputes both chunks (2 x 2NHV) and runs ``full_kl``'s backward on them, then
-chains the transform and does the two gradient GEMMs (grad of hidden, weight, bias; the reference
+chunks of C tokens, two chunk GEMMs, the shared ``full_kl`` kernel (transform fused) on the (C, V)
+pair. A per-token op, so backward recomputes both chunks (2 x 2NHV) and runs ``full_kl``'s backward
+(through the transform) on them, then the two gradient GEMMs (grad of hidden, weight, bias; the reference
 side gets none).
 
 Naming chain: ``head_logits`` (linear_logprobs.py) + ``full_kl`` (kl.py) -> ``LinearFullKLFunction``
@@ -17,7 +17,7 @@ import torch
 
 from rlhf_fast.ops._common import check_positive
 from rlhf_fast.ops.kl import full_kl, full_kl_ref
-from rlhf_fast.ops.linear_logprobs import Grads, check_head, head_logits, head_logits_ref, make_head, transform_grad_
+from rlhf_fast.ops.linear_logprobs import Grads, check_head, head_logits, head_logits_ref, make_head
 
 
 def linear_full_kl_ref(hidden, weight, ref_hidden, ref_weight, *, bias=None, ref_bias=None, temperature=1.0,
@@ -49,7 +49,8 @@ class LinearFullKLFunction(torch.autograd.Function):
             k = (stop - start) * head.v
             z = head_logits(head, head.rows(h2, start, stop), zb[:k].view(-1, head.v))
             zr = head_logits(ref, ref.rows(r2, start, stop), rb[:k].view(-1, head.v))
-            kl[start:stop] = full_kl(z, zr, temperature=opts["temperature"])
+            kl[start:stop] = full_kl(z, zr, temperature=opts["temperature"], logit_scale=opts["logit_scale"],
+                                     softcap=opts["softcap"])
         ctx.save_for_backward(hidden, weight, bias, ref_hidden, ref_weight, ref_bias)
         ctx.opts = opts
         return kl.view(hidden.shape[:-1])
@@ -74,10 +75,10 @@ class LinearFullKLFunction(torch.autograd.Function):
             zr = head_logits(ref, ref.rows(r2, start, stop), rb[:k].view(-1, head.v))
             with torch.enable_grad():
                 zz = z.detach().requires_grad_()
-                kl_c = full_kl(zz, zr, temperature=o["temperature"])
+                kl_c = full_kl(zz, zr, temperature=o["temperature"], logit_scale=o["logit_scale"], softcap=o["softcap"])
                 (gz,) = torch.autograd.grad(kl_c, zz, g[start:stop])
             del kl_c, zz
-            grads.step(head, transform_grad_(head, z, gz.float()), h_c, start, stop)
+            grads.step(head, gz.float(), h_c, start, stop)
         gh, gw, gb = grads.out(hidden.shape)
         return gh, gw, gb, None, None, None, None
 

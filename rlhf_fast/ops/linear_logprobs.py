@@ -7,11 +7,11 @@ softcap), without any tensor of size N * V (N tokens, V vocabulary).
 
 How (the "chunked GEMM + our logits kernel" path, one of the from-hidden family):
   forward   rows of C tokens at a time: z = h_c @ W.T + b into one reused (C, V) fp32 buffer
-            (BLAS / cuBLAS), transform in place, then the shared log-prob kernel
+            (BLAS / cuBLAS), then the shared log-prob kernel with the transform fused
             (``rlhf_fast.ops.logprobs.logprobs_fwd``) -> logp, lse, entropy of the chunk. Only the
             per-row lse (and entropy) are saved: O(N).
-  backward  per chunk: recompute z, write d(logp, H)/dz in place with ``logprobs_bwd``, chain
-            through the transform on the chunk, then grad_h_c = g @ W, grad_W += g.T @ h_c,
+  backward  per chunk: recompute z, write d(logp, H)/dz in place with ``logprobs_bwd`` (through
+            the fused transform), then grad_h_c = g @ W, grad_W += g.T @ h_c,
             grad_b += g.sum(0): 2NHV forward + 6NHV backward FLOPs (8NHV with the recompute).
   C is chosen so the chunk buffers fit ``RLHF_FAST_HEAD_CHUNK_BYTES`` (default 64 MiB, but at
   least 256 rows: ~155 MiB per buffer at V = 151936) or set with ``chunk_size``. Gradients are accumulated in fp32 and returned in the inputs' dtypes.
@@ -41,7 +41,7 @@ from rlhf_fast.ops._common import (
     check_shape,
     check_targets,
 )
-from rlhf_fast.ops.logprobs import logprobs_bwd, logprobs_fwd, token_logprobs_ref
+from rlhf_fast.ops.logprobs import logit_coefs, logprobs_bwd, logprobs_fwd, token_logprobs_ref
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 MIN_CHUNK_ROWS = 256
@@ -89,6 +89,10 @@ class Head:
     def v(self) -> int:
         return self.weight.shape[0]
 
+    def coefs(self, temperature: float) -> tuple[float, float]:
+        """The kernels' transform coefficients (see rlhf_fast.ops.logprobs.logit_coefs)."""
+        return logit_coefs(temperature, self.logit_scale, self.softcap)
+
     def rows(self, hidden2d, start, stop):
         """hidden rows [start, stop) in the GEMM dtype."""
         return hidden2d[start:stop].to(self.gemm_dtype)
@@ -124,7 +128,8 @@ def make_head(weight, bias, logit_scale, softcap, n, chunk_size, buffers) -> Hea
 
 
 def head_logits(head: Head, h_c, out):
-    """Writes transform(h_c @ W.T + b) as fp32 into ``out`` (C, V) and returns it."""
+    """Writes h_c @ W.T + b as fp32 into ``out`` (C, V) and returns it (the raw logits: the
+    kernels apply the transform)."""
     if head.gemm_dtype == torch.float32:
         if head.bias is None:
             torch.mm(h_c, head.weight.T, out=out)
@@ -134,41 +139,21 @@ def head_logits(head: Head, h_c, out):
         z = torch.mm(h_c, head.weight.T) if head.bias is None else torch.addmm(head.bias, h_c, head.weight.T)
         out.copy_(z)
         del z
-    if head.softcap is not None:
-        out.mul_(head.logit_scale / head.softcap).tanh_().mul_(head.softcap)
-    elif head.logit_scale != 1.0:
-        out.mul_(head.logit_scale)
     return out
 
 
-def chunk_logprobs(z, targets_c, inv_temp, with_entropy, backend):
-    """The shared log-prob kernel on one (C, V) chunk: fp32 (logp, lse, ent-or-None)."""
-    return logprobs_fwd(as_rows(z), targets_c, inv_temp, with_entropy, backend)
+def chunk_logprobs(z, targets_c, coefs, with_entropy, backend):
+    """The shared log-prob kernel on one (C, V) chunk of raw logits, ``coefs`` = Head.coefs(T):
+    fp32 (logp, lse, ent-or-None)."""
+    return logprobs_fwd(as_rows(z), targets_c, coefs[0], with_entropy, backend, coefs[1])
 
 
-def chunk_grad_logits(head: Head, z, spare, targets_c, lse, ent, g_lp, g_ent, inv_temp, backend):
-    """d(loss)/d(h W^T + b) of one chunk from the per-token coefficients g_lp, g_ent.
-
-    ``z`` holds the chunk's transformed logits; with softcap ``spare`` (same shape) receives the
-    gradient and z is overwritten by the transform's derivative, else z is overwritten in place.
-    Returns the fp32 gradient buffer."""
+def chunk_grad_logits(z, targets_c, lse, ent, g_lp, g_ent, coefs, backend):
+    """d(loss)/d(h W^T + b) of one chunk from the per-token coefficients g_lp, g_ent, written over
+    the chunk's raw logits ``z`` (the kernel chains through the transform). Returns z."""
     rows = as_rows(z)
-    if head.softcap is None:
-        logprobs_bwd(rows, rows, targets_c, lse, ent, g_lp, g_ent, inv_temp, backend)
-        if head.logit_scale != 1.0:
-            z.mul_(head.logit_scale)
-        return z
-    logprobs_bwd(rows, as_rows(spare), targets_c, lse, ent, g_lp, g_ent, inv_temp, backend)
-    return transform_grad_(head, z, spare)
-
-
-def transform_grad_(head: Head, z, g):
-    """g *= d transform / d logits, with z the transformed chunk (overwritten when softcap)."""
-    if head.softcap is not None:
-        # d/dz [c tanh(z s / c)] = s (1 - tanh^2) = s (1 - (zt / c)^2)
-        z.div_(head.softcap).square_().neg_().add_(1.0).mul_(head.logit_scale)
-        return g.mul_(z)
-    return g.mul_(head.logit_scale) if head.logit_scale != 1.0 else g
+    logprobs_bwd(rows, rows, targets_c, lse, ent, g_lp, g_ent, coefs[0], backend, coefs[1])
+    return z
 
 
 class Grads:
@@ -222,7 +207,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         n = h2.shape[0]
         t = targets.reshape(-1).contiguous()
         head = make_head(weight, bias, opts["logit_scale"], opts["softcap"], n, opts["chunk_size"], 1)
-        inv_temp = 1.0 / opts["temperature"]
+        coefs = head.coefs(opts["temperature"])
         with_ent = opts["return_entropy"]
         logp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logp)
@@ -231,12 +216,12 @@ class LinearLogprobsFunction(torch.autograd.Function):
         for start in range(0, n, head.chunk):
             stop = min(start + head.chunk, n)
             z = head_logits(head, head.rows(h2, start, stop), z_buf[: (stop - start) * head.v].view(-1, head.v))
-            lp_c, lse_c, ent_c = chunk_logprobs(z, t[start:stop], inv_temp, with_ent, opts["backend"])
+            lp_c, lse_c, ent_c = chunk_logprobs(z, t[start:stop], coefs, with_ent, opts["backend"])
             logp[start:stop], lse[start:stop] = lp_c, lse_c
             if with_ent:
                 ent[start:stop] = ent_c
         ctx.save_for_backward(hidden, weight, bias, t, lse, ent)
-        ctx.opts, ctx.inv_temp = opts, inv_temp
+        ctx.opts, ctx.coefs = opts, coefs
         shape = hidden.shape[:-1]
         if with_ent:
             return logp.view(shape), ent.view(shape)
@@ -252,21 +237,18 @@ class LinearLogprobsFunction(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.reshape(-1).float().contiguous()
         if g_ent is not None:
             g_ent = g_ent.reshape(-1).float().contiguous()
-        buffers = 2 if o["softcap"] is not None else 1
-        head = make_head(weight, bias, o["logit_scale"], o["softcap"], n, o["chunk_size"], buffers)
+        head = make_head(weight, bias, o["logit_scale"], o["softcap"], n, o["chunk_size"], 1)
         grads = Grads(h2, weight, bias, ctx.needs_input_grad[:3])
         size = min(head.chunk, n) * head.v
         z_buf = torch.empty(size, dtype=torch.float32, device=hidden.device)
-        spare_buf = torch.empty(size, dtype=torch.float32, device=hidden.device) if buffers == 2 else None
         for start in range(0, n, head.chunk):
             stop = min(start + head.chunk, n)
             shape = (stop - start, head.v)
             h_c = head.rows(h2, start, stop)
             z = head_logits(head, h_c, z_buf[: shape[0] * shape[1]].view(shape))
-            spare = None if spare_buf is None else spare_buf[: shape[0] * shape[1]].view(shape)
-            g = chunk_grad_logits(head, z, spare, t[start:stop], lse[start:stop],
-                                  None if g_ent is None else ent[start:stop], g_logp[start:stop],
-                                  None if g_ent is None else g_ent[start:stop], ctx.inv_temp, o["backend"])
+            g = chunk_grad_logits(z, t[start:stop], lse[start:stop], None if g_ent is None else ent[start:stop],
+                                  g_logp[start:stop], None if g_ent is None else g_ent[start:stop], ctx.coefs,
+                                  o["backend"])
             grads.step(head, g, h_c, start, stop)
         gh, gw, gb = grads.out(hidden.shape)
         return gh, gw, gb, None, None

@@ -62,32 +62,28 @@ def fused_head_pass(h2, weight, bias, targets, head_opts, with_ent, coef_fn, wan
     want: (grad hidden, grad weight, grad bias); with none wanted no gradient work is done."""
     n = h2.shape[0]
     grads_on = any(want)
-    buffers = 2 if grads_on and head_opts["softcap"] is not None else 1
-    head = make_head(weight, bias, head_opts["logit_scale"], head_opts["softcap"], n, head_opts["chunk_size"],
-                     buffers)
-    inv_temp = 1.0 / head_opts["temperature"]
+    head = make_head(weight, bias, head_opts["logit_scale"], head_opts["softcap"], n, head_opts["chunk_size"], 1)
+    coefs = head.coefs(head_opts["temperature"])
     dev = h2.device
     logp = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty_like(logp) if with_ent else None
     grads = Grads(h2, weight, bias, want) if grads_on else None
     size = min(head.chunk, n) * head.v
     z_buf = torch.empty(size, dtype=torch.float32, device=dev)
-    spare_buf = torch.empty(size, dtype=torch.float32, device=dev) if buffers == 2 else None
     for start in range(0, n, head.chunk):
         stop = min(start + head.chunk, n)
         shape = (stop - start, head.v)
         h_c = head.rows(h2, start, stop)
         z = head_logits(head, h_c, z_buf[: shape[0] * shape[1]].view(shape))
         t_c = targets[start:stop]
-        lp_c, lse_c, ent_c = chunk_logprobs(z, t_c, inv_temp, with_ent, backend)
+        lp_c, lse_c, ent_c = chunk_logprobs(z, t_c, coefs, with_ent, backend)
         logp[start:stop] = lp_c
         if with_ent:
             ent[start:stop] = ent_c
         if grads_on:
             g_lp, g_ent = coef_fn(start, stop, lp_c, ent_c)
-            spare = None if spare_buf is None else spare_buf[: shape[0] * shape[1]].view(shape)
-            g = chunk_grad_logits(head, z, spare, t_c, lse_c, ent_c if g_ent is not None else None,
-                                  g_lp.contiguous(), None if g_ent is None else g_ent.contiguous(), inv_temp, backend)
+            g = chunk_grad_logits(z, t_c, lse_c, ent_c if g_ent is not None else None, g_lp.contiguous(),
+                                  None if g_ent is None else g_ent.contiguous(), coefs, backend)
             grads.step(head, g, h_c, start, stop)
     return logp, ent, grads
 
@@ -170,9 +166,9 @@ class LinearNLLFunction(_GradsInForward):
 
 # ---------------------------------------------------------------------------- public
 def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, clip_eps=0.2,
-                           clip_eps_high=None, dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0,
-                           kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
-                           compute_entropy=False, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                           clip_eps_high=None, dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                           ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean",
+                           max_tokens=None, compute_entropy=False, chunk_size=None, backend=None):
     """Clipped PPO / GRPO policy loss from hidden states, gradients computed in the forward:
 
         loss, stats = ppo_policy_loss(transform(hidden.float() @ weight.float().T + bias), targets,

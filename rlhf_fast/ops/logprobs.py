@@ -1,10 +1,16 @@
 """Per-token log-probabilities and entropy straight from logits.
 
 ``token_logprobs(logits, targets)`` computes
-``torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None])[..., 0]``
-(and optionally the entropy of ``softmax(logits.float() / T)``) in one streaming pass over
+``torch.log_softmax(z / T, -1).gather(-1, targets[..., None])[..., 0]`` with
+``z = logit_transform_ref(logits.float(), logit_scale, softcap)`` (``logits * logit_scale``, then
+``softcap * tanh(. / softcap)`` when a softcap is given, as Gemma2/3 and Grok do), and optionally
+the entropy of ``softmax(z / T)``, in one streaming pass over
 the vocabulary, without allocating anything of size N * V. Backward allocates only
 grad_logits (or writes it into the logits' storage with ``inplace_backward=True``).
+
+The transform is fused: every kernel takes ``(mul, cap_pre) = logit_coefs(T, logit_scale, softcap)``
+and computes ``z = x * mul`` (no softcap: the old kernels, scale folded into the temperature, so the
+defaults are bit-identical) or ``z = tanh(x * cap_pre) * mul`` (``SOFTCAP`` / ``cap_pre != 0``).
 
 Naming chain: ``_logprobs_fwd_kernel`` -> ``logprobs_fwd`` -> ``LogprobsFunction`` ->
 ``token_logprobs``; ``token_logprobs_ref`` defines the semantics and is the fallback.
@@ -22,14 +28,50 @@ from rlhf_fast._backend import addr, code, ptr
 from rlhf_fast.ops._checks import check_logits, check_positive, check_targets
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only, mark_modified, may_overlap
 from rlhf_fast.ops._grad_pool import grad_buffer
-from rlhf_fast.ops._triton_common import cast_for_store, num_warps_for, row_offset, row_softmax_stats, vocab_block
+from rlhf_fast.ops._triton_common import (
+    cast_for_store,
+    logit_z,
+    logit_z_grad,
+    num_warps_for,
+    row_offset,
+    row_softmax_stats,
+    vocab_block,
+)
+
+
+def logit_transform_ref(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+    """The final-logit transform of the fused ops: ``z = logits * logit_scale``, then with a softcap
+    ``softcap * tanh(z / softcap)`` (computed as ``softcap * tanh(logits * (logit_scale / softcap))``).
+    The temperature divides the result. Granite's ``logits_scaling`` divisor d is ``logit_scale = 1 / d``."""
+    if softcap is not None:
+        return softcap * torch.tanh(logits * (logit_scale / softcap))
+    return logits * logit_scale if logit_scale != 1.0 else logits
+
+
+def logit_coefs(temperature: float, logit_scale: float = 1.0, softcap: float | None = None) -> tuple[float, float]:
+    """The kernels' transform coefficients (mul, cap_pre): z = x * mul when cap_pre == 0 (no softcap),
+    z = tanh(x * cap_pre) * mul otherwise; dz/dx = mul (* cap_pre * (1 - tanh^2)).
+    With the defaults mul = 1 / temperature exactly, as before the transform existed."""
+    if softcap is None:
+        return logit_scale / temperature, 0.0
+    return softcap / temperature, logit_scale / softcap
+
+
+def check_transform(logit_scale, softcap) -> tuple[float, float | None]:
+    """Validates logit_scale (> 0) and softcap (> 0 or None); errors name the argument."""
+    logit_scale = check_positive("logit_scale", logit_scale)
+    if softcap is not None:
+        softcap = check_positive("softcap", softcap)
+    return logit_scale, softcap
 
 
 def token_logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                       return_entropy: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                       return_entropy: bool = False, *, logit_scale: float = 1.0,
+                       softcap: float | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure PyTorch definition. Computes in fp32 (fp64 for fp64 logits)."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    logp_all = torch.log_softmax(logits.to(dtype) / temperature, dim=-1)
+    z = logit_transform_ref(logits.to(dtype), logit_scale, softcap)
+    logp_all = torch.log_softmax(z / temperature, dim=-1)
     logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     if not return_entropy:
         return logp
@@ -51,15 +93,17 @@ def _logprobs_fwd_kernel(
     inner,
     s_outer,
     s_inner,
-    inv_temp,
+    inv_temp,  # mul of logit_coefs: z = x * mul, or tanh(x * cap_pre) * mul with SOFTCAP
+    cap_pre,
     WITH_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     row_ptr = logits_ptr + row_offset(row, inner, s_outer, s_inner)
-    m, log_s, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V)
+    m, log_s, ent = row_softmax_stats(row_ptr, V, inv_temp, WITH_ENTROPY, BLOCK_V, cap_pre, SOFTCAP)
     t = tl.load(targets_ptr + row).to(tl.int64)
-    z_t = tl.load(row_ptr + t).to(tl.float32) * inv_temp
+    z_t = logit_z(tl.load(row_ptr + t).to(tl.float32), inv_temp, cap_pre, SOFTCAP)
     lp = (z_t - m) - log_s
     tl.store(logp_ptr + row, tl.where(lp > 0.0, 0.0, lp))  # not tl.minimum: NaN must stay NaN
     tl.store(lse_ptr + row, m + log_s)
@@ -83,8 +127,10 @@ def _logprobs_bwd_kernel(
     g_inner,
     g_s_outer,
     g_s_inner,
-    inv_temp,
+    inv_temp,  # as in the forward
+    cap_pre,
     WITH_ENTROPY: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -101,34 +147,42 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < V
-        z = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        x = tl.load(x_ptr + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        z = logit_z(x, inv_temp, cap_pre, SOFTCAP)
         p = tl.exp(z - lse)
         g = g_lp * (tl.where(offs == t, 1.0, 0.0) - p)
         if WITH_ENTROPY:
             # dH/dz_j = -p_j (log p_j + H)
             g -= g_ent * p * tl.where(p > 0, z + shift, 0.0)
-        g = tl.where(zero_row, 0.0, g)
-        tl.store(gx_ptr + offs, cast_for_store(g * inv_temp, grad_ptr.dtype.element_ty), mask=mask)
+        g = tl.where(zero_row, 0.0, g * logit_z_grad(z, inv_temp, cap_pre, SOFTCAP))
+        tl.store(gx_ptr + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------- launchers
-def _fwd_triton(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+def _fwd_triton(rows: Rows, targets, logp, lse, ent, inv_temp: float, cap_pre: float) -> None:
     block = vocab_block(rows.v)
     _logprobs_fwd_kernel[(rows.n,)](
         rows.data, targets, logp, lse, ent if ent is not None else logp,
-        rows.v, *rows.layout(), inv_temp,
-        WITH_ENTROPY=ent is not None, BLOCK_V=block, num_warps=num_warps_for(block),
+        rows.v, *rows.layout(), inv_temp, cap_pre,
+        WITH_ENTROPY=ent is not None, SOFTCAP=cap_pre != 0.0, BLOCK_V=block, num_warps=num_warps_for(block),
     )
 
 
-def _fwd_cpu(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+def _fwd_cpu(rows: Rows, targets, logp, lse, ent, inv_temp: float, cap_pre: float) -> None:
     _backend.cpu_kernels().logprobs_fwd(
         addr(rows.data), code(rows.data), *rows.layout(), addr(targets), code(targets), rows.n, rows.v, inv_temp,
-        addr(logp), addr(lse), addr(ent), _backend.num_threads(),
+        cap_pre, addr(logp), addr(lse), addr(ent), _backend.num_threads(),
     )
 
 
-def _fwd_cuda(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
+def _no_cuda_softcap(cap_pre: float) -> None:
+    if cap_pre != 0.0:
+        raise NotImplementedError("softcap is not implemented by backend='cuda' (csrc/cuda/logprobs.cu); "
+                                  "use backend='triton' (the default on GPU) or softcap=None")
+
+
+def _fwd_cuda(rows: Rows, targets, logp, lse, ent, inv_temp: float, cap_pre: float) -> None:
+    _no_cuda_softcap(cap_pre)
     i64 = ctypes.c_int64
     _backend.cuda_call(
         "rlhf_logprobs_fwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
@@ -137,26 +191,27 @@ def _fwd_cuda(rows: Rows, targets, logp, lse, ent, inv_temp: float) -> None:
     )
 
 
-def _bwd_triton(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+def _bwd_triton(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, cap_pre: float) -> None:
     block = vocab_block(rows.v)
     with_entropy = g_ent is not None
     _logprobs_bwd_kernel[(rows.n,)](
         rows.data, grad.data, targets, lse, ent if with_entropy else lse, g_logp,
-        g_ent if with_entropy else g_logp, rows.v, *rows.layout(), *grad.layout(), inv_temp,
-        WITH_ENTROPY=with_entropy, BLOCK_V=block, num_warps=num_warps_for(block),
+        g_ent if with_entropy else g_logp, rows.v, *rows.layout(), *grad.layout(), inv_temp, cap_pre,
+        WITH_ENTROPY=with_entropy, SOFTCAP=cap_pre != 0.0, BLOCK_V=block, num_warps=num_warps_for(block),
     )
 
 
-def _bwd_cpu(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+def _bwd_cpu(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, cap_pre: float) -> None:
     with_entropy = g_ent is not None
     _backend.cpu_kernels().logprobs_bwd(
         addr(rows.data), code(rows.data), *rows.layout(), addr(grad.data), *grad.layout(), addr(targets),
-        code(targets), rows.n, rows.v, inv_temp, addr(lse), addr(ent if with_entropy else None),
+        code(targets), rows.n, rows.v, inv_temp, cap_pre, addr(lse), addr(ent if with_entropy else None),
         addr(g_logp), addr(g_ent), _backend.num_threads(),
     )
 
 
-def _bwd_cuda(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float) -> None:
+def _bwd_cuda(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, cap_pre: float) -> None:
+    _no_cuda_softcap(cap_pre)
     i64 = ctypes.c_int64
     _backend.cuda_call(
         "rlhf_logprobs_bwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
@@ -170,9 +225,10 @@ def _bwd_cuda(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp
 LAUNCHERS = {"triton": (_fwd_triton, _bwd_triton), "cpu": (_fwd_cpu, _bwd_cpu), "cuda": (_fwd_cuda, _bwd_cuda)}
 
 
-def logprobs_fwd(rows: Rows, targets: torch.Tensor, inv_temp: float, with_entropy: bool, backend: str):
+def logprobs_fwd(rows: Rows, targets: torch.Tensor, inv_temp: float, with_entropy: bool, backend: str,
+                 cap_pre: float = 0.0):
     """Launches the forward on ``backend``; returns fp32 (logp, lse, ent-or-None), each (N,).
-    targets: flat contiguous (N,)."""
+    targets: flat contiguous (N,); (inv_temp, cap_pre): ``logit_coefs`` (lse is that of z)."""
     if backend not in LAUNCHERS:
         raise ValueError(f"logprobs_fwd: unknown backend {backend!r}")
     dev = rows.data.device
@@ -180,16 +236,18 @@ def logprobs_fwd(rows: Rows, targets: torch.Tensor, inv_temp: float, with_entrop
     lse = torch.empty_like(logp)
     ent = torch.empty_like(logp) if with_entropy else None
     if rows.n:
-        LAUNCHERS[backend][0](rows, targets, logp, lse, ent, inv_temp)
+        LAUNCHERS[backend][0](rows, targets, logp, lse, ent, inv_temp, cap_pre)
     return logp, lse, ent
 
 
-def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, backend: str) -> None:
-    """Writes d(logp, ent)/d(logits) . (g_logp, g_ent) into ``grad`` (which may alias ``rows``)."""
+def logprobs_bwd(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, backend: str,
+                 cap_pre: float = 0.0) -> None:
+    """Writes d(logp, ent)/d(logits) . (g_logp, g_ent) into ``grad`` (which may alias ``rows``),
+    through the transform (inv_temp, cap_pre) of the forward."""
     if backend not in LAUNCHERS:
         raise ValueError(f"logprobs_bwd: unknown backend {backend!r}")
     if rows.n:
-        LAUNCHERS[backend][1](rows, grad, targets, lse, ent, g_logp, g_ent, inv_temp)
+        LAUNCHERS[backend][1](rows, grad, targets, lse, ent, g_logp, g_ent, inv_temp, cap_pre)
 
 
 def can_write_inplace(rows: Rows, inplace_backward: bool) -> bool:
@@ -225,14 +283,14 @@ def finish_inplace(ctx, rows: Rows) -> None:
 
 class LogprobsFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, temperature, with_entropy, inplace_backward, backend):
+    def forward(ctx, logits, targets, coefs, with_entropy, inplace_backward, backend):
         rows = as_rows(logits)
         targets = targets.reshape(-1).contiguous()
-        inv_temp = 1.0 / temperature
-        logp, lse, ent = logprobs_fwd(rows, targets, inv_temp, with_entropy, backend)
+        inv_temp, cap_pre = coefs
+        logp, lse, ent = logprobs_fwd(rows, targets, inv_temp, with_entropy, backend, cap_pre)
         ctx.save_for_backward(rows.data, targets, lse, ent)
         ctx.rows = Rows(None, rows.n, rows.v, *rows.layout())
-        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.shape, ctx.coefs, ctx.backend = logits.shape, coefs, backend
         ctx.inplace = can_write_inplace(rows, inplace_backward)
         shape = logits.shape[:-1]
         if with_entropy:
@@ -249,7 +307,7 @@ class LogprobsFunction(torch.autograd.Function):
         if g_ent is not None:
             g_ent = g_ent.reshape(-1).float().contiguous()
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
-        logprobs_bwd(rows, g_rows, targets, lse, ent, g_logp, g_ent, ctx.inv_temp, ctx.backend)
+        logprobs_bwd(rows, g_rows, targets, lse, ent, g_logp, g_ent, ctx.coefs[0], ctx.backend, ctx.coefs[1])
         if ctx.inplace:
             finish_inplace(ctx, rows)
             if grad.shape != ctx.shape:
@@ -258,19 +316,25 @@ class LogprobsFunction(torch.autograd.Function):
 
 
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
-                   return_entropy: bool = False, inplace_backward: bool = False,
+                   logit_scale: float = 1.0, softcap: float | None = None, return_entropy: bool = False,
+                   inplace_backward: bool = False,
                    backend: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probabilities (and entropy) from logits in one streaming pass.
 
-    Computes ``log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]``
-    without allocating the (N, V) log-softmax.
+    Computes ``log_softmax(z / temperature, -1).gather(-1, targets[..., None])[..., 0]`` with
+    ``z = logit_transform_ref(logits.float(), logit_scale, softcap)`` without allocating the (N, V)
+    log-softmax (the transform is fused into the forward and backward kernels).
 
     Args:
         logits: (..., V) fp32 / fp16 / bf16. Any leading shape; slices such as
             ``logits[:, :-1]`` are read in place, other non-contiguous layouts are copied once.
         targets: (...) int32 / int64, values in [0, V).
-        temperature: > 0; logits are divided by it (match the sampler's temperature).
-        return_entropy: also return the entropy of ``softmax(logits / temperature)``.
+        temperature: > 0; the (transformed) logits are divided by it (match the sampler's temperature).
+        logit_scale: > 0, multiplies the logits first (Cohere's ``logit_scale``; Granite's divisor
+            ``logits_scaling`` is ``logit_scale = 1 / logits_scaling``).
+        softcap: > 0 or None; ``z -> softcap * tanh(z / softcap)`` after the scale, before the
+            temperature (Gemma2/3 ``final_logit_softcapping``, Grok). Not on backend="cuda".
+        return_entropy: also return the entropy of ``softmax(z / temperature)``.
         inplace_backward: backward writes grad_logits into the logits' storage (the logits
             must not be needed after backward). Saves one (N, V) allocation. Ignored (a new
             gradient tensor is used) for expanded / overlapping logits; a second backward through
@@ -284,7 +348,10 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
     V = check_logits("logits", logits)
     check_targets("targets", targets, logits.shape[:-1], V, logits.device)
     temperature = check_positive("temperature", temperature)
+    logit_scale, softcap = check_transform(logit_scale, softcap)
     backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
-        return token_logprobs_ref(logits, targets, temperature, return_entropy)
-    return LogprobsFunction.apply(logits, targets, temperature, bool(return_entropy), bool(inplace_backward), backend)
+        return token_logprobs_ref(logits, targets, temperature, return_entropy, logit_scale=logit_scale,
+                                  softcap=softcap)
+    return LogprobsFunction.apply(logits, targets, logit_coefs(temperature, logit_scale, softcap),
+                                  bool(return_entropy), bool(inplace_backward), backend)

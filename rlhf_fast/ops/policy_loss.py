@@ -13,7 +13,8 @@ How it is fused (N = B * T rows, V = vocabulary):
             which also gives the closed-form per-token coefficients dL/dlogp and dL/dH.
   backward  one streaming pass writing grad_logits: the shared log-prob backward kernel
             (``logprobs_bwd``) with g_logp = grad_loss * dL/dlogp, g_ent = grad_loss * dL/dH:
-            grad_z = g_logp * (onehot - p) - g_ent * p * (log p + H), divided by the temperature.
+            grad_z = g_logp * (onehot - p) - g_ent * p * (log p + H), times dz/dx of the fused
+            logit transform (1 / temperature without logit_scale / softcap).
   The logits are read twice and grad_logits written once: the bandwidth floor.
 
 The scalar part is plain torch on (B, T) tensors (a few dozen elementwise ops, no vocabulary
@@ -36,7 +37,8 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only
 from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
-    LAUNCHERS, can_write_inplace, check_first_inplace_backward, finish_inplace, grad_rows, logprobs_bwd, logprobs_fwd,
+    LAUNCHERS, can_write_inplace, check_first_inplace_backward, check_transform, finish_inplace, grad_rows, logit_coefs,
+    logit_transform_ref, logprobs_bwd, logprobs_fwd,
 )
 from rlhf_fast.ops.policy_objectives import (  # noqa: F401  (aggregation_weights, policy_stats: re-exported)
     POLICY_KL_ESTIMATORS, aggregation_weights, check_objective_options, count_nonfinite, is_extended,
@@ -46,11 +48,11 @@ from rlhf_fast.ops.policy_objectives import (  # noqa: F401  (aggregation_weight
 
 # ---------------------------------------------------------------------------- reference
 def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip_eps=0.2, clip_eps_high=None,
-                        dual_clip=None, temperature=1.0, ref_logprobs=None, kl_coef=0.0, kl_estimator="k3",
-                        entropy_coef=0.0, loss_agg="token-mean", max_tokens=None, compute_entropy=False,
-                        inplace_backward=False, ratio_level="token", loss_type="clip", sapo_tau_pos=1.0,
-                        sapo_tau_neg=1.05, sampler_logprobs=None, correction=None, correction_level="token",
-                        correction_low=None, correction_high=None, ref_logits=None):
+                        dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None, ref_logprobs=None,
+                        kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean", max_tokens=None,
+                        compute_entropy=False, inplace_backward=False, ratio_level="token", loss_type="clip",
+                        sapo_tau_pos=1.0, sapo_tau_neg=1.05, sampler_logprobs=None, correction=None,
+                        correction_level="token", correction_low=None, correction_high=None, ref_logits=None):
     """Pure PyTorch definition (no input checks). Computes in fp32 (fp64 for fp64 logits).
     See ``ppo_policy_loss`` for the arguments; ``inplace_backward`` is accepted and ignored.
     The extended modes (policy_objectives.py) run ``policy_objective`` on the gathered log-probs."""
@@ -60,6 +62,7 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
     # a masked row may hold anything (NaN, inf): it must not reach the loss or its gradient
     # (autograd of log_softmax would give 0 * NaN there), so it is replaced by zeros first
     z = torch.where(valid.unsqueeze(-1), logits.to(dtype), torch.zeros((), dtype=dtype, device=logits.device))
+    z = logit_transform_ref(z, logit_scale, softcap)
     if temperature != 1.0:
         z = z / temperature
     logp_all = torch.log_softmax(z, dim=-1)
@@ -77,6 +80,7 @@ def ppo_policy_loss_ref(logits, targets, old_logprobs, advantages, mask, *, clip
         kl_full = None
         if kl_estimator == "full" and ref_logits is not None:
             zr = torch.where(valid.unsqueeze(-1), ref_logits.to(dtype), torch.zeros((), dtype=dtype, device=z.device))
+            zr = logit_transform_ref(zr, logit_scale, softcap)  # z is transformed already (above)
             kl_full = full_kl_ref(z, zr / temperature if temperature != 1.0 else zr)
         return policy_objective(logp, ent, old_logprobs, advantages, ref_logprobs, sampler_logprobs, kl_full, valid, o)
 
@@ -189,9 +193,9 @@ class PolicyLossFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, old, adv, mask, ref, opts, backend):
         rows = as_rows(logits)
         flat_targets = targets.reshape(-1).contiguous()
-        inv_temp = 1.0 / opts["temperature"]
+        coefs = logit_coefs(opts["temperature"], opts["logit_scale"], opts["softcap"])
         with_entropy = opts["entropy_coef"] != 0 or opts["compute_entropy"]
-        logp, lse, ent = logprobs_fwd(rows, flat_targets, inv_temp, with_entropy, backend)
+        logp, lse, ent = logprobs_fwd(rows, flat_targets, coefs[0], with_entropy, backend, coefs[1])
         shape = logits.shape[:-1]
         loss, c_lp, c_ent, stats = policy_terms(
             logp.view(shape), None if ent is None else ent.view(shape), old, adv, ref, mask != 0, opts)
@@ -199,7 +203,7 @@ class PolicyLossFunction(torch.autograd.Function):
         c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
         ctx.save_for_backward(rows.data, flat_targets, lse, ent if c_ent is not None else None, c_lp, c_ent)
         ctx.layout = (rows.n, rows.v, *rows.layout())
-        ctx.shape, ctx.inv_temp, ctx.backend = logits.shape, inv_temp, backend
+        ctx.shape, ctx.coefs, ctx.backend = logits.shape, coefs, backend
         ctx.inplace = can_write_inplace(rows, opts["inplace_backward"])
         opts["stat_names"][:] = list(stats)  # hands the (static) key order back to ppo_policy_loss
         values = tuple(stats.values())
@@ -216,7 +220,7 @@ class PolicyLossFunction(torch.autograd.Function):
         g_lp = c_lp * g_loss
         g_ent = None if c_ent is None else c_ent * g_loss
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
-        logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.inv_temp, ctx.backend)
+        logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.coefs[0], ctx.backend, ctx.coefs[1])
         if ctx.inplace:
             finish_inplace(ctx, rows)
             if grad.shape != ctx.shape:
@@ -248,6 +252,7 @@ def check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coe
 def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: torch.Tensor | None,
                     advantages: torch.Tensor, mask: torch.Tensor, *, clip_eps: float = 0.2,
                     clip_eps_high: float | None = None, dual_clip: float | None = None, temperature: float = 1.0,
+                    logit_scale: float = 1.0, softcap: float | None = None,
                     ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0, kl_estimator: str = "k3",
                     entropy_coef: float = 0.0, loss_agg: str = "token-mean", max_tokens: int | None = None,
                     compute_entropy: bool = False, inplace_backward: bool = False, ratio_level: str = "token",
@@ -260,7 +265,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
 
     Per valid token (mask != 0), in fp32, with ``A`` the advantage::
 
-        logp  = log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]
+        z     = logit_transform_ref(logits.float(), logit_scale, softcap)       # scale, then softcap
+        logp  = log_softmax(z / temperature, -1).gather(-1, targets[..., None])[..., 0]
         ratio = exp(logp - old_logprobs)
         pg    = max(-A * ratio, -A * ratio.clamp(1 - clip_eps, 1 + (clip_eps_high or clip_eps)))
         pg    = where(A < 0, min(pg, -A * dual_clip), pg)                      # with dual_clip
@@ -279,6 +285,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         clip_eps: > 0, lower clip (and upper unless clip_eps_high). clip_eps_high: > 0, DAPO clip-higher.
         dual_clip: > 1 or None; caps the loss of negative-advantage tokens at -A * dual_clip.
         temperature: > 0, the sampler's temperature.
+        logit_scale: > 0; softcap: > 0 or None: the model's final-logit transform, fused into the
+            kernels as in ``token_logprobs`` (softcap not on backend="cuda").
         ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
         kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3" |
             "low_var_kl" | "k3+" (verl) | "full" (exact KL over the vocabulary from ``ref_logits``).
@@ -341,6 +349,7 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     (clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg,
      max_tokens) = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                         entropy_coef, loss_agg, max_tokens)
+    logit_scale, softcap = check_transform(logit_scale, softcap)
     ext = check_objective_options(ratio_level, loss_type, dual_clip, sapo_tau_pos, sapo_tau_neg, correction,
                                   correction_level, correction_low, correction_high, kl_estimator)
     if kl_estimator == "full":
@@ -354,14 +363,16 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
                         sampler_logprobs=sampler_logprobs)
 
     opts = dict(lo=1 - clip_eps, hi=1 + (clip_eps if clip_eps_high is None else clip_eps_high), dual_clip=dual_clip,
-                temperature=temperature, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy_coef=entropy_coef,
+                temperature=temperature, logit_scale=logit_scale, softcap=softcap, kl_coef=kl_coef,
+                kl_estimator=kl_estimator, entropy_coef=entropy_coef,
                 loss_agg=loss_agg, max_tokens=max_tokens, compute_entropy=bool(compute_entropy),
                 inplace_backward=bool(inplace_backward) and kl_estimator != "full", **ext)
     backend = _backend.select_backend(logits.device, LAUNCHERS, backend=backend)
     if backend == "torch":
         return ppo_policy_loss_ref(
             logits, targets, old_logprobs, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-            dual_clip=dual_clip, temperature=temperature, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+            dual_clip=dual_clip, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+            ref_logprobs=ref_logprobs, kl_coef=kl_coef,
             kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, max_tokens=max_tokens,
             compute_entropy=compute_entropy, sampler_logprobs=sampler_logprobs, ref_logits=ref_logits, **ext)
     opts["stat_names"] = []
@@ -371,7 +382,8 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     if kl_estimator == "full" and ref_logits is not None:
         # the exact KL is its own fused op (its backward reads ref_logits); the policy term sees its value,
         # and ``kl - sg(kl)`` (exactly 0) carries its gradient into the same loss
-        kl_tok = full_kl(logits, ref_logits.detach(), temperature=temperature, backend=backend)
+        kl_tok = full_kl(logits, ref_logits.detach(), temperature=temperature, logit_scale=logit_scale,
+                         softcap=softcap, backend=backend)
         opts["kl_full"] = kl_tok.detach()
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
