@@ -1,13 +1,13 @@
 # Developer targets. `make test` is the README's test command without the installs.
 PY ?= python
 
-.PHONY: test test-fast test-purepython lint format bench-quick build build-cuda gpu-suite-dry
+.PHONY: test test-slow test-purepython lint format bench-quick build build-cuda gpu-suite-dry
 
 test:            ## the whole suite (CPU; Triton through its interpreter)
 	$(PY) -m pytest -q
 
-test-fast:       ## skip the tests marked slow
-	$(PY) -m pytest -q -m "not slow"
+test-slow:       ## only the long tests marked slow (the default run deselects them)
+	$(PY) -m pytest -q -m slow
 
 test-purepython: ## every op through its pure-PyTorch *_ref (no compiled kernels)
 	RLHF_FAST_PUREPYTHON=1 $(PY) -m pytest -q tests/ops
