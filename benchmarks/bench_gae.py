@@ -32,12 +32,26 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    bt_sizes, default_device, env_quick, make_bt_inputs, print_simple, run_meta, run_simple, with_backend,
+    bt_sizes,
+    default_device,
+    env_quick,
+    make_bt_inputs,
+    print_simple,
+    run_meta,
+    run_simple,
+    with_backend,
     write_json,
 )
 
-from rlhf_fast import gae, gae_ref, kl_shaped_rewards, masked_whiten, ppo_advantages, ppo_advantages_ref  # noqa: E402
-from rlhf_fast import _backend  # noqa: E402
+from rlhf_fast import (  # noqa: E402
+    _backend,  # noqa: E402
+    gae,
+    gae_ref,
+    kl_shaped_rewards,
+    masked_whiten,
+    ppo_advantages,
+    ppo_advantages_ref,
+)
 
 GAMMA, LAM, KL_COEF = 1.0, 0.95, 0.05
 

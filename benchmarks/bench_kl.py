@@ -26,8 +26,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    default_device, env_quick, fixed_mmap_threshold, floor_ms, floors, fused_sizes, interleaved_ms, print_fused,
-    print_table, run_fused, run_meta, write_json,
+    default_device,
+    env_quick,
+    fixed_mmap_threshold,
+    floor_ms,
+    floors,
+    fused_sizes,
+    interleaved_ms,
+    print_fused,
+    print_table,
+    run_fused,
+    run_meta,
+    write_json,
 )
 
 from rlhf_fast import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref  # noqa: E402

@@ -34,7 +34,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    default_device, env_quick, fixed_mmap_threshold, metadata, peak_extra_bytes, print_table, time_ms, write_json,
+    default_device,
+    env_quick,
+    fixed_mmap_threshold,
+    metadata,
+    peak_extra_bytes,
+    print_table,
+    time_ms,
+    write_json,
 )
 
 from rlhf_fast import token_logprobs  # noqa: E402

@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    default_device, env_quick, fixed_mmap_threshold, fused_sizes, print_fused, run_fused, run_meta, write_json,
+    default_device,
+    env_quick,
+    fixed_mmap_threshold,
+    fused_sizes,
+    print_fused,
+    run_fused,
+    run_meta,
+    write_json,
 )
 
 from rlhf_fast import token_logprobs, token_logprobs_ref  # noqa: E402

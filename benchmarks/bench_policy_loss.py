@@ -33,7 +33,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    default_device, env_quick, fixed_mmap_threshold, fused_sizes, print_fused, print_table, run_fused, run_meta,
+    default_device,
+    env_quick,
+    fixed_mmap_threshold,
+    fused_sizes,
+    print_fused,
+    print_table,
+    run_fused,
+    run_meta,
     write_json,
 )
 

@@ -18,7 +18,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    bt_sizes, default_device, env_quick, make_bt_inputs, print_simple, run_meta, run_simple, write_json,
+    bt_sizes,
+    default_device,
+    env_quick,
+    make_bt_inputs,
+    print_simple,
+    run_meta,
+    run_simple,
+    write_json,
 )
 
 from rlhf_fast import masked_whiten, masked_whiten_ref  # noqa: E402

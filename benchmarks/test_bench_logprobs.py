@@ -1,7 +1,6 @@
 """pytest-benchmark entry: `pytest benchmarks/ --benchmark-enable` (disabled by default)."""
 import pytest
 import torch
-
 from bench_logprobs import providers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

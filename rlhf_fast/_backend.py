@@ -71,7 +71,7 @@ def cpu_kernels():
     return _C
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuda_library():
     """The nvcc-built csrc/cuda kernels (a C-ABI shared library), or None when not built."""
     path = Path(__file__).with_name("_cuda_kernels.so")

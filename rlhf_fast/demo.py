@@ -31,13 +31,13 @@ import torch
 from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
 from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
-from rlhf_fast.trainer.health import distinct_n
-from rlhf_fast.trainer.runtime import resolve_device
 from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, check_field, check_types
 from rlhf_fast.trainer.grpo import GRPOTrainer
+from rlhf_fast.trainer.health import distinct_n
 from rlhf_fast.trainer.ppo import PPOTrainer
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained
 from rlhf_fast.trainer.rollout import encode_prompts, reward_model_scores, rollout_logprobs, sample_rollout
+from rlhf_fast.trainer.runtime import resolve_device
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer
 
 
@@ -103,7 +103,7 @@ class DemoConfig:
         SortTask(p_clean=self.p_clean, label_noise=self.label_noise)  # range checks
 
     @classmethod
-    def quick(cls, **overrides) -> "DemoConfig":
+    def quick(cls, **overrides) -> DemoConfig:
         """A reduced size (about a minute on one core) for tests and a first look."""
         small = dict(n_sft=2000, n_pairs=2000, n_eval_pairs=300, n_prompts=1000, n_eval_prompts=100,
                      sft_steps=500, rm_steps=400, rl_steps=30, no_kl_steps=60, eval_every=15)

@@ -16,10 +16,18 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_fast import _backend
+
 # the checks live in _checks.py; re-exported here for code written against the old layout
 from rlhf_fast.ops._checks import (  # noqa: F401
-    FLOAT_DTYPES, INDEX_DTYPES, check_float, check_logits, check_positive, check_same_device, check_shape,
-    check_targets, checks_enabled,
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_float,
+    check_logits,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_targets,
+    checks_enabled,
 )
 
 

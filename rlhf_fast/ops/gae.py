@@ -33,7 +33,14 @@ import triton.language as tl
 from rlhf_fast import _backend
 from rlhf_fast._backend import addr, code, ptr, triton_interpreting
 from rlhf_fast.ops._checks import (
-    VALUE_DTYPES, check_bt, check_estimator, check_finite, check_float, check_mask, check_same_device, check_shape,
+    VALUE_DTYPES,
+    check_bt,
+    check_estimator,
+    check_finite,
+    check_float,
+    check_mask,
+    check_same_device,
+    check_shape,
     check_unit,
 )
 from rlhf_fast.ops._common import flat_arg, mask_arg, result_dtype, rows_arg

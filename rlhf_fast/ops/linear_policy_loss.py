@@ -27,10 +27,20 @@ import torch
 
 from rlhf_fast.ops._common import check_float, check_positive, check_same_device, check_shape, check_targets
 from rlhf_fast.ops.linear_logprobs import (
-    Grads, check_head, chunk_grad_logits, chunk_logprobs, head_logits, head_logits_ref, make_head,
+    Grads,
+    check_head,
+    chunk_grad_logits,
+    chunk_logprobs,
+    head_logits,
+    head_logits_ref,
+    make_head,
 )
 from rlhf_fast.ops.policy_loss import (
-    aggregation_weights, check_finite_inputs, check_policy_options, policy_terms, ppo_policy_loss_ref,
+    aggregation_weights,
+    check_finite_inputs,
+    check_policy_options,
+    policy_terms,
+    ppo_policy_loss_ref,
 )
 
 FLOAT_OR_64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -31,18 +31,42 @@ import torch
 
 from rlhf_fast import _backend
 from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inputs, check_loss_agg: re-exported)
-    LOSS_AGGS, VALUE_DTYPES, check_estimator, check_finite_inputs, check_float, check_logits, check_loss_agg,
-    check_number, check_positive, check_same_device, check_shape, check_targets,
+    LOSS_AGGS,
+    VALUE_DTYPES,
+    check_estimator,
+    check_finite_inputs,
+    check_float,
+    check_logits,
+    check_loss_agg,
+    check_number,
+    check_positive,
+    check_same_device,
+    check_shape,
+    check_targets,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only
 from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
-    LAUNCHERS, can_write_inplace, check_first_inplace_backward, check_transform, finish_inplace, grad_rows, logit_coefs,
-    logit_transform_ref, logprobs_bwd, logprobs_fwd,
+    LAUNCHERS,
+    can_write_inplace,
+    check_first_inplace_backward,
+    check_transform,
+    finish_inplace,
+    grad_rows,
+    logit_coefs,
+    logit_transform_ref,
+    logprobs_bwd,
+    logprobs_fwd,
 )
 from rlhf_fast.ops.policy_objectives import (  # noqa: F401  (aggregation_weights, policy_stats: re-exported)
-    POLICY_KL_ESTIMATORS, aggregation_weights, check_objective_options, count_nonfinite, is_extended,
-    objective_coefficients, policy_objective, policy_stats,
+    POLICY_KL_ESTIMATORS,
+    aggregation_weights,
+    check_objective_options,
+    count_nonfinite,
+    is_extended,
+    objective_coefficients,
+    policy_objective,
+    policy_stats,
 )
 
 

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from rlhf_fast import _backend
 from rlhf_fast.ops._checks import (
-    VALUE_DTYPES, check_choice, check_float, check_number, check_positive, check_same_device, check_shape,
+    VALUE_DTYPES,
+    check_choice,
+    check_float,
+    check_number,
+    check_positive,
+    check_same_device,
+    check_shape,
 )
 
 LAUNCHERS: dict = {}  # no kernels: plain torch (the "torch" backend) is the implementation

@@ -10,7 +10,13 @@ import torch
 
 from rlhf_fast import _backend
 from rlhf_fast.ops._checks import (
-    VALUE_DTYPES, check_finite_inputs, check_float, check_loss_agg, check_positive, check_same_device, check_shape,
+    VALUE_DTYPES,
+    check_finite_inputs,
+    check_float,
+    check_loss_agg,
+    check_positive,
+    check_same_device,
+    check_shape,
     check_tensor,
 )
 from rlhf_fast.ops._common import masked_mean

@@ -40,8 +40,8 @@ from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
 from rlhf_fast.trainer.process_group import rank, world_size
 from rlhf_fast.trainer.rollout import (
-    Rollout,
     RewardFunctionError,
+    Rollout,
     encode_prompts,
     rollout_logprobs,
     sample_rollout,

@@ -234,7 +234,7 @@ class PolicyValueModel(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_config(cls, config, *, value_head: bool = True, separate_critic: bool = False,
-                    attn_implementation: str | None = None, dtype=None) -> "PolicyValueModel":
+                    attn_implementation: str | None = None, dtype=None) -> PolicyValueModel:
         """A freshly initialised model from a ``transformers`` config (e.g. a tiny LlamaConfig)."""
         from transformers import AutoModelForCausalLM
 
@@ -247,7 +247,7 @@ class PolicyValueModel(nn.Module):
     @classmethod
     def from_pretrained(cls, path, *, value_head: bool = True, separate_critic: bool | None = None,
                         attn_implementation: str | None = None, dtype=None, trust_remote_code: bool = False,
-                        **model_init_kwargs) -> "PolicyValueModel":
+                        **model_init_kwargs) -> PolicyValueModel:
         """Loads a local HF causal-LM folder (e.g. an SFT checkpoint). The value head and critic
         are loaded when the folder has them, else initialised (the critic as the policy's copy).
         ``separate_critic=None`` follows the folder (False when it has no value_model.json).

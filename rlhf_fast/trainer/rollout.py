@@ -8,8 +8,8 @@ them (``base.py`` through ``collectives.py``).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -230,7 +230,7 @@ class Rollout:
     def responses(self) -> torch.Tensor:
         return self.input_ids[:, self.response_start:]
 
-    def select(self, idx: torch.Tensor, trim: bool = True) -> "Rollout":
+    def select(self, idx: torch.Tensor, trim: bool = True) -> Rollout:
         """Rows ``idx``; with ``trim`` drop response columns that are padding in every chosen row
         (causal attention makes the kept positions' outputs identical)."""
         R = self.response_mask.shape[1]

@@ -63,7 +63,7 @@ def loop_group(scores, G, baseline, scale, eps):
         grp = s[g0:g0 + G]
         mean = sum(grp) / G
         std = math.sqrt(sum((a - mean) ** 2 for a in grp) / (G - 1)) if G > 1 else float("nan")
-        for i, a in enumerate(grp):
+        for a in grp:
             base = mean if baseline == "mean" else (sum(grp) - a) / (G - 1)
             div = {"group": std + eps, "batch": batch_std + eps, "none": 1.0}[scale]
             out.append((a - base) / div)

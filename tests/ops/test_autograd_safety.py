@@ -4,9 +4,9 @@ after an in-place one, or any other node that saved the logits, raises; double b
 the kernel ops raises "not twice differentiable" (backend='torch' supports it)."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 import rlhf_fast as rf
-from helpers import assert_close_to_ref
 
 V = 41
 KERNEL_BACKENDS = ["triton", "cpu"]

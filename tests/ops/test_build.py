@@ -141,9 +141,10 @@ def test_cuda_sources_compile(tmp_path):
 def test_cpp_extension_is_built_and_used():
     if os.environ.get("RLHF_FAST_PUREPYTHON") == "1":
         pytest.skip("pure-Python mode")
+    import torch
+
     from rlhf_fast import _backend
     from rlhf_fast.ops import logprobs
-    import torch
 
     assert _backend.cpu_kernels() is not None, "rlhf_fast._C failed to import: run `pip install -e .`"
     assert _backend.cpu_kernels().has_openmp

@@ -1,15 +1,28 @@
 """KL-shaped rewards, GAE and ppo_advantages against float64 Python-loop references, on every backend."""
 import pytest
 import torch
+from adv_loops import (
+    ESTIMATORS,
+    MASK_DTYPES,
+    loop_gae,
+    loop_shaped,
+    loop_whiten,
+    make_mask,
+    needs,
+    randn,
+)
+from helpers import assert_close_to_ref
 
 import rlhf_fast
 from rlhf_fast import (
-    gae, gae_ref, group_advantages, kl_shaped_rewards, kl_shaped_rewards_ref, masked_whiten,
-    ppo_advantages, ppo_advantages_ref,
-)
-from helpers import assert_close_to_ref
-from adv_loops import (
-    ESTIMATORS, MASK_DTYPES, loop_gae, loop_shaped, loop_whiten, make_mask, needs, randn,
+    gae,
+    gae_ref,
+    group_advantages,
+    kl_shaped_rewards,
+    kl_shaped_rewards_ref,
+    masked_whiten,
+    ppo_advantages,
+    ppo_advantages_ref,
 )
 
 

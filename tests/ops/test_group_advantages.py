@@ -1,13 +1,16 @@
 """group_advantages against a float64 Python-loop reference, on every backend."""
 import pytest
 import torch
-
-from rlhf_fast import (
-    group_advantages, group_advantages_ref,
+from adv_loops import (
+    loop_group,
+    needs,
+    randn,
 )
 from helpers import assert_close_to_ref
-from adv_loops import (
-    loop_group, needs, randn,
+
+from rlhf_fast import (
+    group_advantages,
+    group_advantages_ref,
 )
 
 

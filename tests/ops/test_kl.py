@@ -3,10 +3,9 @@ import math
 
 import pytest
 import torch
-
-import rlhf_fast
-from rlhf_fast import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref
 from helpers import assert_close_to_ref
+
+from rlhf_fast import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref
 
 ESTIMATORS = ["k1", "abs", "k2", "k3"]
 ATOL = 2e-6  # fp32 math inside; inputs are exact in every dtype

@@ -1,10 +1,10 @@
 """linear_full_kl (exact per-token KL from two models' hidden states) against float64."""
 import pytest
 import torch
-
 from helpers import assert_close_to_ref
-from rlhf_fast.ops.linear_kl import linear_full_kl, linear_full_kl_ref
 from test_linear_logprobs import big_allocations, leaves, make_inputs
+
+from rlhf_fast.ops.linear_kl import linear_full_kl, linear_full_kl_ref
 
 ATOL = 3e-5
 

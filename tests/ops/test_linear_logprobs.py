@@ -1,11 +1,14 @@
 """linear_token_logprobs (the LM head fused into the log-prob kernels) against float64, on every backend."""
 import pytest
 import torch
-
 from helpers import assert_close_to_ref
+
 from rlhf_fast import token_logprobs
 from rlhf_fast.ops.linear_logprobs import (
-    head_logits_ref, linear_token_logprobs, linear_token_logprobs_ref, pick_chunk,
+    head_logits_ref,
+    linear_token_logprobs,
+    linear_token_logprobs_ref,
+    pick_chunk,
 )
 
 ATOL = {torch.float32: 3e-5, torch.bfloat16: 3e-5}

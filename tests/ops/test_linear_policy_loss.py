@@ -1,13 +1,16 @@
 """linear_ppo_policy_loss and linear_cross_entropy (gradients formed in the forward) against float64."""
 import pytest
 import torch
-
 from helpers import assert_close_to_ref
+from test_linear_logprobs import big_allocations, leaves, make_inputs
+
 from rlhf_fast.ops.linear_logprobs import linear_token_logprobs_ref
 from rlhf_fast.ops.linear_policy_loss import (
-    linear_cross_entropy, linear_cross_entropy_ref, linear_ppo_policy_loss, linear_ppo_policy_loss_ref,
+    linear_cross_entropy,
+    linear_cross_entropy_ref,
+    linear_ppo_policy_loss,
+    linear_ppo_policy_loss_ref,
 )
-from test_linear_logprobs import big_allocations, leaves, make_inputs
 
 ATOL = 3e-5
 

@@ -1,10 +1,10 @@
 """token_logprobs against a float64 reference, on every backend."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 import rlhf_fast
 from rlhf_fast import token_logprobs, token_logprobs_ref
-from helpers import assert_close_to_ref
 
 # dtype -> atol for log-probs/entropy (fp32 math inside; inputs are exact in every dtype)
 ATOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}

@@ -1,12 +1,18 @@
 """value_loss, reward_model_loss, dpo_loss and the drop-in modules, against formulas in float64."""
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import assert_close_to_ref
 
 from rlhf_fast import (
-    GRPOLoss, PPOLoss, ValueLoss, dpo_loss, ppo_policy_loss, ppo_policy_loss_ref, reward_model_loss, value_loss,
+    GRPOLoss,
+    PPOLoss,
+    ValueLoss,
+    dpo_loss,
+    ppo_policy_loss,
+    ppo_policy_loss_ref,
+    reward_model_loss,
+    value_loss,
 )
-from helpers import assert_close_to_ref
 
 AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 

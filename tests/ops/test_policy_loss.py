@@ -3,11 +3,11 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 import rlhf_fast
 from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref
 from rlhf_fast.ops import policy_loss as pl_mod
-from helpers import assert_close_to_ref
 
 # atol relative to the largest |reference|. The kernels keep lse = m + log(s) in fp32, so logp = z_t - lse
 # and p = exp(z - lse) carry up to ~ulp(lse) ~ 1e-6 relative error for |lse| ~ 10 (torch's log_softmax,

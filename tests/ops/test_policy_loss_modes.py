@@ -4,10 +4,10 @@ on every kernel backend; and == TRL 1.16's ``GRPOTrainer._compute_loss`` formula
 ``core_algos.py`` formulas (written out below) on the same batch."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref
 from rlhf_fast.ops.kl import full_kl_ref
-from helpers import assert_close_to_ref
 
 LOSS_ATOL, GRAD_ATOL, STAT_ATOL = 4e-6, 2e-6, 2e-5
 

@@ -4,10 +4,10 @@ backends, and the result (and the gradient w.r.t. a differentiable argument) mus
 ``*_ref`` on float64 contiguous copies of the same values."""
 import pytest
 import torch
+from helpers import assert_close_to_ref
 
 import rlhf_fast as rf
 from rlhf_fast.ops.gae import kl_shaped_rewards_ref
-from helpers import assert_close_to_ref
 
 B, T, V = 4, 9, 37
 KINDS = ("sliced", "transposed", "expanded", "expanded_last", "offset")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 trl = pytest.importorskip("trl")
+from helpers import assert_close_to_ref  # noqa: E402
 from trl import GRPOTrainer  # noqa: E402
 
 import rlhf_fast  # noqa: E402
-from helpers import assert_close_to_ref  # noqa: E402
 
 
 class _Accelerator:

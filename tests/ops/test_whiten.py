@@ -1,14 +1,18 @@
 """masked_whiten against a float64 Python-loop reference, on every backend."""
 import pytest
 import torch
+from adv_loops import (
+    MASK_DTYPES,
+    loop_whiten,
+    make_mask,
+    needs,
+    randn,
+)
+from helpers import assert_close_to_ref
 
 from rlhf_fast import (
     masked_whiten,
     masked_whiten_ref,
-)
-from helpers import assert_close_to_ref
-from adv_loops import (
-    MASK_DTYPES, loop_whiten, make_mask, needs, randn,
 )
 
 

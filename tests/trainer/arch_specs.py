@@ -2,7 +2,6 @@
 rl_utils (vocab 19, <pad>=0, <bos>=1, <eos>=2)."""
 import torch
 import transformers as T
-
 from rl_utils import CHARS
 
 VOCAB = 4 + len(CHARS)

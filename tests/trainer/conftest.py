@@ -3,7 +3,6 @@ intra-op threads, and on a shared, oversubscribed CPU their synchronisation domi
 models and the character tokenizer come from ``rl_utils`` (also imported by the torchrun workers)."""
 import pytest
 import torch
-
 from rl_utils import char_tokenizer, seeded_model
 
 

@@ -16,12 +16,14 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before rlhf_fast is imported
 
 import torch  # noqa: E402
-
 from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tiny_config  # noqa: E402
+
 from rlhf_fast import GRPOConfig, GRPOTrainer, PPOConfig, PPOTrainer  # noqa: E402
-from rlhf_fast.trainer import hf_io  # noqa: E402
-from rlhf_fast.trainer import distributed  # noqa: E402
 from rlhf_fast.ops.logprobs import token_logprobs  # noqa: E402
+from rlhf_fast.trainer import (
+    distributed,  # noqa: E402
+    hf_io,  # noqa: E402
+)
 from rlhf_fast.trainer.rollout import Rollout, reward_model_scores  # noqa: E402
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)

@@ -7,9 +7,9 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before rlhf_fast is imported
 
+import dist_worker as W  # noqa: E402
 import torch  # noqa: E402
 
-import dist_worker as W  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
 
 LORA = dict(lora_r=2, lora_alpha=4.0, lora_target_modules="q_proj,v_proj,up_proj")

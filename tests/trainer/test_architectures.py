@@ -7,9 +7,9 @@ import copy
 import pytest
 import torch
 import transformers as T
-
 from arch_specs import SPECS, arch_config, arch_lm
 from rl_utils import PROMPTS, char_tokenizer, target_fraction
+
 from rlhf_fast.ops import token_logprobs
 from rlhf_fast.trainer.grpo import GRPOConfig, GRPOTrainer
 from rlhf_fast.trainer.model import (

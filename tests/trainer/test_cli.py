@@ -31,8 +31,9 @@ def test_yaml_then_set_then_model(tmp_path):
 
 
 def test_parse_value_by_type():
-    from rlhf_fast.trainer.config import GRPOConfig
     import typing
+
+    from rlhf_fast.trainer.config import GRPOConfig
 
     hints = typing.get_type_hints(GRPOConfig)
     assert parse_value("group_size", "8", hints["group_size"]) == 8

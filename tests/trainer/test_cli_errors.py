@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rl_utils import PROMPTS
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import write_jsonl
-
-from rl_utils import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[2]
 

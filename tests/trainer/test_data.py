@@ -5,8 +5,16 @@ import json
 import pytest
 
 from rlhf_fast.data import (
-    DataError, Encoded, encode_example, encode_pair, format_prompt, load_preferences, load_prompts, load_sft,
-    pad_batch, write_jsonl,
+    DataError,
+    Encoded,
+    encode_example,
+    encode_pair,
+    format_prompt,
+    load_preferences,
+    load_prompts,
+    load_sft,
+    pad_batch,
+    write_jsonl,
 )
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
 

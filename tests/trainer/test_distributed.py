@@ -12,17 +12,16 @@ moments / whitening, state-dict checkpoint writing.
 """
 from pathlib import Path
 
+import dist_worker as W
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
-
-import dist_worker as W
 from launch import torchrun as _torchrun
 from rl_utils import seeded_model
+from transformers import AutoModelForCausalLM
+
 from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
-from rlhf_fast.trainer import hf_io
-from rlhf_fast.trainer import distributed
+from rlhf_fast.trainer import distributed, hf_io
 from rlhf_fast.trainer.base import mini_batch_indices
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import read_jsonl

@@ -1,9 +1,8 @@
 """LoRA under torchrun (2 gloo ranks on CPU): one GRPO / PPO update of the adapters (and the
 value head) under FSDP2 and DDP equals one process's; the sharded run exports a PEFT adapter."""
+import dist_worker as W
 import pytest
 import torch
-
-import dist_worker as W
 from launch import torchrun
 from lora_dist_worker import LORA_CASES
 

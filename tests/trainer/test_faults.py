@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 from rlhf_fast.cli import main
 from rlhf_fast.data import write_jsonl
@@ -21,8 +22,6 @@ from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.ppo import PPOTrainer
 from rlhf_fast.trainer.runtime import OutputDirInUseError
-
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 from rlhf_fast.trainer.config import GRPOConfig, PPOConfig
 from rlhf_fast.trainer.grpo import GRPOTrainer
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.ppo import PPOTrainer
-
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)

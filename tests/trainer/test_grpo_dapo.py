@@ -3,13 +3,12 @@ log-probs stand in for the old ones (no old forward), DAPO's dynamic sampling, o
 and overlong filtering."""
 import pytest
 import torch
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 from rlhf_fast import GRPOConfig, GRPOTrainer, group_advantages_ref
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.grpo import overlong_penalty
 from rlhf_fast.trainer.metrics import read_jsonl
-
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 import transformers as T
-from peft import PeftModel
-
 from arch_specs import arch_lm
+from peft import PeftModel
 from rl_utils import PROMPTS, char_tokenizer, target_fraction
+
 from rlhf_fast.ops import token_logprobs
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.grpo import GRPOConfig, GRPOTrainer

@@ -2,14 +2,12 @@
 the sampler's distribution equal to the one the loss recomputes."""
 import pytest
 import torch
+from rl_utils import seeded_model, tiny_config
 from transformers import AutoModel, AutoModelForCausalLM
 
 from rlhf_fast import PolicyValueModel, token_logprobs
 from rlhf_fast.trainer.model import position_ids_from_mask, response_logits
 from rlhf_fast.trainer.rollout import completion_mask, left_pad, sample_completions
-
-from rl_utils import seeded_model, tiny_config
-
 
 
 def _batch(vocab=19, P=5, R=4, seed=0):

@@ -5,9 +5,9 @@ import json
 
 import pytest
 import torch
-
 from arch_specs import arch_lm
 from rl_utils import PROMPTS, char_tokenizer, target_fraction
+
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.grpo import GRPOConfig, GRPOTrainer
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer

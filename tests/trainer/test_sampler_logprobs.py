@@ -4,11 +4,10 @@ sampler against an fp32 trainer gives a small, measured mismatch the correction 
 import copy
 
 import torch
+from rl_utils import seeded_model
 
 from rlhf_fast import ppo_policy_loss, token_logprobs
 from rlhf_fast.trainer.rollout import completion_mask, concat_rollouts, left_pad, sample_completions, sample_rollout
-
-from rl_utils import seeded_model
 
 PROMPTS = [[1, 5, 6, 7, 8], [1, 9], [1, 10, 11]]
 

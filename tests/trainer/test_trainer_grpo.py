@@ -2,12 +2,11 @@
 reference composition of the *_ref ops."""
 import pytest
 import torch
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 from rlhf_fast import GRPOConfig, GRPOTrainer, group_advantages_ref, ppo_policy_loss_ref
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.model import position_ids_from_mask
-
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
 

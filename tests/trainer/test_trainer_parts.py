@@ -4,19 +4,22 @@ import math
 
 import pytest
 import torch
+from rl_utils import char_tokenizer, seeded_model, tiny_config
 from transformers import AutoModelForSequenceClassification
 
 from rlhf_fast import GRPOConfig, PPOConfig
 from rlhf_fast.ops.policy_loss import ppo_policy_loss_ref
-from rlhf_fast.trainer.runtime import lr_multiplier
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.kl_controller import KLController
 from rlhf_fast.trainer.rollout import (
-    Rollout, completion_mask, encode_prompts, left_pad, reward_model_scores, special_ids,
+    Rollout,
+    completion_mask,
+    encode_prompts,
+    left_pad,
+    reward_model_scores,
+    special_ids,
 )
-
-from rl_utils import char_tokenizer, seeded_model, tiny_config
-
+from rlhf_fast.trainer.runtime import lr_multiplier
 
 
 # ---------------------------------------------------------------------------- configs

@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
+from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tiny_config
 from transformers import AutoModelForCausalLM
 
 from rlhf_fast import PPOConfig, PPOTrainer, ppo_advantages_ref, ppo_policy_loss_ref, token_logprobs_ref, value_loss
-from rlhf_fast.trainer.runtime import NonFiniteError
 from rlhf_fast.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from rlhf_fast.trainer.metrics import read_jsonl
 from rlhf_fast.trainer.model import position_ids_from_mask
-
-from rl_utils import PROMPTS, char_tokenizer, seeded_model, target_fraction, tiny_config
+from rlhf_fast.trainer.runtime import NonFiniteError
 
 QUIET = dict(progress_bar=False, tensorboard=False, plot=False)
 
