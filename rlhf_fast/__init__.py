@@ -47,6 +47,10 @@ _LAZY = {
     "SFTConfig": "rlhf_fast.trainer.sft",
     "RewardTrainer": "rlhf_fast.trainer.reward",
     "RewardConfig": "rlhf_fast.trainer.reward",
+    "DPOTrainer": "rlhf_fast.trainer.dpo",
+    "DPOConfig": "rlhf_fast.trainer.dpo",
+    "RLOOTrainer": "rlhf_fast.trainer.rloo",
+    "RLOOConfig": "rlhf_fast.trainer.rloo",
 }
 
 __all__ = [
