@@ -55,7 +55,11 @@ def kl_penalty_ref(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
     if estimator not in KL_ESTIMATOR_NAMES:
         raise ValueError(f"estimator must be one of {KL_ESTIMATOR_NAMES}, got {estimator!r}")
     dtype = torch.promote_types(logprobs.dtype, torch.float32)
-    d = logprobs.to(dtype) - ref_logprobs.to(dtype)
+    return kl_estimate_ref(logprobs.to(dtype) - ref_logprobs.to(dtype), estimator)
+
+
+def kl_estimate_ref(d: torch.Tensor, estimator: str) -> torch.Tensor:
+    """The estimators of ``kl_penalty_ref`` as functions of d = logprobs - ref_logprobs (differentiable)."""
     if estimator == "k1":
         return d
     if estimator == "abs":

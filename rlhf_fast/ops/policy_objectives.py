@@ -30,6 +30,7 @@ import torch
 
 from rlhf_fast.ops._checks import KL_ESTIMATOR_NAMES, check_choice, check_loss_agg, check_number, check_positive
 from rlhf_fast.ops._common import masked_mean
+from rlhf_fast.ops.kl import kl_estimate_ref
 
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
 LOSS_TYPES = ("clip", "cispo", "sapo")
@@ -78,14 +79,8 @@ def is_extended(o: dict, sampler) -> bool:
 
 def policy_kl(d: torch.Tensor, estimator: str) -> torch.Tensor:
     """Per-token KL estimate of d = logp - ref_logp, differentiable (see the module docstring)."""
-    if estimator == "k1":
-        return d
-    if estimator == "abs":
-        return d.abs()
-    if estimator == "k2":
-        return 0.5 * d * d
-    if estimator == "k3":
-        return torch.expm1(-d) + d
+    if estimator in KL_ESTIMATOR_NAMES:
+        return kl_estimate_ref(d, estimator)
     k = (-d).clamp(-20.0, 20.0)  # verl's low_var_kl on ref - logp
     low_var = (torch.exp(k) - k - 1).clamp(-10.0, 10.0)
     if estimator == "low_var_kl":
