@@ -162,6 +162,19 @@ def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> En
     return Encoded(p + r[: max_length - len(p)], len(p))
 
 
+def encode_preference(tokenizer, example, max_length: int) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected) of one ``{"prompt", "chosen", "rejected"}`` row, each as ``encode_example``;
+    errors name the missing or non-string key."""
+    if not isinstance(example, dict):
+        raise TypeError(f"a preference example must be a dict with keys {list(PREFERENCE_FIELDS)}, "
+                        f"got {type(example).__name__}")
+    for k in PREFERENCE_FIELDS:
+        if not isinstance(example.get(k), str):
+            raise ValueError(f"a preference example needs a string {k!r}")
+    return (encode_example(tokenizer, example["prompt"], example["chosen"], max_length),
+            encode_example(tokenizer, example["prompt"], example["rejected"], max_length))
+
+
 def pad_batch(examples: list[Encoded], pad_id: int) -> dict:
     """Right-pads encoded examples.
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import PREFERENCE_FIELDS, Encoded, encode_example, pad_batch
+from rlhf_fast.data import Encoded, encode_preference, pad_batch
 from rlhf_fast.ops import dpo_loss, token_logprobs
 from rlhf_fast.trainer.config import check_choice, check_field
 from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
@@ -161,19 +161,11 @@ class DPOTrainer(SupervisedTrainer):
 
     # ------------------------------------------------------------------ hooks
     def encode(self, example):
-        if not isinstance(example, dict):
-            raise TypeError(f"a preference example must be a dict with keys {list(PREFERENCE_FIELDS)}, "
-                            f"got {type(example).__name__}")
-        for k in PREFERENCE_FIELDS:
-            if not isinstance(example.get(k), str):
-                raise ValueError(f"a preference example needs a string {k!r}")
-        n = self.config.max_length
-        pair = Pair(encode_example(self.tokenizer, example["prompt"], example["chosen"], n),
-                    encode_example(self.tokenizer, example["prompt"], example["rejected"], n))
+        pair = Pair(*encode_preference(self.tokenizer, example, self.config.max_length))
         for side, e in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             if len(e.ids) - max(e.n_prompt, 1) < 1:
                 raise ValueError(f"the {side} response has no token to score (empty prompt without BOS, or cut "
-                                 f"away by max_length={n})")
+                                 f"away by max_length={self.config.max_length})")
         return pair
 
     def model_loss(self, model, items):

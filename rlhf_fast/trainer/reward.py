@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import PREFERENCE_FIELDS, encode_example, pad_batch
+from rlhf_fast.data import encode_preference, pad_batch
 from rlhf_fast.ops import reward_model_loss
 from rlhf_fast.trainer.rollout import sequence_scores
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
@@ -97,15 +97,7 @@ class RewardTrainer(SupervisedTrainer):
             cfg.pad_token_id = self.pad_id  # so the exported model also runs through HF's own forward
 
     def encode(self, example):
-        if not isinstance(example, dict):
-            raise TypeError(f"a preference example must be a dict with keys {list(PREFERENCE_FIELDS)}, "
-                            f"got {type(example).__name__}")
-        for k in PREFERENCE_FIELDS:
-            if not isinstance(example.get(k), str):
-                raise ValueError(f"a preference example needs a string {k!r}")
-        n = self.config.max_length
-        return (encode_example(self.tokenizer, example["prompt"], example["chosen"], n),
-                encode_example(self.tokenizer, example["prompt"], example["rejected"], n))
+        return encode_preference(self.tokenizer, example, self.config.max_length)
 
     def model_loss(self, model, items):
         batch = pad_batch([c for c, _ in items] + [r for _, r in items], self.pad_id)

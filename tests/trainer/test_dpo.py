@@ -186,3 +186,12 @@ def test_config_errors(tmp_path, tokenizer):
         DPOConfig(loss_type="ipo", label_smoothing=0.1)
     with pytest.raises(ValueError, match=r"train_data\[0\].*rejected"):
         trainer(tmp_path, tokenizer, data=[{"prompt": "a", "chosen": "b"}])
+
+
+def test_a_pair_with_nothing_to_score_names_max_length(tmp_path, tokenizer):
+    """An empty prompt without BOS leaves the first response token unscorable: with max_length=1 nothing is
+    left to score, an error naming max_length, not a silent 0 log-prob."""
+    pairs = [{"prompt": "", "chosen": "a", "rejected": "b"}]
+    with pytest.raises(ValueError, match="no token to score .* max_length=1"):
+        DPOTrainer(DPOConfig(output_dir=str(tmp_path), max_length=1, batch_size=1, micro_batch_size=1, **QUIET),
+                   model=lm(), ref_model=lm(seed=1), tokenizer=tokenizer, train_data=pairs)
