@@ -23,6 +23,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: the CLI's API too)
@@ -65,16 +66,27 @@ def cmd_rm(cfg, run):
 def load_reward(command, cfg, run, tok, **kw) -> dict:
     """{"reward_fn": ...} or {"reward_model": ...} from exactly one of reward_model, reward_fn,
     reward_judge (an RLAIF judge: a causal LM scoring log p(verdict) under a rubric)."""
-    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_reward_model
+    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_reward_model, load_tokenizer
+    from rlhf_fast.stops import tokenizer_mismatch
 
     given = [k for k in ("reward_model", "reward_fn", "reward_judge") if run.get(k)]
     if len(given) != 1:
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder), reward_fn (module:function) and "
                        f"reward_judge (a causal-LM folder){'; got ' + ', '.join(given) if given else ''}")
-    if run.get("reward_fn"):
-        return {"reward_fn": load_reward_fn(run["reward_fn"])}
+    if run.get("reward_fn"):  # one, or several (comma-separated or a YAML list) weighted by reward_weights
+        specs = run["reward_fn"]
+        several = not isinstance(specs, str) or "," in specs or getattr(cfg, "weights", None) is not None
+        specs = [s.strip() for s in specs.split(",") if s.strip()] if isinstance(specs, str) else list(specs)
+        fns = [load_reward_fn(s) for s in specs]
+        return {"reward_fn": fns if several else fns[0]}
     if run.get("reward_model"):
-        return {"reward_model": load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)}
+        rm = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)
+        if run["reward_model"] != "tiny":
+            why = tokenizer_mismatch(tok, load_tokenizer(run["reward_model"]))
+            if why and _rank0():
+                warnings.warn(f"reward_model {run['reward_model']} was trained with another tokenizer than the "
+                              f"policy's ({why}): its scores of the policy's tokens mean little", stacklevel=1)
+        return {"reward_model": rm}
     from rlhf_fast.trainer.judge import SCALAR_TEMPLATE, Judge
     from rlhf_fast.trainer.runtime import resolve_device
 
@@ -90,7 +102,7 @@ def load_reward(command, cfg, run, tok, **kw) -> dict:
 
 
 def cmd_rl(command, cfg, run):
-    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompt_rows, load_prompts, policy_prompt
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_policy, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
@@ -98,7 +110,7 @@ def cmd_rl(command, cfg, run):
 
     tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
     kw = load_kwargs(cfg)
-    prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
+    prompts = load_prompt_rows(run["prompts_file"])  # the trainer applies the chat template
     reward = load_reward(command, cfg, run, tok, **kw)
     extra = {}
     if run.get("gold_fn"):

@@ -1,16 +1,25 @@
-"""JSONL datasets for the three RLHF stages, and their tokenization.
+"""Datasets for the three RLHF stages, and their tokenization.
 
-    sft          {"prompt": str, "response": str}             -> load_sft(path)
-    preferences  {"prompt": str, "chosen": str, "rejected": str} -> load_preferences(path)
-    prompts      {"prompt": str}                               -> load_prompts(path)
+    sft          {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
+    preferences  {"prompt": str, "chosen": str, "rejected": str}  or the conversational
+                 {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
+    prompts      {"prompt": str | [messages], **columns}   (columns reach reward functions)
 
-One JSON object per line; other keys are allowed and ignored. A malformed line (bad JSON, a
-missing or non-string field, a blank line) raises ``DataError`` naming the file and the line;
-nothing is skipped; an empty file is an error too.
+    rows = load_sft(path)            # also load_preferences(path), load_prompts(path), load_prompt_rows(path)
 
-Tokenization: when the tokenizer has a chat template, the prompt becomes a user turn and the
-response the assistant turn (``format_prompt``, ``encode_pair``); otherwise the prompt text is
-encoded as is (with the tokenizer's own special tokens, e.g. BOS) and the response is followed by EOS.
+A source is a JSONL file (one JSON object a line), or a Hugging Face ``datasets`` dataset: a
+``save_to_disk`` folder (its "train" split when it holds several) or a ``.parquet`` file.
+Messages have a ``role`` (system / user / assistant / tool) and a string ``content``. A
+malformed row (bad JSON, a missing or mistyped field, a blank line) raises ``DataError`` naming
+the file and the line (row); nothing is skipped; an empty dataset is an error too.
+
+Tokenization: with a chat template the prompt becomes a user turn (or its own messages) and
+the response the assistant turn; without one, the prompt text is encoded as is (with the
+tokenizer's special tokens, e.g. BOS) and the response is followed by EOS (conversational data
+then is an error). A response ends at its first stop token (``rlhf_fast.stops``: EOS,
+the generation config's EOS ids, the template's end-of-turn token), and the template text after
+it is left out; in a conversation that text is context for the next turn. SFT trains on the
+assistant turns only (``assistant_only=False``: on every token).
 """
 from __future__ import annotations
 
@@ -20,66 +29,167 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_fast.stops import has_chat_template, stop_token_ids, turn_end
+
 SFT_FIELDS = ("prompt", "response")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 PROMPT_FIELDS = ("prompt",)
+ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataError(ValueError):
-    """A dataset file that cannot be used as it is; the message names the file and line."""
+    """A dataset that cannot be used as it is; the message names the file and line (row)."""
 
 
-def load_jsonl(path, fields) -> list[dict]:
-    """Reads ``path`` (one JSON object a line) and returns, per line, ``{field: str}`` for ``fields``.
-
-    Every field must be present and a string; ``prompt`` may be empty, the others may not.
-    """
+# ---------------------------------------------------------------------------- reading rows
+def read_rows(path) -> list[tuple[str, object]]:
+    """``(where, row)`` for every row of a JSONL file, a ``datasets`` folder or a parquet file
+    (``where`` is "file:line" or "file row N"); rows are not validated here."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        return _dataset_rows(path, "folder")
     if not os.path.isfile(path):
         raise DataError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        return _dataset_rows(path, "parquet")
     rows = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             where = f"{path}:{lineno}"
             if not line.strip():
-                raise DataError(f"{where}: blank line (every line must be one JSON object with keys {list(fields)})")
+                raise DataError(f"{where}: blank line (every line must be one JSON object)")
             try:
-                obj = json.loads(line)
+                rows.append((where, json.loads(line)))
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object with keys {list(fields)}, got {type(obj).__name__}")
-            row = {}
-            for k in fields:
-                if k not in obj:
-                    raise DataError(f"{where}: missing key {k!r} (expected keys {list(fields)}, got {sorted(obj)})")
-                v = obj[k]
-                if not isinstance(v, str):
-                    raise DataError(f"{where}: {k!r} must be a string, got {type(v).__name__}")
-                if k != "prompt" and not v:
-                    raise DataError(f"{where}: {k!r} is empty")
-                row[k] = v
-            if "chosen" in row and row["chosen"] == row.get("rejected"):
-                raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"{path}: empty dataset (expected JSON lines with keys {list(fields)})")
     return rows
 
 
+def _dataset_rows(path: str, kind: str) -> list[tuple[str, object]]:
+    try:
+        import datasets
+    except ImportError:  # pragma: no cover - datasets is a dependency of the CLI's data input
+        raise DataError(f"{path}: reading a {kind} dataset needs the `datasets` package") from None
+    try:
+        ds = datasets.load_from_disk(path) if kind == "folder" else datasets.Dataset.from_parquet(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise DataError(f"{path}: not a readable datasets {kind} ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); "
+                            "point at one split's folder")
+        ds = ds["train"]
+    return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
+
+
+def check_messages(where: str, key: str, value, *, final_assistant: bool = False) -> list[dict]:
+    """``value`` as a list of ``{"role", "content"}`` (extra keys kept); a DataError otherwise."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {key!r} must be a non-empty list of messages, got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in ROLES:
+            raise DataError(f"{where}: {key}[{j}] must be a message {{'role': one of {list(ROLES)}, "
+                            f"'content': str}}, got {m!r}"[:300])
+    if final_assistant and value[-1]["role"] != "assistant":
+        raise DataError(f"{where}: {key!r} must end with an assistant message")
+    return value
+
+
+def _row(where, obj, fields):
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object with keys {list(fields)}, got {type(obj).__name__}")
+    for k in fields:
+        if k not in obj:
+            raise DataError(f"{where}: missing key {k!r} (expected keys {list(fields)}, got {sorted(obj)})")
+    return obj
+
+
+def _string(where, obj, k):
+    v = obj[k]
+    if not isinstance(v, str):
+        raise DataError(f"{where}: {k!r} must be a string, got {type(v).__name__}")
+    if k != "prompt" and not v:
+        raise DataError(f"{where}: {k!r} is empty")
+    return v
+
+
+def _rows(path, parse) -> list:
+    out = [parse(where, obj) for where, obj in read_rows(path)]
+    if not out:
+        raise DataError(f"{os.fspath(path)}: empty dataset")
+    return out
+
+
+def load_jsonl(path, fields) -> list[dict]:
+    """Reads ``path`` and returns, per row, ``{field: str}`` for ``fields`` (string fields;
+    ``prompt`` may be empty, the others may not)."""
+    return _rows(path, lambda where, obj: {k: _string(where, _row(where, obj, fields), k) for k in fields})
+
+
 def load_sft(path) -> list[dict]:
-    """``{"prompt", "response"}`` lines -> list of dicts."""
-    return load_jsonl(path, SFT_FIELDS)
+    """``{"prompt", "response"}`` strings or ``{"messages": [...]}`` rows -> list of dicts."""
+    def parse(where, obj):
+        if isinstance(obj, dict) and "messages" in obj:
+            msgs = check_messages(where, "messages", obj["messages"])
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{where}: 'messages' holds no assistant message (nothing to train on)")
+            return {"messages": msgs}
+        _row(where, obj, SFT_FIELDS)
+        return {k: _string(where, obj, k) for k in SFT_FIELDS}
+    return _rows(path, parse)
 
 
 def load_preferences(path) -> list[dict]:
-    """``{"prompt", "chosen", "rejected"}`` lines -> list of dicts."""
-    return load_jsonl(path, PREFERENCE_FIELDS)
+    """``{"prompt", "chosen", "rejected"}`` rows (strings, or conversational: a prompt of
+    messages and assistant messages for chosen / rejected) -> list of dicts."""
+    def parse(where, obj):
+        _row(where, obj, PREFERENCE_FIELDS)
+        if isinstance(obj["chosen"], list) or isinstance(obj["prompt"], list):
+            row = {"prompt": check_messages(where, "prompt", obj["prompt"]),
+                   "chosen": check_messages(where, "chosen", obj["chosen"], final_assistant=True),
+                   "rejected": check_messages(where, "rejected", obj["rejected"], final_assistant=True)}
+        else:
+            row = {k: _string(where, obj, k) for k in PREFERENCE_FIELDS}
+        if row["chosen"] == row["rejected"]:
+            raise DataError(f"{where}: 'chosen' and 'rejected' are identical")
+        return row
+    return _rows(path, parse)
 
 
-def load_prompts(path) -> list[str]:
-    """``{"prompt"}`` lines -> list of prompt strings."""
-    return [r["prompt"] for r in load_jsonl(path, PROMPT_FIELDS)]
+def load_prompt_rows(path) -> list[dict]:
+    """``{"prompt": str | [messages], **columns}`` rows, every column kept (reward functions
+    receive them as keyword arguments)."""
+    def parse(where, obj):
+        _row(where, obj, PROMPT_FIELDS)
+        p = obj["prompt"]
+        if not isinstance(p, str):
+            check_messages(where, "prompt", p)
+        return dict(obj)
+    return _rows(path, parse)
+
+
+def load_prompts(path) -> list:
+    """The ``prompt`` of every row (a string, or a list of messages)."""
+    return [r["prompt"] for r in load_prompt_rows(path)]
+
+
+def prompt_rows(tokenizer, prompts) -> tuple[list[str], list, dict[str, list]]:
+    """(prompt texts the policy continues, raw prompts reward functions see, {column: values})
+    from strings (used as they are) or ``{"prompt", **columns}`` rows (formatted by ``policy_prompt``;
+    the RL trainers take either)."""
+    if isinstance(prompts, (str, dict)) or not hasattr(prompts, "__len__"):
+        raise ValueError("prompts must be a non-empty list of strings or of {'prompt': ...} rows")
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, dict) for p in prompts):
+        return prompts, prompts, {}  # encode_prompts checks the strings
+    names = []
+    for i, row in enumerate(prompts):
+        if "prompt" not in row:
+            raise ValueError(f"prompts[{i}] has no 'prompt' key (got {sorted(row)})")
+        names += [k for k in row if k != "prompt" and k not in names]
+    raw = [row["prompt"] for row in prompts]
+    columns = {k: [row.get(k) for row in prompts] for k in names}
+    return [policy_prompt(tokenizer, p) for p in raw], raw, columns
 
 
 def write_jsonl(path, rows) -> None:
@@ -91,21 +201,35 @@ def write_jsonl(path, rows) -> None:
 
 
 # ---------------------------------------------------------------------------- tokenization
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
+def is_conversation(x) -> bool:
+    return isinstance(x, list)
 
 
-def format_prompt(tokenizer, prompt: str) -> str:
-    """The text the policy continues: the chat template's user turn plus the generation prompt,
-    or ``prompt`` itself when the tokenizer has no chat template."""
+def as_messages(prompt) -> list[dict]:
+    return prompt if is_conversation(prompt) else [{"role": "user", "content": prompt}]
+
+
+def need_template(tokenizer, what="conversational data"):
     if not has_chat_template(tokenizer):
+        raise DataError(f"{what} needs a tokenizer with a chat template (this tokenizer has none; set "
+                        "tokenizer.chat_template or use {\"prompt\", \"response\"} strings)")
+
+
+def render(tokenizer, messages, generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def format_prompt(tokenizer, prompt) -> str:
+    """The text the policy continues: the chat template's rendering of the prompt (a user turn
+    for a string) plus the generation prompt, or ``prompt`` itself without a chat template."""
+    if not has_chat_template(tokenizer):
+        if is_conversation(prompt):
+            need_template(tokenizer, "a conversational prompt")
         return prompt
-    return tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    return render(tokenizer, as_messages(prompt), generation_prompt=True)
 
 
-def policy_prompt(tokenizer, prompt: str) -> str:
+def policy_prompt(tokenizer, prompt) -> str:
     """The prompt text to hand a PPO/GRPO trainer, which encodes prompts with
     ``tokenizer(text)`` (special tokens added): chosen so that those ids equal
     ``encode_prompt(tokenizer, prompt)``, the ids SFT trained on. (A chat template that writes
@@ -119,60 +243,110 @@ def policy_prompt(tokenizer, prompt: str) -> str:
     return text
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt) -> list[int]:
     """Token ids of ``format_prompt(tokenizer, prompt)`` (special tokens added once)."""
     if has_chat_template(tokenizer):  # the template writes its own BOS, if any
-        return tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    return tokenizer(prompt)["input_ids"]
+        return _ids(tokenizer, format_prompt(tokenizer, prompt))
+    return tokenizer(format_prompt(tokenizer, prompt))["input_ids"]
 
 
-def encode_pair(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(prompt_ids, response_ids) for a prompt and its response; the response ids end the turn
-    (the chat template's end-of-turn tokens, or EOS)."""
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def conversation_segments(tokenizer, messages, stops) -> list[tuple[list[int], bool]]:
+    """``(ids, is_assistant)`` pieces whose concatenation is the conversation: each assistant
+    turn's ids run through its first stop token; the template text after it (and every other
+    turn) is context."""
+    need_template(tokenizer)
+    segments, done = [], ""
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, full = render(tokenizer, messages[:i], True), render(tokenizer, messages[: i + 1])
+        if not (prefix.startswith(done) and full.startswith(prefix)):
+            raise DataError("the tokenizer's chat template does not render a conversation as its earlier turns "
+                            "followed by the assistant turn; cannot separate the assistant's tokens")
+        turn = _ids(tokenizer, full[len(prefix):])
+        end = turn_end(turn, stops) or len(turn)
+        segments += [(_ids(tokenizer, prefix[len(done):]), False), (turn[:end], True), (turn[end:], False)]
+        done = full
+    return [(ids, a) for ids, a in segments if ids]
+
+
+def encode_pair(tokenizer, prompt, response, stops=None) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) for a prompt (a string or messages) and its response (a
+    string, or the assistant messages that follow a conversational prompt); the response ids
+    end at the stop token that ends the (last) assistant turn (the chat template's end-of-turn
+    token, or EOS); template text after it is not part of the response."""
+    stops = stop_token_ids(tokenizer) if stops is None else stops
     prompt_ids = encode_prompt(tokenizer, prompt)
     if has_chat_template(tokenizer):
-        p_text = format_prompt(tokenizer, prompt)
-        full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}], tokenize=False
-        )
-        if not full.startswith(p_text):
-            raise DataError(
-                "the tokenizer's chat template does not render a conversation as its prompt followed by the "
-                "assistant turn; cannot separate response tokens (use a tokenizer without a chat template)"
-            )
-        return prompt_ids, tokenizer(full[len(p_text):], add_special_tokens=False)["input_ids"]
+        turns = response if is_conversation(response) else [{"role": "assistant", "content": response}]
+        msgs = as_messages(prompt)
+        segs = conversation_segments(tokenizer, msgs + list(turns), stops)
+        ids = [t for s, _ in segs for t in s]
+        if ids[: len(prompt_ids)] != prompt_ids:
+            raise DataError("the tokenizer's chat template does not render a conversation as its prompt followed "
+                            "by the assistant turn; cannot separate response tokens")
+        last = max(i for i, (_, a) in enumerate(segs) if a)
+        return prompt_ids, ids[len(prompt_ids): sum(len(s) for s, _ in segs[: last + 1])]
+    if is_conversation(response):
+        need_template(tokenizer)
     if tokenizer.eos_token_id is None:
         raise DataError("tokenizer has no eos_token: responses cannot be terminated")
-    return prompt_ids, tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids, _ids(tokenizer, response) + [tokenizer.eos_token_id]
 
 
 @dataclass
 class Encoded:
-    """One tokenized prompt + response: ``ids`` (T,) and ``n_prompt`` leading prompt tokens."""
+    """One tokenized example: ``ids`` (T,) and ``n_prompt`` leading prompt tokens; ``loss_mask``
+    (T,), when given, marks the trained tokens instead (a conversation's assistant turns)."""
 
     ids: list[int]
     n_prompt: int
+    loss_mask: list[bool] | None = None
+
+    def trained(self) -> list[int]:
+        """The ids of the trained (response) tokens."""
+        if self.loss_mask is None:
+            return self.ids[self.n_prompt:]
+        return [t for t, m in zip(self.ids, self.loss_mask) if m]
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int) -> Encoded:
+def encode_example(tokenizer, prompt, response, max_length: int, stops=None) -> Encoded:
     """Tokenizes one example, cutting the response (never the prompt) to fit ``max_length``."""
-    p, r = encode_pair(tokenizer, prompt, response)
+    p, r = encode_pair(tokenizer, prompt, response, stops)
     if len(p) >= max_length:
         raise DataError(f"prompt is {len(p)} tokens, which leaves no room for a response within max_length={max_length}")
     return Encoded(p + r[: max_length - len(p)], len(p))
 
 
-def encode_preference(tokenizer, example, max_length: int) -> tuple[Encoded, Encoded]:
-    """(chosen, rejected) of one ``{"prompt", "chosen", "rejected"}`` row, each as ``encode_example``;
-    errors name the missing or non-string key."""
+def encode_preference(tokenizer, example, max_length: int, stops=None) -> tuple[Encoded, Encoded]:
+    """(chosen, rejected) of one ``{"prompt", "chosen", "rejected"}`` row (strings, or lists of
+    messages for a conversational row), each as ``encode_example``; errors name the bad key."""
     if not isinstance(example, dict):
         raise TypeError(f"a preference example must be a dict with keys {list(PREFERENCE_FIELDS)}, "
                         f"got {type(example).__name__}")
     for k in PREFERENCE_FIELDS:
-        if not isinstance(example.get(k), str):
-            raise ValueError(f"a preference example needs a string {k!r}")
-    return (encode_example(tokenizer, example["prompt"], example["chosen"], max_length),
-            encode_example(tokenizer, example["prompt"], example["rejected"], max_length))
+        if not isinstance(example.get(k), (str, list)):
+            raise ValueError(f"a preference example needs {k!r} (a string or a list of messages)")
+    p = example["prompt"]
+    return (encode_example(tokenizer, p, example["chosen"], max_length, stops),
+            encode_example(tokenizer, p, example["rejected"], max_length, stops))
+
+
+def encode_conversation(tokenizer, messages, max_length: int, stops=None, assistant_only: bool = True) -> Encoded:
+    """A ``{"messages"}`` SFT row: every turn as context, the assistant turns trained (all
+    tokens with ``assistant_only=False``), cut to ``max_length``."""
+    stops = stop_token_ids(tokenizer) if stops is None else stops
+    segs = conversation_segments(tokenizer, messages, stops)
+    ids = [t for s, _ in segs for t in s][:max_length]
+    mask = [a or not assistant_only for s, a in segs for _ in s][:max_length]
+    first = mask.index(True) if True in mask else len(mask)
+    if first >= len(mask) or (first == 0 and sum(mask) == 1):
+        raise DataError(f"no assistant token fits within max_length={max_length}")
+    return Encoded(ids, first, mask)
 
 
 def pad_batch(examples: list[Encoded], pad_id: int) -> dict:
@@ -191,6 +365,9 @@ def pad_batch(examples: list[Encoded], pad_id: int) -> dict:
         n = len(e.ids)
         ids[i, :n] = torch.tensor(e.ids, dtype=torch.long)
         attn[i, :n] = 1
-        resp[i, e.n_prompt:n] = True
+        if e.loss_mask is None:
+            resp[i, e.n_prompt:n] = True
+        else:
+            resp[i, :n] = torch.tensor(e.loss_mask, dtype=torch.bool)
     last = attn.sum(1) - 1
     return {"input_ids": ids, "attention_mask": attn, "response_mask": resp, "last": last}

@@ -155,7 +155,7 @@ def load_reward_model(path: str, tokenizer, *, key: str = "model", seed: int = 0
 
 
 def load_reward_fn(spec: str):
-    """``package.module:function`` -> the function (called as f(prompts, completions))."""
+    """``package.module:function`` -> the function (called as f(prompts, completions, **columns))."""
     if ":" not in spec:
         raise LoadError(f"reward_fn={spec!r}: expected 'package.module:function'")
     mod, name = spec.split(":", 1)

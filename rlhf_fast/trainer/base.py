@@ -31,7 +31,9 @@ import warnings
 import torch
 from torch import nn
 
+from rlhf_fast.data import prompt_rows
 from rlhf_fast.ops import aggregation_weights
+from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.config import ConfigError, RLConfig
 from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
@@ -39,6 +41,7 @@ from rlhf_fast.trainer.hf_io import is_peft
 from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
 from rlhf_fast.trainer.process_group import rank, world_size
+from rlhf_fast.trainer.reward_fns import RewardFunctions
 from rlhf_fast.trainer.rollout import (
     RewardFunctionError,
     Rollout,
@@ -65,7 +68,14 @@ class RLTrainer(Runtime):
 
     Optional: ``gold_fn(prompts, completions)`` (a held-out / gold reward never optimised: logged
     as ``reward/gold`` and ``reward/proxy_minus_gold``) and ``eval_prompts`` (held-out prompts scored
-    every ``config.eval_steps`` steps and at the end; see health.py)."""
+    every ``config.eval_steps`` steps and at the end; see health.py).
+
+    ``prompts``: strings (already formatted, e.g. ``data.policy_prompt``; reward functions see
+    them as they are) or rows ``{"prompt": str | messages, **columns}`` (``data.load_prompt_rows``:
+    formatted here with the chat template; reward functions get the raw prompt and the columns).
+    ``reward_fn``: a function, or a list of them weighted by ``reward_weights`` (each then logged
+    as ``reward/<name>/mean``); see ``reward_fns.py``. Completions stop at the stop tokens
+    (``stops.py``), which the export writes into generation_config.json."""
 
     config_class = RLConfig
     uses_value_head = False
@@ -76,8 +86,8 @@ class RLTrainer(Runtime):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("pass exactly one of reward_fn (prompts, completions -> scores) and reward_model")
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError("reward_fn must be callable as reward_fn(prompts, completions)")
+        if reward_fn is not None and not callable(reward_fn) and not isinstance(reward_fn, (list, tuple)):
+            raise TypeError("reward_fn must be callable as reward_fn(prompts, completions, **columns), or a list")
         if tokenizer is None:
             raise ValueError("tokenizer is required (prompts are text; completions are decoded for reward_fn)")
         if gold_fn is not None and not callable(gold_fn):
@@ -113,7 +123,9 @@ class RLTrainer(Runtime):
                 m.set_attn_implementation(attn)
         self.ref_model = self._frozen(ref_model) if ref_model is not None else None
         self.reward_model = self._frozen(reward_model) if reward_model is not None else None
-        self.reward_fn = reward_fn
+        self.reward_fn = None if reward_fn is None else RewardFunctions(reward_fn, cfg.weights)
+        if reward_fn is None and cfg.weights is not None:
+            raise ConfigError("reward_weights: set without reward functions (the reward model has no weights)")
         disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -126,7 +138,8 @@ class RLTrainer(Runtime):
 
         self.tokenizer = tokenizer
         self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.prompts = list(prompts)
+        self.stop_ids = stop_token_ids(tokenizer, model.policy, cfg.stop_tokens)
+        self.prompts, self.raw_prompts, self.columns = prompt_rows(tokenizer, prompts)
         self.prompt_ids = encode_prompts(tokenizer, self.prompts, cfg.max_prompt_length, cfg.prompt_truncation)
         limit = getattr(model.policy.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) for p in self.prompt_ids)
@@ -268,7 +281,9 @@ class RLTrainer(Runtime):
                     self.model.policy, self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device,
                     reward_fn=self.reward_fn, reward_model=self.reward_model,
-                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast,
+                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast, stop_ids=self.stop_ids,
+                    raw_prompts=[self.raw_prompts[i] for i in idx],
+                    columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
                     record_logprobs=self.records_sampler_logprobs)
             except RewardFunctionError as e:  # name the step too
                 raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
@@ -398,6 +413,11 @@ class RLTrainer(Runtime):
         out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}
         if kl:
             out["kl/ref"] = kl[0]
+        if batch.reward_parts:  # each of several reward functions: its mean over the samples it scored
+            parts = torch.stack(list(batch.reward_parts.values())).double()  # (F, B), NaN = no opinion
+            sc = all_reduce(torch.stack([parts.nan_to_num(0.0).sum(1), (~parts.isnan()).sum(1).double()]))
+            for name, s, c in zip(batch.reward_parts, *sc.cpu().tolist()):
+                out[f"reward/{name}/mean"] = s / c if c else float("nan")
         times = [t_rollout, t_update]
         if self.device.type == "cuda":
             times.append(torch.cuda.max_memory_allocated(self.device) / 2**30)

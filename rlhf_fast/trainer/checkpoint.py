@@ -275,15 +275,18 @@ def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, generat
     return state
 
 
-def export_pretrained(model: torch.nn.Module, path, tokenizer=None) -> Path:
+def export_pretrained(model: torch.nn.Module, path, tokenizer=None, stop_ids=None) -> Path:
     """Writes ``model`` as a Hugging Face folder (``save_pretrained``; a PolicyValueModel with its
-    value head) and the tokenizer to ``path``. Under a process group every rank calls it and rank
-    0 writes the gathered full weights."""
+    value head) and the tokenizer to ``path``; ``stop_ids`` go into its generation_config.json
+    (``hf_io.write_stop_tokens``). Under a process group every rank calls it and rank 0 writes
+    the gathered full weights."""
     path = Path(path)
     msd = full_state_dicts(model)[0] if is_distributed() else None
     if rank() == 0:
         hf_io.save_weights(model, path, state_dict=msd)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(path)
+        if stop_ids:
+            hf_io.write_stop_tokens(path, stop_ids, getattr(tokenizer, "pad_token_id", None))
     barrier()
     return path

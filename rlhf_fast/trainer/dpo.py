@@ -38,6 +38,7 @@ import torch
 
 from rlhf_fast.data import Encoded, encode_preference, pad_batch
 from rlhf_fast.ops import dpo_loss, token_logprobs
+from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.config import check_choice, check_field
 from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
 from rlhf_fast.trainer.process_group import barrier
@@ -121,6 +122,7 @@ class DPOTrainer(SupervisedTrainer):
         check_plain_lm_head(model)
         ref = ref_model if ref_model is not None else copy.deepcopy(model)
         lm_trunk(ref)
+        self.stop_ids = stop_token_ids(tokenizer, model, config.stop_tokens)
         super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
         self.precompute_reference(ref)
 
@@ -161,7 +163,7 @@ class DPOTrainer(SupervisedTrainer):
 
     # ------------------------------------------------------------------ hooks
     def encode(self, example):
-        pair = Pair(*encode_preference(self.tokenizer, example, self.config.max_length))
+        pair = Pair(*encode_preference(self.tokenizer, example, self.config.max_length, self.stop_ids))
         for side, e in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             if len(e.ids) - max(e.n_prompt, 1) < 1:
                 raise ValueError(f"the {side} response has no token to score (empty prompt without BOS, or cut "

@@ -31,7 +31,7 @@ linearly to ``overlong_penalty`` over the last ``overlong_buffer`` tokens, added
 the advantages see; the logged reward stays the raw one) and overlong filtering (completions
 without EOS get no loss; ``response/length`` then counts the loss tokens).
 
-Left out: reward-function weighting of several rewards.
+Several weighted reward functions come from the RL base (``reward_fns.py``).
 """
 from __future__ import annotations
 

@@ -16,12 +16,14 @@ tensor is materialised and backward writes the gradient into the logits' storage
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import SFT_FIELDS, encode_example, pad_batch
+from rlhf_fast.data import SFT_FIELDS, encode_conversation, encode_example, pad_batch
 from rlhf_fast.ops import token_logprobs
+from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.model import check_plain_lm_head, head_logits, lm_trunk, trunk_forward
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 
@@ -32,6 +34,7 @@ class SFTConfig(SupervisedConfig):
 
     output_dir: str = "runs/sft"
     learning_rate: float = 1e-4
+    assistant_only_loss: bool = True  # {"messages"} rows: loss on the assistant turns only (False: every token)
 
 
 def response_nll(model, batch: dict, *, with_aux: bool = False):
@@ -52,7 +55,12 @@ class SFTTrainer(SupervisedTrainer):
         config: an SFTConfig.
         model: an ``AutoModelForCausalLM`` model whose logits are ``lm_head(hidden)``.
         tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.data``).
-        train_data, eval_data: lists of ``{"prompt": str, "response": str}`` (``load_sft(path)``).
+        train_data, eval_data: lists of ``{"prompt": str, "response": str}`` or ``{"messages": [...]}``
+            (``load_sft(path)``).
+
+    Responses end at their first stop token (``stops.py``), which is trained as the last target;
+    a warning names how many training responses hold no stop token (the model would not learn
+    to stop).
     """
 
     config_class = SFTConfig
@@ -61,17 +69,31 @@ class SFTTrainer(SupervisedTrainer):
     def __init__(self, config: SFTConfig, *, model, tokenizer, train_data, eval_data=None):
         lm_trunk(model)
         check_plain_lm_head(model)
+        self.stop_ids = stop_token_ids(tokenizer, model, config.stop_tokens)
         super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
+        stops = set(self.stop_ids)
+        unstopped = sum(not stops.intersection(e.trained()) for e in self.train_set)
+        if unstopped and self.rank == 0:
+            names = [tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids]
+            warnings.warn(f"{unstopped} of {len(self.train_set)} SFT training responses contain no stop token "
+                          f"{names} (cut by max_length={config.max_length}, or a chat template that ends turns "
+                          "with plain text): the model does not learn to stop on them", stacklevel=2)
 
     def encode(self, example):
         if not isinstance(example, dict):
             raise TypeError(f"an SFT example must be a dict with keys {list(SFT_FIELDS)}, got {type(example).__name__}")
+        cfg = self.config
+        if "messages" in example:
+            return encode_conversation(self.tokenizer, example["messages"], cfg.max_length, self.stop_ids,
+                                       assistant_only=cfg.assistant_only_loss)
         for k in SFT_FIELDS:
             if not isinstance(example.get(k), str):
-                raise ValueError(f"an SFT example needs a string {k!r}")
-        return encode_example(self.tokenizer, example["prompt"], example["response"], self.config.max_length)
+                raise ValueError(f"an SFT example needs a string {k!r} (or a list of 'messages')")
+        return encode_example(self.tokenizer, example["prompt"], example["response"], cfg.max_length, self.stop_ids)
 
     def weight(self, item) -> float:
+        if item.loss_mask is not None:
+            return sum(item.loss_mask[1:])
         return len(item.ids) - max(item.n_prompt, 1)  # response tokens that have a preceding token
 
     def model_loss(self, model, items):
