@@ -188,16 +188,16 @@ class RLTrainer(Runtime):
     def after_step(self, batch: Rollout, metrics: dict) -> None:
         """Adds to / acts on a finished step's metrics (before they are logged)."""
 
-    def policy_forward(self, mb: Rollout, *, with_values: bool = True):
+    def policy_forward(self, mb: Rollout, *, with_values: bool = True, return_hidden: bool = False):
         """(logits, values or None, router aux loss or None) of a micro-batch, under autocast
-        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``)."""
+        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``);
+        ``return_hidden``: the LM head's inputs (``lm_head.HeadInputs``) instead of the logits."""
+        kw = dict(with_values=with_values, return_hidden=return_hidden)
         with self.autocast():
             if self.aux_coef > 0:
-                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
-                                        with_aux=True)
-            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start,
-                                              with_values=with_values)
-        return logits, values, None
+                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_aux=True, **kw)
+            out, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, **kw)
+        return out, values, None
 
     def add_router_aux(self, loss: torch.Tensor, aux, stats: dict) -> torch.Tensor:
         """``loss + aux_coef * aux`` (logged as ``loss/router_aux``); ``loss`` when aux is None."""
@@ -297,7 +297,8 @@ class RLTrainer(Runtime):
         cfg = self.config
         if batch is None:
             batch = self.sample(step, repeat=self.completions_per_prompt)
-        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
+        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast,
+                  lm_head=cfg.lm_head)
         if self.uses_sampler_logprobs_as_old and not self.uses_value_head and batch.sampler_logprobs is not None:
             batch.logprobs = batch.sampler_logprobs
         else:
