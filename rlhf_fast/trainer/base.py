@@ -402,13 +402,13 @@ class RLTrainer(Runtime):
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
         """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
         the reward std from global moments, times of the slowest rank)."""
-        m = batch.response_mask.float()
+        m = batch.response_mask.double()  # every sum in float64: scores near the fp32 limit must not overflow
         lengths = m.sum(-1)
-        sums = [torch.tensor(float(len(batch)), device=self.device), batch.scores.float().sum(), lengths.sum(),
-                batch.has_eos.float().sum()]
+        sums = [torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device), batch.scores.double().sum(),
+                lengths.sum(), batch.has_eos.double().sum()]
         if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            sums.append(((batch.logprobs - batch.ref_logprobs) * m).sum(-1).sum())
-        sums = all_reduce(torch.stack(sums).double())
+            sums.append(((batch.logprobs.double() - batch.ref_logprobs.double()) * m).sum(-1).sum())
+        sums = all_reduce(torch.stack(sums))
         std = global_moments(batch.scores)[2].sqrt()
         n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
         out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}

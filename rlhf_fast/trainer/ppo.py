@@ -112,9 +112,11 @@ class PPOTrainer(RLTrainer):
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks."""
+    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks;
+    as ``value_loss`` defines it where Var[returns] = 0: 1 when the residuals' variance is 0 too
+    (the values are the returns up to a constant), else 0."""
     var_r = global_moments(returns, mask, unbiased=False)[2]
     var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
     if var_r == 0:
-        return float("nan")
+        return float(var_e == 0)
     return float(1 - var_e / var_r)
