@@ -124,28 +124,27 @@ class GRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
-        """(loss, stats) of one micro-batch: the fused clipped policy loss (from the hidden states
-        with ``lm_head="fused"``, else on the response logits) with per-sequence advantages and
-        ``beta`` * k3 KL to the reference."""
+        """(loss, stats) of one micro-batch: the fused policy loss (from the hidden states with
+        ``lm_head="fused"``, else on the response logits) with per-sequence advantages and
+        ``beta`` * KL to the reference; every objective option goes to the op."""
         cfg = self.config
-        fused = cfg.lm_head == "fused" and fused_loss_covers(cfg)
+        fused = cfg.lm_head == "fused"
         out, _, aux = self.policy_forward(mb, with_values=False, return_hidden=fused)
         kw = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
                   ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta,
                   kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
-                  max_tokens=cfg.max_new_tokens, compute_entropy=True)
+                  max_tokens=cfg.max_new_tokens, compute_entropy=True, ratio_level=cfg.importance_sampling_level,
+                  loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
+                  sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
+                  sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
+                  correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
+                  correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high)
         if fused:
             loss, pg = linear_ppo_policy_loss(out.hidden, out.weight, mb.responses, mb.logprobs, mb.advantages,
                                               mb.response_mask, **out.op_kwargs(), **kw)
         else:
-            loss, pg = ppo_policy_loss(
-                out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, inplace_backward=True,
-                ratio_level=cfg.importance_sampling_level,
-                loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
-                sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
-                sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
-                correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
-                correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high, **kw)
+            loss, pg = ppo_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask,
+                                       inplace_backward=True, **kw)
         stats = {"loss/total": loss.detach(), "loss/policy": pg["pg_loss"], "policy/entropy": pg["entropy"],
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"],
                  "policy/ratio_mean": pg["ratio_mean"]}
@@ -156,15 +155,6 @@ class GRPOTrainer(RLTrainer):
             if k in pg:
                 stats[f"mismatch/{k}"] = pg[k]
         return self.add_router_aux(loss, aux, stats), stats
-
-
-def fused_loss_covers(cfg: GRPOConfig) -> bool:
-    """Whether ``linear_ppo_policy_loss`` computes this config's loss: the clipped objective with a
-    token-level ratio, no rollout correction and a k1 / abs / k2 / k3 KL. The issue-15 objectives
-    (GSPO ratio levels, CISPO / SAPO, tis / mis / icepop, low_var_kl / k3+) take the materialised
-    response logits for the loss even with ``lm_head="fused"`` (the rollout log-probs stay fused)."""
-    return (cfg.importance_sampling_level == "token" and cfg.loss_type not in ("cispo", "sapo")
-            and not cfg.rollout_correction and cfg.kl_estimator in ("k1", "abs", "k2", "k3"))
 
 
 def overlong_penalty(response_mask: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:

@@ -61,6 +61,13 @@ RL_RUNS = {
                                                   max_new_tokens=8, learning_rate=3e-3, beta=0.05,
                                                   clip_eps_high=0.28, entropy_coef=0.01, temperature=0.9,
                                                   gradient_checkpointing=True)),
+    # the objectives beyond the clipped token-level one: the two-pass from-hidden path
+    "grpo_objectives": (GRPOTrainer, GRPOConfig, False, dict(total_steps=2, rollout_batch_size=2, group_size=4,
+                                                             mini_batch_size=8, micro_batch_size=4, num_iterations=2,
+                                                             max_new_tokens=8, learning_rate=3e-3, beta=0.05,
+                                                             loss_type="sapo", importance_sampling_level="sequence",
+                                                             kl_estimator="low_var_kl", rollout_correction="tis",
+                                                             temperature=0.9)),
 }
 
 
