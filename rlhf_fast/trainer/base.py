@@ -34,7 +34,7 @@ from torch import nn
 from rlhf_fast.data import prompt_rows
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.stops import stop_token_ids
-from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
+from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments, global_sums
 from rlhf_fast.trainer.config import ConfigError, RLConfig
 from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
 from rlhf_fast.trainer.hf_io import is_peft
@@ -394,20 +394,18 @@ class RLTrainer(Runtime):
         if not stats:
             return {}
         keys = list(stats[0])
-        means = torch.stack([torch.stack([s[k].detach().float() for s in stats]).mean() for k in keys])
+        means = torch.stack([torch.stack([s[k].detach().double() for s in stats]).mean() for k in keys])
         means = all_reduce(means) / world_size()
         return dict(zip(keys, means.tolist()))
 
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
         """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
         the reward std from global moments, times of the slowest rank)."""
-        m = batch.response_mask.float()
-        lengths = m.sum(-1)
-        sums = [torch.tensor(float(len(batch)), device=self.device), batch.scores.float().sum(), lengths.sum(),
-                batch.has_eos.float().sum()]
+        m = batch.response_mask.double()
+        cols = [torch.ones(len(batch), device=self.device), batch.scores, m, batch.has_eos]
         if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            sums.append(((batch.logprobs - batch.ref_logprobs) * m).sum(-1).sum())
-        sums = all_reduce(torch.stack(sums).double())
+            cols.append((batch.logprobs.double() - batch.ref_logprobs.double()) * m)
+        sums = global_sums(*cols)  # float64: fp32 sums of scores near -3e38 overflowed to -inf
         std = global_moments(batch.scores)[2].sqrt()
         n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
         out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}

@@ -1,5 +1,6 @@
 """Collectives every rank calls, each the identity on a single process: all-reduced sums,
-broadcast objects, gathered rows, and global moments (float64, two passes, no cancellation).
+broadcast objects, gathered rows, global sums and moments (float64, two passes, no
+cancellation) and the explained variance built on them.
 
 The trainers take every global statistic through these (whitening inputs, batch std, loss
 normalisers, metrics), so the algorithm code reads the same on one rank and on many.
@@ -44,6 +45,24 @@ def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: 
     dof = n - 1 if unbiased else n
     var = torch.where(dof >= 1, ss / dof.clamp(min=1), torch.zeros_like(ss))
     return n, mean, var
+
+
+def global_sums(*xs: torch.Tensor) -> torch.Tensor:
+    """(len(xs),) float64: the sum of each tensor's elements over all ranks, one all-reduce. Every
+    logged mean is a ratio of these: fp32 sums overflow (scores near -3e38 summed to -inf)."""
+    return all_reduce(torch.stack([x.detach().double().sum() for x in xs]))
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``value_loss``'s explained variance over the valid tokens of all ranks, in float64::
+
+        1 - Var[R - v] / Var[R]    where Var[R] > 0
+        1.0 if Var[R - v] == 0 else 0.0    where Var[R] == 0 (constant returns)"""
+    var_r = global_moments(returns, mask, unbiased=False)[2]
+    var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
+    if var_r > 0:
+        return float(1 - var_e / var_r)
+    return 1.0 if var_e == 0 else 0.0
 
 
 def gather_rows(x: torch.Tensor, width: int | None = None) -> torch.Tensor:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from rlhf_fast.ops import ppo_advantages, ppo_policy_loss, value_loss
 from rlhf_fast.trainer.base import RLTrainer
-from rlhf_fast.trainer.collectives import global_moments
+from rlhf_fast.trainer.collectives import explained_variance
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
 from rlhf_fast.trainer.rollout import Rollout
@@ -101,12 +101,3 @@ class PPOTrainer(RLTrainer):
 
     def load_extra_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
-
-
-def explained_variance(values, returns, mask) -> float:
-    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks."""
-    var_r = global_moments(returns, mask, unbiased=False)[2]
-    var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
-    if var_r == 0:
-        return float("nan")
-    return float(1 - var_e / var_r)
