@@ -13,6 +13,10 @@ and the scalar losses (sum / mean of -logp; gradients formed in the forward wher
   torch_lce_mean_chunked  F.linear_cross_entropy(reduction="mean", options=LinearCrossEntropyOptions())
   ours_nll           linear_cross_entropy (6NHV)
   ours_ppo           linear_ppo_policy_loss, GRPO-style (per-sequence advantages, k3 KL, entropy bonus) (6NHV)
+and on CUDA, when installed (the GPU suite carries their wheels; see benchmarks/gpu_suite.sh):
+  cce                cut_cross_entropy.linear_cross_entropy(reduction="none") = -logp (Apple's CCE)
+  cce_nll            the same, reduction="mean"
+  liger_flce_nll     Liger-Kernel's LigerFusedLinearCrossEntropyLoss (token mean; gradients in the forward)
 
 Floor: FLOPs over this machine's GEMM rate, measured in the same run with plain matmuls of the same
 shapes: forward = t(h @ W.T); forward+backward = t(h @ W.T) + t(g @ W) + t(g.T @ h) (6NHV), plus one
@@ -68,7 +72,32 @@ def per_token_providers():
             h, w, t, reduction="none", options=opts(acc_policy="accurate")),
         "ours_logits": lambda h, w, t: token_logprobs(h @ w.T, t, inplace_backward=True),
         "ours_hidden": lambda h, w, t: linear_token_logprobs(h, w, t),
-    }
+    } | gpu_contenders(per_token=True)
+
+
+def gpu_contenders(per_token: bool) -> dict:
+    """CCE and Liger's fused linear cross-entropy, on CUDA when they import (else absent)."""
+    if not torch.cuda.is_available():
+        return {}
+    out = {}
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        if per_token:
+            out["cce"] = lambda h, w, t: -cce(h, w, t, reduction="none")
+        else:
+            out["cce_nll"] = lambda h, w, t: cce(h, w, t, reduction="mean")
+    except ImportError:
+        pass
+    if not per_token:
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            flce = LigerFusedLinearCrossEntropyLoss(reduction="mean")
+            out["liger_flce_nll"] = lambda h, w, t: flce(w, h, t)
+        except ImportError:
+            pass
+    return out
 
 
 def scalar_providers(n):
@@ -89,7 +118,7 @@ def scalar_providers(n):
             h, w, t, options=torch.nn.LinearCrossEntropyOptions()),
         "ours_nll": lambda h, w, t: linear_cross_entropy(h, w, t),
         "ours_ppo": ppo,
-    }
+    } | gpu_contenders(per_token=False)
 
 
 def gemm_fns(h, w, device):
@@ -159,7 +188,8 @@ def run(n, hd, v, dtype, device, names=None, reps=5):
         for k in ("fwd", "fwd_bwd"):
             if f"{name}/{k}" in ms:
                 row[f"{k}_ms"], row[f"{k}_median_ms"], row[f"{k}_rounds"] = ms[f"{name}/{k}"]
-        recompute = name in ("ours_hidden", "torch_lce_chunked", "torch_lce_chunked_accurate")
+        recompute = name in ("ours_hidden", "torch_lce_chunked", "torch_lce_chunked_accurate", "cce",
+                             "cce_nll")
         row["floor_fwd_ms"] = None if row.pop("scalar") else floor_fwd
         row["floor_fwd_bwd_ms"] = floor_8 if recompute else floor_6
         row["floor_peak_MB"] = out_mb

@@ -79,10 +79,18 @@ def _dataset_rows(path: str, kind: str) -> list[tuple[str, object]]:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency of the CLI's data input
         raise DataError(f"{path}: reading a {kind} dataset needs the `datasets` package") from None
+    log, quiet = datasets.utils.logging, datasets.utils.are_progress_bars_disabled()
+    level = log.get_verbosity()
+    datasets.disable_progress_bars()  # a local file: no "Generating train split" bar on stderr,
+    log.set_verbosity(log.CRITICAL)  # nor datasets' own log line of the error raised below
     try:
         ds = datasets.load_from_disk(path) if kind == "folder" else datasets.Dataset.from_parquet(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable datasets {kind} ({e})") from None
+    finally:
+        log.set_verbosity(level)
+        if not quiet:
+            datasets.enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); "

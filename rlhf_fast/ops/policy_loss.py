@@ -310,7 +310,7 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         dual_clip: > 1 or None; caps the loss of negative-advantage tokens at -A * dual_clip.
         temperature: > 0, the sampler's temperature.
         logit_scale: > 0; softcap: > 0 or None: the model's final-logit transform, fused into the
-            kernels as in ``token_logprobs`` (softcap not on backend="cuda").
+            kernels as in ``token_logprobs``.
         ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
         kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3" |
             "low_var_kl" | "k3+" (verl) | "full" (exact KL over the vocabulary from ``ref_logits``).

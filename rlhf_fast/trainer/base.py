@@ -34,7 +34,7 @@ from torch import nn
 from rlhf_fast.data import prompt_rows
 from rlhf_fast.ops import aggregation_weights
 from rlhf_fast.stops import stop_token_ids
-from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments, global_sums
+from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
 from rlhf_fast.trainer.config import ConfigError, RLConfig
 from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
 from rlhf_fast.trainer.hf_io import is_peft
@@ -188,16 +188,16 @@ class RLTrainer(Runtime):
     def after_step(self, batch: Rollout, metrics: dict) -> None:
         """Adds to / acts on a finished step's metrics (before they are logged)."""
 
-    def policy_forward(self, mb: Rollout, *, with_values: bool = True):
+    def policy_forward(self, mb: Rollout, *, with_values: bool = True, return_hidden: bool = False):
         """(logits, values or None, router aux loss or None) of a micro-batch, under autocast
-        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``)."""
+        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``);
+        ``return_hidden``: the LM head's inputs (``lm_head.HeadInputs``) instead of the logits."""
+        kw = dict(with_values=with_values, return_hidden=return_hidden)
         with self.autocast():
             if self.aux_coef > 0:
-                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
-                                        with_aux=True)
-            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start,
-                                              with_values=with_values)
-        return logits, values, None
+                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_aux=True, **kw)
+            out, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, **kw)
+        return out, values, None
 
     def add_router_aux(self, loss: torch.Tensor, aux, stats: dict) -> torch.Tensor:
         """``loss + aux_coef * aux`` (logged as ``loss/router_aux``); ``loss`` when aux is None."""
@@ -297,7 +297,8 @@ class RLTrainer(Runtime):
         cfg = self.config
         if batch is None:
             batch = self.sample(step, repeat=self.completions_per_prompt)
-        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
+        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast,
+                  lm_head=cfg.lm_head)
         if self.uses_sampler_logprobs_as_old and not self.uses_value_head and batch.sampler_logprobs is not None:
             batch.logprobs = batch.sampler_logprobs
         else:
@@ -401,11 +402,13 @@ class RLTrainer(Runtime):
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
         """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
         the reward std from global moments, times of the slowest rank)."""
-        m = batch.response_mask.double()
-        cols = [torch.ones(len(batch), device=self.device), batch.scores, m, batch.has_eos]
+        m = batch.response_mask.double()  # every sum in float64: scores near the fp32 limit must not overflow
+        lengths = m.sum(-1)
+        sums = [torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device), batch.scores.double().sum(),
+                lengths.sum(), batch.has_eos.double().sum()]
         if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            cols.append((batch.logprobs.double() - batch.ref_logprobs.double()) * m)
-        sums = global_sums(*cols)  # float64: fp32 sums of scores near -3e38 overflowed to -inf
+            sums.append(((batch.logprobs.double() - batch.ref_logprobs.double()) * m).sum(-1).sum())
+        sums = all_reduce(torch.stack(sums))
         std = global_moments(batch.scores)[2].sqrt()
         n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
         out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}

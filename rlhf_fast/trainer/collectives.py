@@ -1,11 +1,12 @@
 """Collectives every rank calls, each the identity on a single process: all-reduced sums,
-broadcast objects, gathered rows, global sums and moments (float64, two passes, no
-cancellation) and the explained variance built on them.
+broadcast objects, gathered rows, and global moments (float64, two passes, no cancellation).
 
 The trainers take every global statistic through these (whitening inputs, batch std, loss
 normalisers, metrics), so the algorithm code reads the same on one rank and on many.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
@@ -34,35 +35,21 @@ def broadcast_object(obj, src: int = 0):
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True):
     """(count, mean, var) of the elements of ``x`` (any shape) where ``mask != 0``, over all
-    ranks, in float64: two all-reduces (count and sum, then the sum of squared deviations from
-    the global mean), so no cancellation. var is 0 below 2 (unbiased) or 1 element."""
+    ranks, in float64, shifted by the global maximum first (so equal elements give var exactly 0,
+    and 1e9 + small spread keeps its digits), then two passes (count and sum, then the sum of
+    squared deviations from the global mean): three all-reduces. var is 0 below 2 (unbiased) or
+    1 element."""
     x = x.detach().double()
     valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask != 0
-    x = torch.where(valid, x, 0.0)
-    n, s = all_reduce(torch.stack([valid.sum().double(), x.sum()])).unbind()
-    mean = s / n.clamp(min=1)
-    ss = all_reduce(torch.where(valid, (x - mean) ** 2, 0.0).sum())
+    top = all_reduce(torch.where(valid, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf), "max")
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    d = torch.where(valid, x - shift, 0.0)
+    n, s = all_reduce(torch.stack([valid.sum().double(), d.sum()])).unbind()
+    mean_d = s / n.clamp(min=1)
+    ss = all_reduce(torch.where(valid, (d - mean_d) ** 2, 0.0).sum())
     dof = n - 1 if unbiased else n
     var = torch.where(dof >= 1, ss / dof.clamp(min=1), torch.zeros_like(ss))
-    return n, mean, var
-
-
-def global_sums(*xs: torch.Tensor) -> torch.Tensor:
-    """(len(xs),) float64: the sum of each tensor's elements over all ranks, one all-reduce. Every
-    logged mean is a ratio of these: fp32 sums overflow (scores near -3e38 summed to -inf)."""
-    return all_reduce(torch.stack([x.detach().double().sum() for x in xs]))
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
-    """``value_loss``'s explained variance over the valid tokens of all ranks, in float64::
-
-        1 - Var[R - v] / Var[R]    where Var[R] > 0
-        1.0 if Var[R - v] == 0 else 0.0    where Var[R] == 0 (constant returns)"""
-    var_r = global_moments(returns, mask, unbiased=False)[2]
-    var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
-    if var_r > 0:
-        return float(1 - var_e / var_r)
-    return 1.0 if var_e == 0 else 0.0
+    return n, shift + mean_d, var
 
 
 def gather_rows(x: torch.Tensor, width: int | None = None) -> torch.Tensor:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from rlhf_fast.ops import LOSS_AGGS
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+LM_HEAD_MODES = ("fused", "materialize")
 
 
 class ConfigError(ValueError):
@@ -154,6 +155,9 @@ class RLConfig(RunConfig):
     loss_agg: str = "token-mean"
     # held-out evaluation: with the trainer's eval_prompts, score them every eval_steps steps (0: at the end only)
     eval_steps: int = 0
+    # "fused": log-probs and the policy loss from hidden states (linear_token_logprobs /
+    # linear_ppo_policy_loss; no (tokens, vocab) tensor) | "materialize": the LM head's logits, then the ops
+    lm_head: str = "fused"
     # distribution
     frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
 
@@ -173,6 +177,7 @@ class RLConfig(RunConfig):
         check_field(self, "eval_steps", self.eval_steps >= 0, "must be >= 0")
         check_choice(self, "prompt_truncation", ("left", "right", "error"))
         check_choice(self, "loss_agg", LOSS_AGGS)
+        check_choice(self, "lm_head", LM_HEAD_MODES)
         check_choice(self, "frozen_model_sharding", ("shard", "replicate"))
         check_field(self, "temperature", self.temperature > 0, "must be > 0")
         for name in ("missing_eos_penalty", "entropy_coef"):

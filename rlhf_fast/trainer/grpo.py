@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast.ops import group_advantages, ppo_policy_loss
+from rlhf_fast.ops import group_advantages, linear_ppo_policy_loss, ppo_policy_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.collectives import all_reduce
 from rlhf_fast.trainer.config import GRPOConfig
@@ -124,21 +124,28 @@ class GRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
-        """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
-        with per-sequence advantages and ``beta`` * k3 KL to the reference."""
+        """(loss, stats) of one micro-batch: the fused clipped policy loss (from the hidden states
+        with ``lm_head="fused"``, else on the response logits) with per-sequence advantages and
+        ``beta`` * k3 KL to the reference."""
         cfg = self.config
-        logits, _, aux = self.policy_forward(mb, with_values=False)
-        loss, pg = ppo_policy_loss(
-            logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
-            clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
-            ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta, kl_estimator=cfg.kl_estimator,
-            entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens,
-            compute_entropy=True, inplace_backward=True, ratio_level=cfg.importance_sampling_level,
-            loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
-            sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
-            sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
-            correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
-            correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high)
+        fused = cfg.lm_head == "fused" and fused_loss_covers(cfg)
+        out, _, aux = self.policy_forward(mb, with_values=False, return_hidden=fused)
+        kw = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
+                  ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta,
+                  kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+                  max_tokens=cfg.max_new_tokens, compute_entropy=True)
+        if fused:
+            loss, pg = linear_ppo_policy_loss(out.hidden, out.weight, mb.responses, mb.logprobs, mb.advantages,
+                                              mb.response_mask, **out.op_kwargs(), **kw)
+        else:
+            loss, pg = ppo_policy_loss(
+                out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, inplace_backward=True,
+                ratio_level=cfg.importance_sampling_level,
+                loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
+                sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
+                sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
+                correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
+                correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high, **kw)
         stats = {"loss/total": loss.detach(), "loss/policy": pg["pg_loss"], "policy/entropy": pg["entropy"],
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"],
                  "policy/ratio_mean": pg["ratio_mean"]}
@@ -149,6 +156,15 @@ class GRPOTrainer(RLTrainer):
             if k in pg:
                 stats[f"mismatch/{k}"] = pg[k]
         return self.add_router_aux(loss, aux, stats), stats
+
+
+def fused_loss_covers(cfg: GRPOConfig) -> bool:
+    """Whether ``linear_ppo_policy_loss`` computes this config's loss: the clipped objective with a
+    token-level ratio, no rollout correction and a k1 / abs / k2 / k3 KL. The issue-15 objectives
+    (GSPO ratio levels, CISPO / SAPO, tis / mis / icepop, low_var_kl / k3+) take the materialised
+    response logits for the loss even with ``lm_head="fused"`` (the rollout log-probs stay fused)."""
+    return (cfg.importance_sampling_level == "token" and cfg.loss_type not in ("cispo", "sapo")
+            and not cfg.rollout_correction and cfg.kl_estimator in ("k1", "abs", "k2", "k3"))
 
 
 def overlong_penalty(response_mask: torch.Tensor, max_tokens: int, buffer: int, penalty: float) -> torch.Tensor:

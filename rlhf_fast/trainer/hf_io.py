@@ -27,6 +27,12 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
+def unwrap_peft(model):
+    """The model a PEFT wrapper (``get_peft_model(...)``) holds, with its adapters injected in
+    place; ``model`` itself when it is not wrapped."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 @contextlib.contextmanager
 def quiet_hf_progress():
     """No "Writing model shards" bars from transformers while saving (restored afterwards)."""

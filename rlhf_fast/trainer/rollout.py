@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.ops import token_logprobs
-from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_forward
+from rlhf_fast.ops import linear_token_logprobs, token_logprobs
+from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_hidden, response_logits, trunk_forward
 from rlhf_fast.trainer.reward_fns import RewardFunctionError, RewardFunctions, function_scores  # noqa: F401
 
 
@@ -301,10 +301,15 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
 
 @torch.no_grad()
 def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch_size: int, with_values: bool = False,
-                     autocast=None):
+                     autocast=None, lm_head: str = "fused"):
     """(logprobs, values-or-None), each (B, R) fp32 and 0 outside the response mask, from
     ``model``: a PolicyValueModel (values too when asked) or a plain causal LM (the reference).
-    Runs ``micro_batch_size`` rows at a time; log-probs at ``temperature``, as sampled."""
+    Runs ``micro_batch_size`` rows at a time; log-probs at ``temperature``, as sampled.
+    ``lm_head="fused"``: from the hidden states (``linear_token_logprobs``, no (rows, R, V)
+    logits); "materialize": the LM head's logits, then ``token_logprobs``."""
+    if lm_head not in ("fused", "materialize"):
+        raise ValueError(f"lm_head must be 'fused' or 'materialize', got {lm_head!r}")
+    fused = lm_head == "fused"
     B, R = rollout.response_mask.shape
     logps = torch.zeros(B, R, dtype=torch.float32, device=rollout.input_ids.device)
     values = torch.zeros_like(logps) if with_values else None
@@ -312,10 +317,17 @@ def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch
         mb = rollout.select(torch.arange(s, min(s + micro_batch_size, B), device=logps.device), trim=False)
         with autocast() if autocast is not None else torch.autocast(logps.device.type, enabled=False):
             if hasattr(model, "value_head"):
-                logits, v = model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values)
+                out, v = model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
+                               return_hidden=fused)
             else:
-                logits, v = response_logits(model, mb.input_ids, mb.attention_mask, mb.response_start), None
-            lp = token_logprobs(logits, mb.responses, temperature=temperature)
+                head_fn = response_hidden if fused else response_logits
+                out, v = head_fn(model, mb.input_ids, mb.attention_mask, mb.response_start), None
+            if not fused:
+                lp = token_logprobs(out, mb.responses, temperature=temperature)
+        if fused:
+            with torch.autocast(logps.device.type, enabled=False):
+                lp = linear_token_logprobs(out.hidden, out.weight, mb.responses, temperature=temperature,
+                                           **out.op_kwargs())
         logps[s : s + len(mb)] = torch.where(mb.response_mask, lp, 0.0)
         if with_values:
             values[s : s + len(mb)] = torch.where(mb.response_mask, v.float(), 0.0)

@@ -61,9 +61,9 @@ def checksum(model: torch.nn.Module) -> dict:
     return out
 
 
-def run(name: str, tmp_path: Path) -> dict:
+def run(name: str, tmp_path: Path, lm_head: str = "materialize") -> dict:
     cls, config_cls, value_head, kw = RUNS[name]
-    cfg = config_cls(output_dir=str(tmp_path / name), seed=0, device="cpu", **kw, **QUIET)
+    cfg = config_cls(output_dir=str(tmp_path / name), seed=0, device="cpu", lm_head=lm_head, **kw, **QUIET)
     trainer = cls(cfg, model=seeded_model(value_head=value_head), tokenizer=char_tokenizer(),
                   reward_fn=target_fraction, prompts=PROMPTS)
     trainer.train()
@@ -86,3 +86,20 @@ def test_run_matches_golden(name, tmp_path):
     flat = {f"{k}[{i}]": x for k, v in got["params"].items() for i, x in enumerate(v)}
     assert not mismatches(flat, {f"{k}[{i}]": x for k, v in want["params"].items() for i, x in enumerate(v)},
                           PARAM_TOL)
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_fused_run_matches_golden(name, tmp_path):
+    """The default lm_head="fused" run against the same golden file: equal up to the summation
+    order of the chunked LM head (every metric within 1e-4 relative + 1e-6, parameters' sums
+    within PARAM_TOL relative), and the same number of steps and metric names."""
+    got = run(name, tmp_path, lm_head="fused")
+    want = json.loads((GOLDEN / f"{name}.json").read_text())
+    assert len(got["metrics"]) == len(want["metrics"])
+    for step, (g, w) in enumerate(zip(got["metrics"], want["metrics"])):
+        assert set(g) == set(w)
+        bad = {k: (g[k], w[k]) for k in w if g[k] != pytest.approx(w[k], rel=1e-4, abs=1e-6, nan_ok=True)}
+        assert not bad, (step, bad)
+    assert set(got["params"]) == set(want["params"])
+    for k, (s, sq) in want["params"].items():
+        assert got["params"][k] == pytest.approx([s, sq], rel=PARAM_TOL, abs=1e-6), k
