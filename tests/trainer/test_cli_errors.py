@@ -127,10 +127,14 @@ def inf_reward(prompts, completions):
     return [float("inf")] * len(completions)
 
 
+def alternating_reward(prompts, completions):  # every group of 2 gets advantages +-1: a gradient at step 1
+    return [float(i % 2) for i in range(len(completions))]
+
+
 @pytest.mark.parametrize("command, extra, says", [
     ("grpo", ["reward_fn=test_cli_errors:inf_reward"], "step 1: reward_fn inf_reward returned non-finite scores"),
     ("ppo", ["reward_fn=test_cli_errors:huge_reward"], "step 1: non-finite loss (loss inf"),
-    ("grpo", ["reward_fn=rl_utils:target_fraction", "learning_rate=1e30", "mini_batch_size=2"],
+    ("grpo", ["reward_fn=test_cli_errors:alternating_reward", "learning_rate=1e30", "mini_batch_size=2"],
      "step 1: non-finite gradient norm"),  # the first update makes the weights inf: the op gives NaN
 ])
 def test_a_non_finite_stop_is_one_line_naming_the_step(tmp_path, capsys, command, extra, says):
