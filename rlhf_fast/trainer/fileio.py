@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from pathlib import Path
 
 
@@ -39,13 +40,27 @@ def writing(path, what: str, intact: str = "", errors: tuple = ()):
 def write_error(e: BaseException, path, what: str, intact: str = "") -> WriteError:
     """The WriteError of ``writing`` for the failure ``e``."""
     code = getattr(e, "errno", None)
-    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
     why = (e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {e}")[:300]
-    hint = " (free some space, or point output_dir at another disk)" if full else (
-        "" if isinstance(e, OSError) else " (a full disk?)")
+    full = code in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e)
+    if not full and not isinstance(e, OSError):  # torch.save says "unexpected pos": look at the disk
+        free = _free_bytes(path)
+        full = free is not None and free < 1 << 20
+        why += f" (the disk is full: {free} bytes free)" if full else ""
+    hint = " (free some space, or point output_dir at another disk)" if full else ""
     err = WriteError(f"cannot write {what} {path}: {why}{hint}{'; ' + intact if intact else ''}")
     err.errno = code
     return err
+
+
+def _free_bytes(path) -> int | None:
+    """Free bytes of the file system holding ``path`` (its nearest existing folder)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:  # pragma: no cover
+        return None
 
 
 def fsync_dir(path) -> None:
