@@ -258,3 +258,40 @@ def test_every_demo_setting_is_checked_before_any_stage(tmp_path, capsys, settin
     line = one_line_error(capsys, ["demo", "--quick", "--out", tmp_path / "demo", "--set", setting], "demo")
     assert says in line, line
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("command, data_key", [("sft", "train_file"), ("rm", "train_file"), ("dpo", "train_file"),
+                                               ("rloo", "prompts_file"), ("best-of-n", "prompts_file"),
+                                               ("label-pairs", "pairs_file")])
+def test_every_command_checks_its_settings_before_reading_anything(tmp_path, capsys, command, data_key):
+    """A bad device or value fails at once, before the (here missing) data file is read or output_dir written."""
+    import torch
+
+    base = [command, "--model", "tiny", "--set", f"{data_key}={tmp_path / 'missing.jsonl'}",
+            "--set", f"output_dir={tmp_path / 'out'}"]
+    if not torch.cuda.is_available():
+        assert "device='cuda:0' but CUDA is not available" in one_line_error(capsys, base + ["--set", "device=cuda:0"],
+                                                                             command)
+    assert "seed" in one_line_error(capsys, base + ["--set", "seed=x"], command)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_corrupt_checkpoint_at_resume_is_one_line_naming_the_file(tmp_path, capsys):
+    """Item 9 at the CLI: a named checkpoint that does not verify, and a run whose every checkpoint
+    is corrupt, end with one line naming the file; a corrupt newest one falls back with a warning."""
+    base = _grpo(tmp_path, "--set", "reward_fn=rl_utils:target_fraction", "--set", "device=cpu",
+                 "--set", "save_steps=1", "--set", "total_steps=2")
+    assert main(base) == 0
+    capsys.readouterr()
+    ck = tmp_path / "out" / "checkpoints"
+    opt = ck / "step-000002" / "optimizer.pt"
+    opt.write_bytes(opt.read_bytes()[:100])
+    line = one_line_error(capsys, base + ["--set", f"resume_from={ck / 'step-000002'}", "--set", "total_steps=3"])
+    assert f"{opt} has 100 bytes, the manifest says" in line
+    with pytest.warns(UserWarning, match="falling back to .*step-000001"):
+        assert main(base + ["--set", "resume_from=latest", "--set", "total_steps=3"]) == 0
+    capsys.readouterr()
+    for state in ck.glob("step-*/trainer_state.pt"):
+        state.write_bytes(b"")
+    line = one_line_error(capsys, base + ["--set", "resume_from=latest", "--set", "total_steps=4"])
+    assert f"no complete checkpoint under {ck}" in line and "trainer_state.pt has 0 bytes" in line
