@@ -221,11 +221,14 @@ def prompt_rows(tokenizer, prompts) -> tuple[list[str], list, dict[str, list]]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Writes dicts one per line (the inverse of ``load_jsonl``)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """Writes dicts one per line (the inverse of ``load_jsonl``), atomically: a failure (a full
+    disk) leaves the old file or none, and is a WriteError naming ``path``."""
+    from rlhf_fast.trainer.fileio import write_atomic, writing
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with writing(path, "rows"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- tokenization

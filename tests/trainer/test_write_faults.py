@@ -232,3 +232,18 @@ def test_cli_a_full_disk_while_logging_or_exporting_is_one_line(tmp_path, capsys
     line = _one_line(capsys, _grpo(tmp_path, out, 2))
     assert f"cannot write the model {out / 'final'}: No space left on device" in line
     assert ckpt.latest_checkpoint(out / "checkpoints").name == "step-000002"
+
+
+def test_written_rows_are_whole_or_absent_on_a_full_disk(tmp_path, monkeypatch):
+    from rlhf_fast.data import load_jsonl
+
+    write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "old", "response": "x"}])
+    real_open = open
+    monkeypatch.setattr(fileio, "open", lambda f, mode="r", *a, **k: HalfFile(real_open(f, mode, *a, **k)),
+                        raising=False)
+    for name in ("rows.jsonl", "new.jsonl"):
+        with pytest.raises(WriteError, match=rf"cannot write rows .*{name}: No space left on device"):
+            write_jsonl(tmp_path / name, [{"prompt": "p" * 1000, "response": "r"}] * 100)
+    monkeypatch.undo()
+    assert load_jsonl(tmp_path / "rows.jsonl", ("prompt", "response")) == [{"prompt": "old", "response": "x"}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
