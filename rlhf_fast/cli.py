@@ -19,13 +19,13 @@ traceback with ``--debug`` or ``RLHF_FAST_DEBUG=1``). ``python -m rlhf_fast`` is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
+from rlhf_fast.cli_errors import check_start, forget_failed_start, save_settings, user_errors
 from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: the CLI's API too)
     RUN_KEYS,
     CLIError,
@@ -249,20 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_errors() -> tuple:
-    """The exception classes that mean a user mistake (bad setting, file, folder, checkpoint or a
-    run that stopped on NaN/Inf): printed as one line, the traceback only with --debug."""
-    from rlhf_fast.data import DataError
-    from rlhf_fast.models import LoadError
-    from rlhf_fast.trainer.checkpoint import CorruptCheckpointError
-    from rlhf_fast.trainer.config import ConfigError
-    from rlhf_fast.trainer.rollout import RewardFunctionError
-    from rlhf_fast.trainer.runtime import NonFiniteError, OutputDirInUseError
-
-    return (CLIError, DataError, ConfigError, LoadError, OutputDirInUseError, CorruptCheckpointError, NonFiniteError,
-            RewardFunctionError, FileNotFoundError, FileExistsError)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("RLHF_FAST_DEBUG") == "1"
@@ -296,9 +282,8 @@ def _dispatch(args):
             torch.set_num_threads(args.threads)
     check_start(args.command, cfg)
     _quiet_transformers()
-    out = Path(cfg.output_dir)
-    existed = out.exists()
-    saved = _save_settings(args.command, cfg, run)
+    existed = Path(cfg.output_dir).exists()
+    saved = save_settings(args.command, cfg, run)
     try:
         if args.command == "demo":
             return cmd_demo(cfg, run)
@@ -315,44 +300,8 @@ def _dispatch(args):
                 return cmd_label_pairs(cfg, run)
             return cmd_rl(args.command, cfg, run)
     except BaseException:
-        _forget_failed_start(saved, existed)
+        forget_failed_start(saved, existed)
         raise
-
-
-def _forget_failed_start(saved, existed: bool) -> None:
-    """A run that failed before it logged or saved anything leaves no run_config.yaml (nor the
-    output folder, when this run created it and it is empty)."""
-    from rlhf_fast.trainer.runtime import run_in_progress
-
-    if saved is None or run_in_progress(saved.parent):
-        return
-    saved.unlink(missing_ok=True)
-    if not existed and not any(saved.parent.iterdir()):
-        saved.parent.rmdir()
-
-
-def check_start(command: str, cfg) -> None:
-    """Before anything runs or is written: a fresh run must not land on another run's
-    output_dir (unless overwrite_output_dir), and resume_from must name a checkpoint folder."""
-    from rlhf_fast.trainer.runtime import run_in_progress
-
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"output_dir {out} is a file, not a folder")
-    resume = getattr(cfg, "resume_from", "")
-    if resume and resume != "latest" and not Path(resume).is_dir():
-        raise CLIError(f"resume_from={resume}: no such checkpoint folder")
-    if resume or cfg.overwrite_output_dir:
-        return
-    if command == "demo":
-        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (out / n).exists()]
-        used = ", ".join(used) or None
-    else:
-        used = run_in_progress(out)
-    if used:
-        what = "set overwrite_output_dir=true to replace it" + ("" if command == "demo" else
-                                                               ", resume_from=latest to continue it")
-        raise CLIError(f"output_dir {out} already holds a run ({used}); {what}, or choose another output_dir")
 
 
 def _torchrun_job(cfg):
@@ -400,19 +349,6 @@ def _quiet_transformers():
 def _rank0() -> bool:
     """Rank 0 under torchrun (set before the trainer joins the process group), or not distributed."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _save_settings(command, cfg, run):
-    """output_dir/run_config.yaml: every setting of this run, reusable as --config (rank 0 writes)."""
-    import yaml
-
-    if not _rank0():
-        return None
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "run_config.yaml"
-    path.write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
-    return path
 
 
 if __name__ == "__main__":

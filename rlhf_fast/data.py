@@ -53,9 +53,10 @@ def read_rows(path) -> list[tuple[str, object]]:
     if path.endswith(".parquet"):
         return _dataset_rows(path, "parquet")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named like any other bad line
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
+            line = _utf8(where, raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw)  # a BOM
             if not line.strip():
                 raise DataError(f"{where}: blank line (every line must be one JSON object)")
             try:
@@ -65,21 +66,46 @@ def read_rows(path) -> list[tuple[str, object]]:
     return rows
 
 
+def _utf8(where: str, raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at byte {e.start + 1} of the "
+                        "line; save the file as UTF-8)") from None
+
+
 def _dataset_rows(path: str, kind: str) -> list[tuple[str, object]]:
     try:
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency of the CLI's data input
         raise DataError(f"{path}: reading a {kind} dataset needs the `datasets` package") from None
+    log, quiet = datasets.utils.logging, datasets.utils.are_progress_bars_disabled()
+    level = log.get_verbosity()
+    datasets.disable_progress_bars()  # a local file: no "Generating train split" bar on stderr,
+    log.set_verbosity(log.CRITICAL)  # nor datasets' own log line of the error raised below
     try:
         ds = datasets.load_from_disk(path) if kind == "folder" else datasets.Dataset.from_parquet(path)
     except (FileNotFoundError, ValueError, OSError) as e:
         raise DataError(f"{path}: not a readable datasets {kind} ({e})") from None
+    finally:
+        log.set_verbosity(level)
+        if not quiet:
+            datasets.enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {sorted(ds)}); "
                             "point at one split's folder")
         ds = ds["train"]
-    return [(f"{path} row {i}", row) for i, row in enumerate(ds)]
+    rows, it = [], iter(ds)
+    while True:  # row by row, so a row that cannot be decoded (text that is not UTF-8) is named
+        where = f"{path} row {len(rows)}"
+        try:
+            row = next(it)
+        except StopIteration:
+            return rows
+        except (UnicodeDecodeError, ValueError, OSError) as e:
+            raise DataError(f"{where}: cannot be read ({type(e).__name__}: {e})"[:400]) from None
+        rows.append((where, row))
 
 
 def check_messages(where: str, key: str, value, *, final_assistant: bool = False) -> list[dict]:
@@ -162,7 +188,9 @@ def load_prompt_rows(path) -> list[dict]:
     def parse(where, obj):
         _row(where, obj, PROMPT_FIELDS)
         p = obj["prompt"]
-        if not isinstance(p, str):
+        if not isinstance(p, (str, list)):
+            raise DataError(f"{where}: 'prompt' must be a string or a list of messages, got {type(p).__name__}")
+        if isinstance(p, list):
             check_messages(where, "prompt", p)
         return dict(obj)
     return _rows(path, parse)
@@ -193,11 +221,14 @@ def prompt_rows(tokenizer, prompts) -> tuple[list[str], list, dict[str, list]]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Writes dicts one per line (the inverse of ``load_jsonl``)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    """Writes dicts one per line (the inverse of ``load_jsonl``), atomically: a failure (a full
+    disk) leaves the old file or none, and is a WriteError naming ``path``."""
+    from rlhf_fast.trainer.fileio import write_atomic, writing
+
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    with writing(path, "rows"):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------- tokenization

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
-from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
+from rlhf_fast.demo_task import SEP, SortTask, gold_rewards, ideal
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
-from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, check_field, check_types
+from rlhf_fast.trainer.config import ConfigError, GRPOConfig, PPOConfig, check_field, check_types
 from rlhf_fast.trainer.grpo import GRPOTrainer
 from rlhf_fast.trainer.health import distinct_n
 from rlhf_fast.trainer.ppo import PPOTrainer
@@ -39,6 +39,8 @@ from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_f
 from rlhf_fast.trainer.rollout import encode_prompts, reward_model_scores, rollout_logprobs, sample_rollout
 from rlhf_fast.trainer.runtime import resolve_device
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer
+
+POSITIONS = 64  # max_position_embeddings of the demo's tiny Llama
 
 
 @dataclass
@@ -174,8 +176,7 @@ class Demo:
         if used and not cfg.overwrite_output_dir:
             raise FileExistsError(f"output_dir {self.out} already holds a demo run ({', '.join(used)}); "
                                   "set overwrite_output_dir=true to replace it, or choose another output_dir")
-        for stage in self.rl_stages():  # settings checked before any stage runs
-            self.rl_config(*stage)
+        self.check_settings()
         (self.out / "heldout.jsonl").unlink(missing_ok=True)
         try:
             self.make_data()
@@ -193,6 +194,17 @@ class Demo:
             torch.set_num_threads(threads)
         self.timings["total"] = time.perf_counter() - t0
         return self.finish()
+
+    def check_settings(self) -> None:
+        """Every stage's settings before any stage runs (the CLI calls it before it writes
+        anything): the RL configs (RLOO's with ``family``) and the tiny model's positions."""
+        c = self.cfg
+        for stage in self.rl_stages() + ([("RLOO", c.rloo_beta, c.rl_steps)] if c.family else []):
+            self.rl_config(*stage)
+        longest = len(self.tokenizer("9" * self.task.max_digits + SEP)["input_ids"])
+        if longest + c.max_new_tokens > POSITIONS:
+            raise ConfigError(f"DemoConfig.max_new_tokens={c.max_new_tokens}: the longest prompt ({longest} tokens) + "
+                              f"max_new_tokens exceeds the demo model's {POSITIONS} positions")
 
     def timed(self, name, fn):
         t = time.perf_counter()
@@ -221,7 +233,7 @@ class Demo:
         cfg, tok = self.cfg, self.tokenizer
         mcfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                           num_key_value_heads=cfg.num_heads, max_position_embeddings=64, tie_word_embeddings=True,
+                           num_key_value_heads=cfg.num_heads, max_position_embeddings=POSITIONS, tie_word_embeddings=True,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(self.cfg.seed)
         return LlamaForCausalLM(mcfg)

@@ -125,7 +125,10 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise CLIError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise CLIError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8)") from None
     except yaml.YAMLError as e:
         raise CLIError(f"{path}: invalid YAML: {e}") from None
     if data is None:

@@ -395,7 +395,7 @@ class RLTrainer(Runtime):
         if not stats:
             return {}
         keys = list(stats[0])
-        means = torch.stack([torch.stack([s[k].detach().float() for s in stats]).mean() for k in keys])
+        means = torch.stack([torch.stack([s[k].detach().double() for s in stats]).mean() for k in keys])
         means = all_reduce(means) / world_size()
         return dict(zip(keys, means.tolist()))
 
