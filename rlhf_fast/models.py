@@ -160,8 +160,14 @@ def load_reward_fn(spec: str):
         raise LoadError(f"reward_fn={spec!r}: expected 'package.module:function'")
     mod, name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise LoadError(f"reward_fn={spec!r}: {e}") from None
+    except Exception as e:  # a SyntaxError or an error raised while the module runs at import
+        raise LoadError(f"reward_fn={spec!r}: importing {mod} failed: {type(e).__name__}: {e}") from e
+    try:
+        fn = getattr(module, name)
+    except AttributeError as e:
         raise LoadError(f"reward_fn={spec!r}: {e}") from None
     if not callable(fn):
         raise LoadError(f"reward_fn={spec!r} is not callable")

@@ -287,6 +287,11 @@ class RLTrainer(Runtime):
                     record_logprobs=self.records_sampler_logprobs)
             except RewardFunctionError as e:  # name the step too
                 raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
+            except RuntimeError as e:  # torch.multinomial on NaN / inf probabilities: a diverged or corrupt policy
+                if "probability tensor contains" not in str(e):
+                    raise
+                self.stop_non_finite(step + 1, "the policy's next-token probabilities are not finite while sampling "
+                                               "(NaN / inf weights or activations)")
 
     def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
         """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,

@@ -295,3 +295,30 @@ def test_a_corrupt_checkpoint_at_resume_is_one_line_naming_the_file(tmp_path, ca
         state.write_bytes(b"")
     line = one_line_error(capsys, base + ["--set", "resume_from=latest", "--set", "total_steps=4"])
     assert f"no complete checkpoint under {ck}" in line and "trainer_state.pt has 0 bytes" in line
+
+
+def test_a_reward_module_that_fails_on_import_is_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "broken_rewards.py").write_text("def score(prompts, completions):\n    return [0.0] * len(\n")
+    (tmp_path / "raising_rewards.py").write_text("raise RuntimeError('needs an API key')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, says in (("broken_rewards:score", "importing broken_rewards failed: SyntaxError"),
+                       ("raising_rewards:score", "importing raising_rewards failed: RuntimeError: needs an API key")):
+        line = one_line_error(capsys, _grpo(tmp_path, "--set", f"reward_fn={spec}", "--set", "device=cpu"))
+        assert f"reward_fn='{spec}'" in line and says in line, line
+
+
+def test_a_policy_with_nan_weights_stops_at_sampling_naming_the_step(tmp_path, capsys):
+    """A NaN checkpoint as --model: torch.multinomial's 'probability tensor contains nan' becomes the
+    trainer's non-finite stop, one line naming the step."""
+    import torch
+    from rl_utils import char_tokenizer, seeded_model
+
+    lm = seeded_model(value_head=False).policy
+    with torch.no_grad():
+        lm.get_output_embeddings().weight.fill_(float("nan"))
+    lm.save_pretrained(tmp_path / "nan_model")
+    char_tokenizer().save_pretrained(tmp_path / "nan_model")
+    argv = _grpo(tmp_path, "--set", "reward_fn=rl_utils:target_fraction", "--set", "device=cpu")
+    argv[argv.index("tiny")] = str(tmp_path / "nan_model")
+    line = one_line_error(capsys, argv)
+    assert "step 1: the policy's next-token probabilities are not finite while sampling" in line, line
