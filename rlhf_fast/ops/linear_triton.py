@@ -225,7 +225,7 @@ def _linear_logprobs_bwd_kernel(
             g -= g_ent[:, None] * p * tl.where(p > 0, z + shift[:, None], 0.0)
         g = tl.where(live[:, None] & v_ok[None, :], g * logit_z_grad(z, mul, cap_pre, SOFTCAP), 0.0)
         if WANT_B:
-            tl.atomic_add(gb_ptr + offs_v, tl.sum(g, 0), mask=v_ok)
+            tl.atomic_add(gb_ptr + offs_v, tl.sum(g, 0), mask=v_ok, sem="relaxed")
         if not UPCAST:
             g = g.to(h_ptr.dtype.element_ty)
         offs_k = tl.arange(0, BLOCK_K)
@@ -238,14 +238,16 @@ def _linear_logprobs_bwd_kernel(
                 if UPCAST:
                     w = w.to(tl.float32)
                 dh = tl.dot(g, w, input_precision=DOT_PRECISION)
-                tl.atomic_add(gh_ptr + offs_n[:, None] * H + k[None, :], dh, mask=n_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(gh_ptr + offs_n[:, None] * H + k[None, :], dh, mask=n_ok[:, None] & k_ok[None, :],
+                              sem="relaxed")
             if WANT_W:
                 h = tl.load(h_ptr + offs_n[:, None] * s_hn + k[None, :] * s_hk, mask=live[:, None] & k_ok[None, :],
                             other=0.0)
                 if UPCAST:
                     h = h.to(tl.float32)
                 dw = tl.dot(tl.trans(g), h, input_precision=DOT_PRECISION)
-                tl.atomic_add(gw_ptr + offs_v[:, None] * H + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :])
+                tl.atomic_add(gw_ptr + offs_v[:, None] * H + k[None, :], dw, mask=v_ok[:, None] & k_ok[None, :],
+                              sem="relaxed")
 
 
 # ---------------------------------------------------------------------------- launchers
@@ -260,17 +262,17 @@ class Tiles:
     num_stages: int = 2
 
 
-def pick_tiles(n: int, h: int, v: int, backward: bool) -> Tiles:
-    """Starting points, to be tuned by the GPU suite (benchmarks/bench_linear_logprobs.py, provider
-    ours_fused). Under the interpreter: small tiles that keep the tests' odd shapes cheap."""
+def pick_tiles(n: int, h: int, v: int, dtype: torch.dtype) -> Tiles:
+    """Starting points (untuned: nothing has run on a GPU yet), to be tuned by the GPU suite
+    (benchmarks/bench_linear_logprobs.py, providers ours_fused / ours_fused_nll). fp32 tiles take
+    twice the shared memory per stage, hence 2 stages. Under the interpreter: small tiles that
+    keep the tests' odd shapes cheap."""
     def fit(x, lo, hi):
         return max(lo, min(hi, triton.next_power_of_2(max(x, 1))))
 
     if triton_interpreting():
         return Tiles(fit(n, 16, 32), fit(v, 16, 64), fit(h, 16, 32))
-    if backward:
-        return Tiles(fit(n, 16, 128), 128, 64, num_warps=8, num_stages=3)
-    return Tiles(fit(n, 16, 128), 128, 64, num_warps=8, num_stages=3)
+    return Tiles(fit(n, 16, 128), 128, 64, num_warps=8, num_stages=2 if dtype == torch.float32 else 3)
 
 
 @functools.cache
@@ -286,9 +288,13 @@ def pick_splits(n_blocks: int, v_blocks: int, device: torch.device) -> int:
 
 
 def _flags(h2: torch.Tensor) -> dict:
+    """UPCAST under the interpreter; DOT_PRECISION matters for fp32 tiles only (fp16 / bf16 go to the
+    tensor cores whatever it says): IEEE unless torch allows TF32 for its own fp32 GEMMs."""
     interp = triton_interpreting()
-    tf32 = h2.dtype == torch.float32 and not interp and torch.backends.cuda.matmul.allow_tf32
-    return {"UPCAST": interp, "DOT_PRECISION": "tf32" if tf32 else "ieee"}
+    if interp:
+        return {"UPCAST": True, "DOT_PRECISION": "ieee"}
+    tf32 = h2.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32
+    return {"UPCAST": False, "DOT_PRECISION": "tf32" if tf32 else "ieee"}
 
 
 def fused_fwd(h2, weight, bias, targets, coefs, with_entropy, tiles: Tiles | None = None, splits=None):
@@ -301,7 +307,7 @@ def fused_fwd(h2, weight, bias, targets, coefs, with_entropy, tiles: Tiles | Non
     ent = torch.empty_like(logp) if with_entropy else None
     if n == 0:
         return logp, lse, ent
-    cfg = tiles or pick_tiles(n, H, V, backward=False)
+    cfg = tiles or pick_tiles(n, H, V, h2.dtype)
     n_blocks, v_blocks = triton.cdiv(n, cfg.block_n), triton.cdiv(V, cfg.block_v)
     per = triton.cdiv(v_blocks, splits or pick_splits(n_blocks, v_blocks, dev))
     splits = triton.cdiv(v_blocks, per)  # every split owns >= 1 vocab block
@@ -329,7 +335,7 @@ def fused_bwd(h2, weight, bias, targets, lse, ent, g_lp, g_ent, coefs, want, til
     gb = torch.zeros(V, dtype=torch.float32, device=dev) if want_b else None
     if n == 0 or not (want[0] or want[1] or want_b):
         return gh, gw, gb
-    cfg = tiles or pick_tiles(n, H, V, backward=True)
+    cfg = tiles or pick_tiles(n, H, V, h2.dtype)
     grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(V, cfg.block_v),)
     with_ent = g_ent is not None
     mul, cap_pre = coefs

@@ -2,9 +2,15 @@
 
 Without a GPU they run through the Triton interpreter (tests/conftest.py) at tiny sizes; the
 gpu-marked tests at the end run real sizes on CUDA."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from helpers import assert_close_to_ref
+from helpers import ROOT, assert_close_to_ref
 
 from rlhf_fast.ops.linear_logprobs import linear_token_logprobs, linear_token_logprobs_ref
 from rlhf_fast.ops.linear_policy_loss import (
@@ -244,6 +250,27 @@ def test_ppo_policy_loss_fused():
     for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), x, x64):
         assert torch.isfinite(a.grad).all(), name
         assert_close_to_ref(a.grad, r.grad, atol=2e-5, name=name)
+
+
+# ---------------------------------------------------------------------------- ready for a GPU
+SMEM_SM90 = 227 * 1024  # the most shared memory one block may use on an H100 / H200
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """Triton's real compiler (not the interpreter) on the GPU tile sizes: the kernels compile to a
+    cubin, fit in shared memory, bf16 tiles use Hopper's tensor cores (wgmma), atomics are relaxed."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("linear_triton_aot.py"))], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = {(r["kernel"], r["dtype"]): r for r in map(json.loads, p.stdout.split("\n")[:-1])}
+    assert set(rows) == {(k, d) for k in ("fwd", "bwd") for d in ("bf16", "fp32")}
+    for key, r in rows.items():
+        assert r["cubin"] and 0 < r["shared"] <= SMEM_SM90, (key, r)
+    assert rows["fwd", "bf16"]["wgmma"] > 0 and rows["bwd", "bf16"]["wgmma"] > 0
+    assert rows["bwd", "bf16"]["atomics"] == ["red.global.gpu.relaxed.add.f32"]
 
 
 # ---------------------------------------------------------------------------- GPU sizes
