@@ -169,12 +169,13 @@ def _merge_splits_kernel(
         bad += tl.load(p + 3 * stride, mask=ok, other=0.0)
         z_t += tl.load(p + 4 * stride, mask=ok, other=0.0)
     no_softmax = (bad > 0) | (s == 0.0)  # the rule of row_softmax_stats: NaN / +inf, or only -inf
-    log_s = tl.where(no_softmax, float("nan"), tl.log(s))
+    s_safe = tl.where(no_softmax, 1.0, s)  # no log(0) / 0 evaluated, even in lanes past N
+    log_s = tl.where(no_softmax, float("nan"), tl.log(s_safe))
     lp = (z_t - m) - log_s
     tl.store(logp_ptr + offs, tl.where(lp > 0.0, 0.0, lp), mask=ok)  # not tl.minimum: NaN stays NaN
     tl.store(lse_ptr + offs, m + log_s, mask=ok)
     if WITH_ENTROPY:
-        h = log_s - a / s
+        h = log_s - a / s_safe
         tl.store(ent_ptr + offs, tl.where(h < 0.0, 0.0, h), mask=ok)
 
 
@@ -359,6 +360,7 @@ class FusedLinearLogprobsFunction(torch.autograd.Function):
         logp, lse, ent = fused_fwd(h2, weight, bias, t, coefs, with_entropy)
         ctx.save_for_backward(hidden, weight, bias, t, lse, ent)
         ctx.coefs = coefs
+        ctx.set_materialize_grads(False)  # an entropy kept for logging only: no entropy term in backward
         shape = hidden.shape[:-1]
         if with_entropy:
             return logp.view(shape), ent.view(shape)

@@ -52,7 +52,5 @@ def fused_ppo_policy_loss(hidden, weight, bias, targets, old, adv, mask, ref, op
     valid = mask != 0
     loss, c_lp, c_ent, stats = policy_terms(logp.detach(), None if ent is None else ent.detach(), old, adv, ref,
                                             valid, opts)
-    if ent is not None and c_ent is None:
-        c_ent = torch.zeros_like(c_lp)
     loss = _LossFromCoefs.apply(loss, logp, ent, c_lp.detach(), None if c_ent is None else c_ent.detach())
     return loss, stats

@@ -199,6 +199,17 @@ def test_dispatch(monkeypatch):
     assert torch.equal(got, linear_token_logprobs_ref(hidden, weight, targets, bias=b))
 
 
+def test_entropy_returned_but_unused():
+    """Only logp reaches the loss: backward skips the entropy term and matches d logp alone."""
+    hidden, weight, b, targets = make_inputs((9,), 14, 77, torch.float32, bias=True, seed=16)
+    x, x64 = leaves(hidden, weight, b), leaves(hidden, weight, b, dtype=torch.float64)
+    lp, _ = linear_token_logprobs(x[0], x[1], targets, bias=x[2], return_entropy=True, impl="fused")
+    (lp * 1.3).sum().backward()
+    (linear_token_logprobs_ref(x64[0], x64[1], targets, bias=x64[2]) * 1.3).sum().backward()
+    for name, a, r in zip(("grad_hidden", "grad_weight", "grad_bias"), x, x64):
+        assert_close_to_ref(a.grad, r.grad, atol=2e-5, name=name)
+
+
 def test_double_backward_refuses():
     hidden, weight, _, targets = make_inputs((4,), 8, 50, torch.float32, seed=11)
     h = hidden.requires_grad_()
@@ -223,7 +234,8 @@ def test_cross_entropy_fused():
             assert_close_to_ref(a.grad, r.grad, atol=2e-5, name=f"{name} {reduction}")
 
 
-def test_ppo_policy_loss_fused():
+@pytest.mark.parametrize("entropy_coef", [0.01, 0.0])  # 0.0: the entropy only as a stat
+def test_ppo_policy_loss_fused(entropy_coef):
     B, T, H, V = 3, 6, 12, 110
     hidden, weight, b, targets = make_inputs((B, T), H, V, torch.float32, bias=True, seed=13)
     g = torch.Generator().manual_seed(14)
@@ -233,8 +245,8 @@ def test_ppo_policy_loss_fused():
     mask = (torch.rand(B, T, generator=g) > 0.3).to(DEV)
     hidden[0, 0] = float("nan")
     mask[0, 0] = False  # a masked NaN row stays out of the loss and every gradient
-    opts = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=0.01, loss_agg="seq-mean-token-mean",
-                logit_scale=0.8, softcap=9.0)
+    opts = dict(ref_logprobs=ref_lp, kl_coef=0.05, entropy_coef=entropy_coef, loss_agg="seq-mean-token-mean",
+                logit_scale=0.8, softcap=9.0, compute_entropy=True)
     x, x64 = leaves(hidden, weight, b), leaves(hidden, weight, b, dtype=torch.float64)
     loss, stats = linear_ppo_policy_loss(x[0], x[1], targets, old, adv, mask, bias=x[2], impl="fused", **opts)
     hid64 = torch.where(mask[..., None], x64[0], torch.zeros_like(x64[0]))  # the reference cannot skip NaN
