@@ -67,7 +67,7 @@ PLAN = {
                         "args": ["--device", "cuda", "--n", "16384", "--h", "4096", "--v", "128256", "151936",
                                  "--dtype", "bfloat16", "--reps", "3"],
                         "providers": ["eager", "ours_hidden", "ours_nll", "ours_ppo", "cce", "cce_nll",
-                                      "liger_flce_nll"]},
+                                      "liger_flce_nll", "ours_fused", "ours_fused_nll"]},
 }
 CPU_ONLY = {"bench_grpo_step.py": "peak RSS of a trainer step (the CPU RSS method), with TRL; not a GPU figure"}
 

@@ -31,6 +31,8 @@ linear_ppo_
 linear_cross_
   entropy          linear_policy_loss   (logprobs kernels + BLAS)  test_linear_policy_loss bench_linear_logprobs
 linear_full_kl     linear_kl.py         (kl kernels + BLAS)        test_linear_kl.py       --
+impl="fused" of    linear_triton.py,    (Triton GEMM + softmax)    test_linear_triton      bench_linear_logprobs
+  the three above  linear_triton_losses
 =================  ===================  =========================  ======================  ==================
 
 Shared by every op: ``_checks.py`` (argument checks; errors name the argument), ``_common.py``

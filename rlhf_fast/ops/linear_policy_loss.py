@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_fast import _backend
 from rlhf_fast.ops._common import check_float, check_positive, check_same_device, check_shape, check_targets
 from rlhf_fast.ops.linear_logprobs import (
     Grads,
@@ -50,17 +51,19 @@ FLOAT_OR_64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 # ---------------------------------------------------------------------------- references
 def linear_ppo_policy_loss_ref(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None,
-                               logit_scale=1.0, softcap=None, chunk_size=None, backend=None, **ppo_options):
+                               logit_scale=1.0, softcap=None, chunk_size=None, backend=None, impl=None,
+                               **ppo_options):
     """Pure PyTorch definition: ``ppo_policy_loss_ref`` on the materialised logits (no checks)."""
-    del chunk_size, backend
+    del chunk_size, backend, impl
     z = head_logits_ref(hidden, weight, bias, logit_scale, softcap)
     return ppo_policy_loss_ref(z, targets, old_logprobs, advantages, mask, **ppo_options)
 
 
 def linear_cross_entropy_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
-                             temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                             temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None,
+                             impl=None):
     """Pure PyTorch definition: ``F.cross_entropy`` of the materialised fp32 logits / temperature."""
-    del chunk_size, backend
+    del chunk_size, backend, impl
     z = head_logits_ref(hidden, weight, bias, logit_scale, softcap) / temperature
     return torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1).long(),
                                              ignore_index=ignore_index, reduction=reduction)
@@ -183,7 +186,7 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
                            max_tokens=None, compute_entropy=False, ratio_level="token", loss_type="clip",
                            sapo_tau_pos=1.0, sapo_tau_neg=1.05, sampler_logprobs=None, correction=None,
                            correction_level="token", correction_low=None, correction_high=None, chunk_size=None,
-                           backend=None):
+                           backend=None, impl=None):
     """Clipped PPO / GRPO policy loss from hidden states, gradients computed in the forward:
 
         loss, stats = ppo_policy_loss(transform(hidden.float() @ weight.float().T + bias), targets,
@@ -202,12 +205,14 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
     Args:
         hidden: (B, T, H) fp32 / fp16 / bf16. weight: (V, H), hidden's dtype. bias: (V,) or None.
         targets, old_logprobs, advantages ((B, T) or (B,)), mask, ref_logprobs: as ppo_policy_loss.
-        logit_scale, softcap, chunk_size, backend: as linear_token_logprobs.
+        logit_scale, softcap, chunk_size, backend, impl: as linear_token_logprobs (impl="fused": per-token
+            logp / entropy from the fused Triton kernels, the objective in torch, 8NHV).
 
     Returns:
         (loss, stats): loss 0-d fp32, differentiable w.r.t. hidden, weight and bias; its backward can
         run once (the gradients were formed during the forward). stats as ppo_policy_loss's.
     """
+    requested = backend
     V, logit_scale, softcap, chunk_size, backend = check_head(hidden, weight, bias, logit_scale, softcap,
                                                               chunk_size, backend)
     if hidden.dim() != 3:
@@ -258,7 +263,7 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
     hidden = torch.where((mask != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     if is_extended({**ext, "kl_estimator": kl_estimator}, sampler_logprobs):
         head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
-                    chunk_size=chunk_size, backend=backend)
+                    chunk_size=chunk_size, backend=requested, impl=impl)
         o = {"lo": 1 - clip_eps, "hi": 1 + (clip_eps if clip_eps_high is None else clip_eps_high),
              "dual_clip": dual_clip, "kl_coef": kl_coef, "kl_estimator": kl_estimator, "entropy_coef": entropy_coef,
              "loss_agg": loss_agg, "max_tokens": max_tokens, **ext}
@@ -269,6 +274,12 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
             "entropy_coef": entropy_coef, "loss_agg": loss_agg, "max_tokens": max_tokens,
             "compute_entropy": bool(compute_entropy), "logit_scale": logit_scale, "softcap": softcap,
             "chunk_size": chunk_size, "backend": backend, "stat_names": []}
+    # ---- impl="fused": linear_triton_losses.py (dispatch: _backend.select_head_impl)
+    if _backend.select_head_impl(hidden.device, impl, requested, backend) == "fused":
+        from rlhf_fast.ops.linear_triton_losses import fused_ppo_policy_loss
+
+        return fused_ppo_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, opts)
+    # ---- end of impl="fused"
 
     def detach(x):
         return None if x is None else x.detach()
@@ -295,7 +306,7 @@ def extended_policy_loss(hidden, weight, targets, old, adv, mask, ref, sampler, 
 
 
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
-                         temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                         temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None, impl=None):
     """Fused SFT NLL from hidden states, gradients computed in the forward (6NHV, no (N, V) tensor):
 
         F.cross_entropy(transform(hidden.float() @ weight.float().T + bias).view(-1, V) / temperature,
@@ -304,11 +315,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     Args:
         hidden: (..., H); weight: (V, H); targets: (...) int, in [0, V) or == ignore_index.
         reduction: "mean" (over non-ignored tokens; 0 when there are none) | "sum".
-        The others as linear_token_logprobs.
+        The others as linear_token_logprobs (impl="fused": the fused Triton kernels, 8NHV).
 
     Returns:
         0-d fp32, differentiable w.r.t. hidden, weight and bias (backward runs once per forward).
     """
+    requested = backend
     V, logit_scale, softcap, chunk_size, backend = check_head(hidden, weight, bias, logit_scale, softcap,
                                                               chunk_size, backend)
     if reduction not in ("mean", "sum"):
@@ -322,6 +334,13 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
         return linear_cross_entropy_ref(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                         reduction=reduction, temperature=temperature, logit_scale=logit_scale,
                                         softcap=softcap)
+    # ---- impl="fused": linear_triton_losses.py (dispatch: _backend.select_head_impl)
+    if _backend.select_head_impl(hidden.device, impl, requested, backend) == "fused":
+        from rlhf_fast.ops.linear_triton_losses import fused_cross_entropy
+
+        return fused_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                   temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+    # ---- end of impl="fused"
     opts = {"ignore_index": int(ignore_index), "reduction": reduction, "temperature": temperature,
             "logit_scale": logit_scale, "softcap": softcap, "chunk_size": chunk_size, "backend": backend}
     # ignored rows may hold anything (NaN padding): zeroed, so grad_weight = g.T @ hidden stays clean
