@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM
 from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer import distributed, hf_io
-from rlhf_fast.trainer.base import mini_batch_indices
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import read_jsonl
+from rlhf_fast.trainer.minibatch import mini_batch_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 
