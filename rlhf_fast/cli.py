@@ -102,7 +102,8 @@ def load_reward(command, cfg, run, tok, **kw) -> dict:
 
 
 def cmd_rl(command, cfg, run):
-    from rlhf_fast.data import load_prompt_rows, load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompt_rows, load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_policy, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
@@ -142,7 +143,8 @@ def cmd_dpo(cfg, run):
 
 
 def cmd_best_of_n(cfg, run):
-    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.best_of_n import run_best_of_n
 

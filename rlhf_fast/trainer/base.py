@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from rlhf_fast.data import prompt_rows
+from rlhf_fast.encoding import prompt_rows
 from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max
 from rlhf_fast.trainer.config import ConfigError, RLConfig
@@ -65,7 +65,7 @@ class RLTrainer(Runtime):
     as ``reward/gold`` and ``reward/proxy_minus_gold``) and ``eval_prompts`` (held-out prompts scored
     every ``config.eval_steps`` steps and at the end; see health.py).
 
-    ``prompts``: strings (already formatted, e.g. ``data.policy_prompt``; reward functions see
+    ``prompts``: strings (already formatted, e.g. ``encoding.policy_prompt``; reward functions see
     them as they are) or rows ``{"prompt": str | messages, **columns}`` (``data.load_prompt_rows``:
     formatted here with the chat template; reward functions get the raw prompt and the columns).
     ``reward_fn``: a function, or a list of them weighted by ``reward_weights`` (each then logged
