@@ -37,30 +37,39 @@ from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: 
 
 
 # ---------------------------------------------------------------------------- commands
-def cmd_sft(cfg, run):
-    from rlhf_fast.data import load_sft
+def train_on_files(cfg, run, trainer_class, load_rows, load_model, keys, *, with_ref=False):
+    """The supervised commands (sft, rm, dpo): the tokenizer, ``load_rows`` of ``train_file`` (and
+    ``eval_file``), ``load_model`` of ``--model`` (with DPO's ``ref_model``: None copies the
+    policy), then ``trainer_class(...).train()`` and a line of the result's ``keys``."""
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_tokenizer
-    from rlhf_fast.trainer.sft import SFTTrainer
 
     tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
-    train = load_sft(run["train_file"])
-    evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
-    result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/loss", "train/loss"))
+    train = load_rows(run["train_file"])
+    evals = load_rows(run["eval_file"]) if run.get("eval_file") else None
+    kw = load_kwargs(cfg)
+    models = {"model": load_model(run["model"], tok, seed=cfg.seed, **kw)}
+    if with_ref:
+        models["ref_model"] = (load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed, **kw)
+                               if run.get("ref_model") else None)
+    result = trainer_class(cfg, tokenizer=tok, train_data=train, eval_data=evals, **models).train()
+    _report(cfg, result, keys)
+
+
+def cmd_sft(cfg, run):
+    from rlhf_fast.data import load_sft
+    from rlhf_fast.models import load_causal_lm
+    from rlhf_fast.trainer.sft import SFTTrainer
+
+    train_on_files(cfg, run, SFTTrainer, load_sft, load_causal_lm, ("eval/loss", "train/loss"))
 
 
 def cmd_rm(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.models import load_kwargs, load_reward_model, load_tokenizer
+    from rlhf_fast.models import load_reward_model
     from rlhf_fast.trainer.reward import RewardTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
-    train = load_preferences(run["train_file"])
-    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    model = load_reward_model(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
-    result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
+    train_on_files(cfg, run, RewardTrainer, load_preferences, load_reward_model,
+                   ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
 def load_reward(command, cfg, run, tok, **kw) -> dict:
@@ -102,7 +111,8 @@ def load_reward(command, cfg, run, tok, **kw) -> dict:
 
 
 def cmd_rl(command, cfg, run):
-    from rlhf_fast.data import load_prompt_rows, load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompt_rows, load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_policy, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
@@ -129,20 +139,16 @@ def cmd_rl(command, cfg, run):
 
 def cmd_dpo(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.models import load_causal_lm, load_tokenizer
+    from rlhf_fast.models import load_causal_lm
     from rlhf_fast.trainer.dpo import DPOTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"))
-    train = load_preferences(run["train_file"])
-    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
-    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
-    result = DPOTrainer(cfg, model=model, ref_model=ref, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/rewards/accuracy", "eval/loss", "train/rewards/accuracy", "train/loss"))
+    train_on_files(cfg, run, DPOTrainer, load_preferences, load_causal_lm,
+                   ("eval/rewards/accuracy", "eval/loss", "train/rewards/accuracy", "train/loss"), with_ref=True)
 
 
 def cmd_best_of_n(cfg, run):
-    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.best_of_n import run_best_of_n
 

@@ -60,14 +60,13 @@ def check_start(command: str, cfg) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun each rank picks its own device later
         resolve_device(cfg.device)
     if command == "demo":
-        from rlhf_fast.demo import Demo
+        from rlhf_fast.demo import Demo, demo_outputs
 
         Demo(cfg, log=lambda *a: None).check_settings()
     if resume or cfg.overwrite_output_dir:
         return
     if command == "demo":
-        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (out / n).exists()]
-        used = ", ".join(used) or None
+        used = ", ".join(demo_outputs(out)) or None
     else:
         used = run_in_progress(out)
     if used:

@@ -13,14 +13,9 @@
 Setup, the optimizer step with its non-finite guard, checkpoints and the export come from the
 shared runtime (``runtime.py``). Global statistics go through the collectives (``collectives.py``;
 each is the identity on one process): advantages are computed on the gathered global batch and
-each rank keeps its rows, the micro-batch loss scales come from the gathered mini-batch mask,
-and the metrics are all-reduced. So the update does not depend on the world size.
-
-Mini-batches are stratified: a pass over a step's ``n`` sequences cuts them into
-``mini_batch_size`` consecutive slots of ``k = n / mini_batch_size`` sequences and draws, per
-slot, a random permutation saying which mini-batch gets which of its sequences. Every
-mini-batch takes one sequence of each slot, and a rank holding whole slots holds its share of
-every mini-batch without any data moving.
+each rank keeps its rows, the mini- and micro-batches and their loss scales come from
+``minibatch.py``, and the step's metrics are all-reduced (``step_metrics.py``). So the update
+does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -31,16 +26,15 @@ import warnings
 import torch
 from torch import nn
 
-from rlhf_fast.data import prompt_rows
-from rlhf_fast.ops import aggregation_weights
+from rlhf_fast.encoding import prompt_rows
 from rlhf_fast.stops import stop_token_ids
-from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
+from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max
 from rlhf_fast.trainer.config import ConfigError, RLConfig
-from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
+from rlhf_fast.trainer.health import evaluate_prompts
 from rlhf_fast.trainer.hf_io import is_peft
 from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
+from rlhf_fast.trainer.minibatch import micro_batches, mini_batch_indices
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
-from rlhf_fast.trainer.process_group import rank, world_size
 from rlhf_fast.trainer.reward_fns import RewardFunctions
 from rlhf_fast.trainer.rollout import (
     RewardFunctionError,
@@ -52,6 +46,7 @@ from rlhf_fast.trainer.rollout import (
 )
 from rlhf_fast.trainer.runtime import Runtime, disable_dropout
 from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepare_trainable
+from rlhf_fast.trainer.step_metrics import reduce_stats, rollout_metrics
 
 # fields a resumed run may change without a warning
 FREE_ON_RESUME = {"resume_from", "overwrite_output_dir", "total_steps", "output_dir", "save_steps",
@@ -70,7 +65,7 @@ class RLTrainer(Runtime):
     as ``reward/gold`` and ``reward/proxy_minus_gold``) and ``eval_prompts`` (held-out prompts scored
     every ``config.eval_steps`` steps and at the end; see health.py).
 
-    ``prompts``: strings (already formatted, e.g. ``data.policy_prompt``; reward functions see
+    ``prompts``: strings (already formatted, e.g. ``encoding.policy_prompt``; reward functions see
     them as they are) or rows ``{"prompt": str | messages, **columns}`` (``data.load_prompt_rows``:
     formatted here with the chat template; reward functions get the raw prompt and the columns).
     ``reward_fn``: a function, or a list of them weighted by ``reward_weights`` (each then logged
@@ -361,21 +356,9 @@ class RLTrainer(Runtime):
                                                               self.rank, self.world_size)]
 
     def micro_batches(self, batch: Rollout, mini: torch.Tensor):
-        """Yields (micro_batch, scale) with ``sum(scale * loss(micro_batch)) == loss(mini-batch)``
-        for the configured ``loss_agg``: a token's weight in the global mini-batch loss
-        (``aggregation_weights`` of the gathered mini-batch mask) over its weight in its
-        micro-batch's loss, times the world size (DDP / FSDP average the ranks' gradients)."""
-        cfg = self.config
-        agg, n_tok = cfg.loss_agg, cfg.max_new_tokens
-        mask = batch.response_mask[mini]
-        width = global_max(mask.shape[1])
-        w_mini = aggregation_weights(gather_rows(mask, width), agg, max_tokens=n_tok, dtype=torch.float64)
-        n = mask.shape[0]
-        w_mini = w_mini[rank() * n : (rank() + 1) * n, : mask.shape[1]]
-        for part, w in zip(mini.split(cfg.micro_batch_size), w_mini.split(cfg.micro_batch_size)):
-            w_micro = aggregation_weights(batch.response_mask[part], agg, max_tokens=n_tok, dtype=torch.float64)
-            ratio = torch.where(w_micro > 0, w / w_micro.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-            yield batch.select(part), (ratio.amax() * world_size()).float()
+        """Yields (micro_batch, scale) of mini-batch ``mini``: ``minibatch.micro_batches`` with
+        this trainer's ``loss_agg`` and sizes."""
+        return micro_batches(batch, mini, self.config)
 
     def optimize_mini_batch(self, batch: Rollout, mini: torch.Tensor, step: int):
         """One optimizer step on mini-batch ``mini``: forward/backward per micro-batch (gradients
@@ -392,51 +375,15 @@ class RLTrainer(Runtime):
             stats.append(s)
         return stats, self.optimizer_step(step, all_reduce(loss_sum) / self.world_size)
 
-    # ------------------------------------------------------------------ metrics
-    @staticmethod
-    def reduce_stats(stats: list[dict]) -> dict:
-        """Means of per-micro-batch 0-d tensor stats over every rank's micro-batches (ranks run
-        equally many), converted with one host sync."""
-        if not stats:
-            return {}
-        keys = list(stats[0])
-        means = torch.stack([torch.stack([s[k].detach().double() for s in stats]).mean() for k in keys])
-        means = all_reduce(means) / world_size()
-        return dict(zip(keys, means.tolist()))
+    # ------------------------------------------------------------------ metrics (step_metrics.py)
+    reduce_stats = staticmethod(reduce_stats)
 
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
-        """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
-        the reward std from global moments, times of the slowest rank)."""
-        m = batch.response_mask.double()  # every sum in float64: scores near the fp32 limit must not overflow
-        lengths = m.sum(-1)
-        sums = [torch.tensor(float(len(batch)), dtype=torch.float64, device=self.device), batch.scores.double().sum(),
-                lengths.sum(), batch.has_eos.double().sum()]
-        if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            sums.append(((batch.logprobs.double() - batch.ref_logprobs.double()) * m).sum(-1).sum())
-        sums = all_reduce(torch.stack(sums))
-        std = global_moments(batch.scores)[2].sqrt()
-        n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
-        out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}
-        if kl:
-            out["kl/ref"] = kl[0]
-        if batch.reward_parts:  # each of several reward functions: its mean over the samples it scored
-            parts = torch.stack(list(batch.reward_parts.values())).double()  # (F, B), NaN = no opinion
-            sc = all_reduce(torch.stack([parts.nan_to_num(0.0).sum(1), (~parts.isnan()).sum(1).double()]))
-            for name, s, c in zip(batch.reward_parts, *sc.cpu().tolist()):
-                out[f"reward/{name}/mean"] = s / c if c else float("nan")
-        times = [t_rollout, t_update]
-        if self.device.type == "cuda":
-            times.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        times = all_reduce(torch.tensor(times, dtype=torch.float64, device=self.device), "max").tolist()
-        out.update({"time/rollout_s": times[0], "time/update_s": times[1],
-                    "perf/tokens_per_s": float(sums[2]) / max(times[0] + times[1], 1e-9),
-                    "lr": self.scheduler.get_last_lr()[0]})
-        if self.device.type == "cuda":
-            out["perf/peak_mem_gib"] = times[2]
-        out.update(health_metrics(batch, group_size=self.completions_per_prompt,
-                                  max_new_tokens=self.config.max_new_tokens, gold_fn=self.gold_fn))
-        return out
+        """``step_metrics.rollout_metrics`` of this step's batch, with this trainer's device,
+        learning rate, group size, ``max_new_tokens`` and ``gold_fn``."""
+        return rollout_metrics(batch, t_rollout, t_update, device=self.device, lr=self.scheduler.get_last_lr()[0],
+                               group_size=self.completions_per_prompt, max_new_tokens=self.config.max_new_tokens,
+                               gold_fn=self.gold_fn)
 
     # ------------------------------------------------------------------ resume
     def check_resumed(self, path, state: dict) -> None:
@@ -448,23 +395,3 @@ class RLTrainer(Runtime):
             warnings.warn(f"resuming {path} with changed config fields: "
                           + ", ".join(f"{k}={saved[k]!r} -> {getattr(self.config, k)!r}" for k in changed))
 
-
-def mini_batch_indices(n: int, mini_batch_size: int, generator: torch.Generator, rank: int = 0,
-                       world: int = 1) -> list[torch.Tensor]:
-    """Rows of rank ``rank``'s ``n`` sequences (global rows ``rank*n .. (rank+1)*n - 1`` of
-    ``world*n``) in each of the ``k = world*n / mini_batch_size`` stratified mini-batches:
-
-        order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)  # a permutation per slot
-        mini_batch[j] = [s * k + order[s, j] for s in range(mini_batch_size)]     # one row of each slot
-
-    (the global rows; each rank keeps those of its ``mini_batch_size / world`` slots, shifted
-    to its own rows). The same draw on every rank, so the union over ranks is the
-    single-process mini-batch."""
-    total = n * world
-    if total % mini_batch_size or mini_batch_size % world:
-        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the {total} sequences and be divisible by "
-                         f"the world size {world}")
-    k, per_rank = total // mini_batch_size, mini_batch_size // world
-    order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)
-    local = torch.arange(per_rank)[:, None] * k + order[rank * per_rank : (rank + 1) * per_rank]
-    return list(local.t().unbind())

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import Encoded, encode_preference, pad_batch
+from rlhf_fast.encoding import Encoded, encode_preference, pad_batch
 from rlhf_fast.ops import dpo_loss, linear_token_logprobs, token_logprobs
 from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.config import LM_HEAD_MODES, check_choice, check_field
@@ -119,7 +119,7 @@ class DPOTrainer(SupervisedTrainer):
     Args:
         config: a DPOConfig.
         model: an ``AutoModelForCausalLM`` model whose logits are ``lm_head(hidden)`` (usually the SFT one).
-        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.data``).
+        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.encoding``).
         train_data, eval_data: lists of ``{"prompt", "chosen", "rejected"}`` (``load_preferences``).
         ref_model: the frozen reference (default: a copy of ``model`` as passed).
     """

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import encode_preference, pad_batch
+from rlhf_fast.encoding import encode_preference, pad_batch
 from rlhf_fast.ops import reward_model_loss
 from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.hf_io import distinct_pad

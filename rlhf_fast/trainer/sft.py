@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import SFT_FIELDS, encode_conversation, encode_example, pad_batch
+from rlhf_fast.data import SFT_FIELDS
+from rlhf_fast.encoding import encode_conversation, encode_example, pad_batch
 from rlhf_fast.ops import linear_cross_entropy, token_logprobs
 from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.config import LM_HEAD_MODES, check_choice
@@ -73,7 +74,7 @@ class SFTTrainer(SupervisedTrainer):
     Args:
         config: an SFTConfig.
         model: an ``AutoModelForCausalLM`` model whose logits are ``lm_head(hidden)``.
-        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.data``).
+        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.encoding``).
         train_data, eval_data: lists of ``{"prompt": str, "response": str}`` or ``{"messages": [...]}``
             (``load_sft(path)``).
 

@@ -7,17 +7,8 @@ import json
 import pytest
 from chat_utils import EOT, EOT_TEXT, chatml_tokenizer, tiny_lm
 
-from rlhf_fast.data import (
-    DataError,
-    encode_conversation,
-    encode_example,
-    encode_pair,
-    load_preferences,
-    load_prompt_rows,
-    load_sft,
-    policy_prompt,
-    write_jsonl,
-)
+from rlhf_fast.data import DataError, load_preferences, load_prompt_rows, load_sft, write_jsonl
+from rlhf_fast.encoding import encode_conversation, encode_example, encode_pair, policy_prompt
 from rlhf_fast.stops import end_of_turn_token, stop_token_ids, tokenizer_mismatch
 from rlhf_fast.tokenizer import byte_tokenizer
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer

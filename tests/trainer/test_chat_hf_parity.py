@@ -8,7 +8,7 @@ import pytest
 import torch
 from chat_utils import EOT, EOT_TEXT, chatml_tokenizer, say_task, tiny_lm
 
-from rlhf_fast.data import encode_example
+from rlhf_fast.encoding import encode_example
 from rlhf_fast.stops import stop_token_ids
 from rlhf_fast.trainer.hf_io import PAD_TOKEN
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained

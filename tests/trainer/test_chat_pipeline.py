@@ -9,7 +9,8 @@ import torch
 from chat_utils import EOT, EOT_TEXT, chatml_tokenizer, say_task, tiny_lm
 
 from rlhf_fast.cli import main
-from rlhf_fast.data import encode_example, policy_prompt, write_jsonl
+from rlhf_fast.data import write_jsonl
+from rlhf_fast.encoding import encode_example, policy_prompt
 from rlhf_fast.trainer.rollout import left_pad, reward_model_scores, sample_rollout
 
 QUIET = ["--set", "progress_bar=false", "--set", "tensorboard=false", "--set", "plot=false", "--set", "device=cpu"]
