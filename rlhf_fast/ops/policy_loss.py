@@ -45,7 +45,8 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
     check_targets,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only
-from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
+from rlhf_fast.ops.full_kl import full_kl, full_kl_ref
+from rlhf_fast.ops.kl import kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
     LAUNCHERS,
     can_write_inplace,
