@@ -37,10 +37,11 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_fast.ops import group_advantages, linear_ppo_policy_loss, ppo_policy_loss
+from rlhf_fast.ops import group_advantages
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.collectives import all_reduce
 from rlhf_fast.trainer.config import GRPOConfig
+from rlhf_fast.trainer.lm_head import head_policy_loss
 from rlhf_fast.trainer.rollout import Rollout, concat_rollouts
 
 
@@ -128,8 +129,7 @@ class GRPOTrainer(RLTrainer):
         ``lm_head="fused"``, else on the response logits) with per-sequence advantages and
         ``beta`` * KL to the reference; every objective option goes to the op."""
         cfg = self.config
-        fused = cfg.lm_head == "fused"
-        out, _, aux = self.policy_forward(mb, with_values=False, return_hidden=fused)
+        out, _, aux = self.policy_forward(mb, with_values=False, return_hidden=cfg.lm_head == "fused")
         kw = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
                   ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta,
                   kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
@@ -139,12 +139,7 @@ class GRPOTrainer(RLTrainer):
                   sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
                   correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
                   correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high)
-        if fused:
-            loss, pg = linear_ppo_policy_loss(out.hidden, out.weight, mb.responses, mb.logprobs, mb.advantages,
-                                              mb.response_mask, **out.op_kwargs(), **kw)
-        else:
-            loss, pg = ppo_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask,
-                                       inplace_backward=True, **kw)
+        loss, pg = head_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, **kw)
         stats = {"loss/total": loss.detach(), "loss/policy": pg["pg_loss"], "policy/entropy": pg["entropy"],
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"],
                  "policy/ratio_mean": pg["ratio_mean"]}

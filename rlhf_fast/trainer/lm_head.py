@@ -15,6 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from rlhf_fast.ops import linear_ppo_policy_loss, ppo_policy_loss
 from rlhf_fast.trainer.hf_io import unwrap_peft
 
 # The config fields that change a causal LM's logits after ``lm_head(hidden)``, as
@@ -116,3 +117,13 @@ def causal_lm_head_operands(causal_lm: nn.Module, hidden: torch.Tensor) -> HeadI
     """``head_operands`` of a causal LM's own head and transform (``head_logits`` without the logits)."""
     lm = unwrap_peft(causal_lm)
     return head_operands(hidden, lm.get_output_embeddings(), *logit_transform(lm.config))
+
+
+def head_policy_loss(out, responses, old_logprobs, advantages, mask, **options):
+    """The PPO / GRPO policy loss of a micro-batch from what the policy's forward returned:
+    ``linear_ppo_policy_loss`` on ``HeadInputs`` (``lm_head="fused"``), else ``ppo_policy_loss`` on
+    the response logits (``lm_head="materialize"``, backward in place); ``options`` go to either."""
+    if isinstance(out, HeadInputs):
+        return linear_ppo_policy_loss(out.hidden, out.weight, responses, old_logprobs, advantages, mask,
+                                      **out.op_kwargs(), **options)
+    return ppo_policy_loss(out, responses, old_logprobs, advantages, mask, inplace_backward=True, **options)

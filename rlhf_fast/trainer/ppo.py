@@ -29,11 +29,12 @@ multiple rollouts per step.
 """
 from __future__ import annotations
 
-from rlhf_fast.ops import linear_ppo_policy_loss, ppo_advantages, ppo_policy_loss, value_loss
+from rlhf_fast.ops import ppo_advantages, value_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.collectives import global_moments
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
+from rlhf_fast.trainer.lm_head import head_policy_loss
 from rlhf_fast.trainer.rollout import Rollout
 
 
@@ -73,16 +74,11 @@ class PPOTrainer(RLTrainer):
         with ``lm_head="fused"``, else on the response logits) plus ``vf_coef`` times the clipped
         value loss."""
         cfg = self.config
-        fused = cfg.lm_head == "fused"
-        out, values, aux = self.policy_forward(mb, return_hidden=fused)
-        kw = dict(clip_eps=cfg.clip_eps, temperature=cfg.temperature, entropy_coef=cfg.entropy_coef,
-                  loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens, compute_entropy=True)
-        if fused:
-            pg_loss, pg = linear_ppo_policy_loss(out.hidden, out.weight, mb.responses, mb.logprobs, mb.advantages,
-                                                 mb.response_mask, **out.op_kwargs(), **kw)
-        else:
-            pg_loss, pg = ppo_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask,
-                                          inplace_backward=True, **kw)
+        out, values, aux = self.policy_forward(mb, return_hidden=cfg.lm_head == "fused")
+        pg_loss, pg = head_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask,
+                                       clip_eps=cfg.clip_eps, temperature=cfg.temperature,
+                                       entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+                                       max_tokens=cfg.max_new_tokens, compute_entropy=True)
         vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.response_mask,
                                  clip_eps=cfg.vf_clip or None, loss_agg=cfg.loss_agg)
         loss = pg_loss + cfg.vf_coef * vf_loss

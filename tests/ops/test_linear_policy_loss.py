@@ -184,6 +184,19 @@ def test_cross_entropy_all_ignored_is_zero(backend):
         linear_cross_entropy(h, weight, targets, reduction="none")
 
 
+def assert_nan_masked_rows_change_nothing(loss_fn, hidden, weight, bias, valid):
+    """``loss_fn(hidden, weight, bias) -> 0-d loss`` gives the same loss and the same gradients when
+    the hidden states of rows outside ``valid`` are NaN (garbage padding): zeroed before any use."""
+    runs = []
+    for h in (hidden, torch.where(valid.unsqueeze(-1), hidden, float("nan"))):
+        x = leaves(h, weight, bias)
+        out = loss_fn(*x)
+        out.backward()
+        runs.append((out.detach(), *(t.grad for t in x if t is not None)))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # the objectives beyond the clipped token-level one (policy_objectives.py): two-pass, every option once
 EXTENDED_SETS = [
     dict(ratio_level="sequence", clip_eps=0.1, loss_agg="seq-mean-token-mean"),
@@ -210,16 +223,10 @@ def test_extended_objectives_match_float64(backend, i):
     assert torch.isfinite(loss)
     if "correction" in o:
         assert "is_masked_frac" in stats
-    # masked rows holding garbage (NaN hidden states) change nothing: same loss, same gradients
     hidden, weight, bias, targets, old, adv, mask = args
-    grads = []
-    for h in (hidden, torch.where(mask.unsqueeze(-1), hidden, float("nan"))):
-        x = leaves(h, weight, bias)
-        out, _ = linear_ppo_policy_loss(x[0], x[1], targets, old, adv, mask, bias=x[2], chunk_size=3, **kw)
-        out.backward()
-        grads.append((out.detach(), *(t.grad for t in x if t is not None)))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_ppo_policy_loss(h, w, targets, old, adv, mask, bias=b, chunk_size=3, **kw)[0],
+        hidden, weight, bias, mask)
 
 
 def test_full_kl_estimator_points_to_linear_full_kl():
@@ -236,20 +243,9 @@ def test_masked_rows_holding_nan_contaminate_nothing(backend, i):
     loss nor any gradient: each row is zeroed before grad_weight = g.T @ hidden sees it."""
     hidden, weight, bias, targets, old, adv, mask, kw = ppo_inputs(4, 5, 13, 307, torch.float32, OPTION_SETS[i],
                                                                     seed=100 + i)
-    runs = []
-    for h in (hidden, torch.where(mask.unsqueeze(-1), hidden, float("nan"))):
-        x = leaves(h, weight, bias)
-        out, _ = linear_ppo_policy_loss(x[0], x[1], targets, old, adv, mask, bias=x[2], chunk_size=3, **kw)
-        out.backward()
-        runs.append((out.detach(), *(t.grad for t in x if t is not None)))
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    targets = torch.where(mask, targets, -100)
-    runs = []
-    for h in (hidden, torch.where(mask.unsqueeze(-1), hidden, float("nan"))):
-        x = leaves(h, weight, bias)
-        out = linear_cross_entropy(x[0], x[1], targets, bias=x[2], chunk_size=3)
-        out.backward()
-        runs.append((out.detach(), *(t.grad for t in x if t is not None)))
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_ppo_policy_loss(h, w, targets, old, adv, mask, bias=b, chunk_size=3, **kw)[0],
+        hidden, weight, bias, mask)
+    ignored = torch.where(mask, targets, -100)
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_cross_entropy(h, w, ignored, bias=b, chunk_size=3), hidden, weight, bias, mask)
