@@ -111,16 +111,16 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // (callers with larger x use exp_any, kl_estimators.h). x = n ln 2 + r (Cody-Waite, |r| <= ln 2 / 2),
 // n rounded by the 1.5 * 2^23 trick with the exponent bias folded in, so 2^n is t's low bits
 // shifted into the exponent field; e^r is a degree-6 minimax polynomial (relative error 9e-8
-// before rounding). Relative error <= 2 ulp where exp(x) >= 2^-126 (tests/ops/test_cpu_exp.py
-// sweeps the float range against float64); 0 below kExpLo, where exp(x) is subnormal (absolute
-// error < 2^-126), so exp(-inf) = 0 exactly; exp(+-0) = exp(subnormal) = 1; NaN for NaN. About
-// 15 vector instructions: two clamps, 9 FMAs, a shift, a multiply and a compare.
+// before rounding). Below kExpLo (n < -126: 2^n would wrap) the last select gives 0, so exp(-inf)
+// = 0 exactly. Relative error <= 1 ulp where exp(x) >= 2^-126 (0.91 measured: tests/ops/test_cpu_exp.py
+// sweeps the float range against float64), 0 where exp(x) is subnormal (absolute error < 2^-126);
+// exp(+-0) = exp(subnormal) = 1; NaN for NaN. About 17 vector instructions: 9 FMAs, a shift, a
+// multiply, two compares and their masked selects.
 constexpr float kExpLo = -87.3365447f;  // ln 2^-126
 constexpr float kExpHi = 88.3762626f;   // 127.5 ln 2: the largest x with n <= 127
 
 inline float fast_exp(float x) {
-  float xc = x < kExpLo ? kExpLo : x;  // both clamps let NaN through (the comparisons are false)
-  xc = xc > kExpHi ? kExpHi : xc;
+  const float xc = x > kExpHi ? kExpHi : x;  // lets NaN through (the comparison is false)
   const float t = xc * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127: round(x / ln 2) + 127
   const float n = t - 12583039.0f;
   float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 1.7e-12)
@@ -134,6 +134,25 @@ inline float fast_exp(float x) {
   p = p * r + 1.0f;
   const float y = p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);  // p * 2^n
   return x < kExpLo ? 0.0f : y;
+}
+
+// exp(x) of the log-prob kernel's sums, for x = z - max already clamped to [kExpLo, 0] (or NaN): fast_exp
+// without its two selects. Below kExpLo each term is exp(kExpLo) = 2^-126 instead of 0 (the caller
+// clamps x, so -inf logits give finite terms and the entropy's e * x has no 0 * inf): a row's sum is at
+// least 1 (its max term), so V such terms are far below one ulp of it.
+inline float exp_clamped(float xc) {
+  const float t = xc * 1.44269504088896341f + 12583039.0f;
+  const float n = t - 12583039.0f;
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.36874686e-3f;
+  p = p * r + 8.37741792e-3f;
+  p = p * r + 4.16722894e-2f;
+  p = p * r + 1.66664183e-1f;
+  p = p * r + 4.99999672e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  return p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);
 }
 
 // tanh(u) in float, branch-free (selects only) so loops using it vectorize: the odd Taylor
@@ -178,12 +197,12 @@ inline float logit_z_any(float x, float mul, float cap_pre) {  // scalar use: ca
 
 // Online softmax statistics of one row of z = logit_z<kCap>(logits), in one pass:
 // m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (for the entropy).
-// A row holding NaN or +inf, or only -inf, gives s = NaN or 0, so lse, logp and H are NaN.
+// A row holding NaN or +inf gives s = NaN; a row of only -inf gives m = -inf: lse = -inf, logp and H NaN.
 struct RowStats {
   float m = kNegInf, s = 0.0f, a = 0.0f;
   float lse() const { return m + std::log(s); }
-  float entropy() const {  // H = log s - a / s, clamped at 0 from below (NaN stays NaN)
-    float h = std::log(s) - a / s;
+  float entropy() const {  // H = log s - a / s, clamped at 0 from below (NaN stays NaN); NaN for m = +-inf
+    float h = std::log(s) - a / s + (m - m);
     return h < 0.0f ? 0.0f : h;
   }
 };
@@ -216,33 +235,37 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp, float cap_pre =
   for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
     const int64_t c1 = c0 + kChunk, nn = c1 >= V ? 0 : (V - c1 < kChunk ? V - c1 : kChunk);
     const float m_new = cmax > st.m ? cmax : st.m;
-    if (m_new > st.m && st.s > 0.0f) {  // re-measure the sums so far from the new max
-      const float alpha = std::exp(st.m - m_new);
-      if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
-      st.s *= alpha;
+    if (m_new > st.m) {  // re-measure the sums so far from the new max
+      if (st.m == kNegInf) {
+        st.s = st.a = 0.0f;  // the 2^-126 terms of an all -inf prefix (exp_clamped)
+      } else if (st.s > 0.0f) {
+        const float alpha = std::exp(st.m - m_new);
+        if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
+        st.s *= alpha;
+      }
     }
     st.m = m_new;
-    const float m = m_new == kNegInf ? 0.0f : m_new;  // all -inf so far: every exp(z - m) is 0
+    const float m = m_new == kNegInf ? 0.0f : m_new;  // all -inf so far: no NaN from -inf - -inf
     const float* cur = buf[k & 1];
     float* nxt = buf[(k + 1) & 1];
     const T* xn = x + (nn ? c1 : 0);
     float s = 0.0f, a = 0.0f, nmax = kNegInf;
 #pragma omp simd reduction(+ : s, a) reduction(max : nmax)
     for (int64_t j = 0; j < nn; ++j) {
-      const float d = cur[j] - m;
-      const float e = fast_exp(d);
+      const float d0 = cur[j] - m, d = d0 < kExpLo ? kExpLo : d0;  // lets NaN through
+      const float e = exp_clamped(d);
       s += e;
-      if constexpr (kEntropy) a += e * (d < kExpLo ? kExpLo : d);  // fast_exp's clamp: e = 0 there, no 0 * inf
+      if constexpr (kEntropy) a += e * d;
       const float z = logit_z<kCap>(load_f32(xn, j), inv_temp, cap_pre);
       nxt[j] = z;
       nmax = z > nmax ? z : nmax;
     }
 #pragma omp simd reduction(+ : s, a)
     for (int64_t j = nn; j < n; ++j) {  // the part of chunk k that chunk k + 1 (shorter or absent) did not cover
-      const float d = cur[j] - m;
-      const float e = fast_exp(d);
+      const float d0 = cur[j] - m, d = d0 < kExpLo ? kExpLo : d0;
+      const float e = exp_clamped(d);
       s += e;
-      if constexpr (kEntropy) a += e * (d < kExpLo ? kExpLo : d);
+      if constexpr (kEntropy) a += e * d;
     }
     st.s += s;
     st.a += a;

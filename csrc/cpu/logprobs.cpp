@@ -136,12 +136,16 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
 }
 
 // ---- benchmark floor ----------------------------------------------------------
-// The row kernels are bound by fast_exp: this is their inner loop (one L1-resident chunk, summed)
-// without the memory traffic, so n / seconds is the machine's exp throughput.
+// The row kernels are bound by their exp: this is the log-prob kernel's exp sum (common.h row_stats:
+// clamp, exp_clamped, add) over one L1-resident chunk, without the memory traffic or the max, so
+// n / seconds is the machine's exp throughput.
 RLHF_FAST_HOT_FN float exp_chunk_sum(const float* buf, int64_t n, float m) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += fast_exp(buf[j] - m);
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = buf[j] - m;
+    s += exp_clamped(d < kExpLo ? kExpLo : d);
+  }
   return s;
 }
 
