@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -51,6 +52,7 @@ from _common import (  # noqa: E402
 )
 
 from rlhf_fast import token_logprobs  # noqa: E402
+from rlhf_fast.ops.head_gemm import mm_into, native_gemm  # noqa: E402
 from rlhf_fast.ops.linear_logprobs import linear_token_logprobs  # noqa: E402
 from rlhf_fast.ops.linear_policy_loss import linear_cross_entropy, linear_ppo_policy_loss  # noqa: E402
 
@@ -133,11 +135,34 @@ def scalar_providers(n):
 
 
 def gemm_fns(h, w, device):
-    """The three GEMMs of one head pass, as callables to time beside the providers."""
+    """The three GEMMs of one head pass, as callables to time beside the providers: torch.mm (the
+    floor the targets are stated against) and, on CPU, the same shapes through head_gemm.mm_into
+    (csrc/cpu/linear.cpp, what ours use) and oneDNN (torch.ops.mkldnn._linear_pointwise, the
+    fastest GEMM torch ships for this CPU; it allocates its output)."""
     g = torch.randn(h.shape[0], w.shape[0], dtype=h.dtype, device=device)
     gw = torch.empty_like(w)
-    return {"gemm_fwd": lambda: torch.mm(h, w.T), "gemm_grad_hidden": lambda: torch.mm(g, w),
-            "gemm_grad_weight": lambda: torch.mm(g.T, h, out=gw)}
+    fns = {"gemm_fwd": lambda: torch.mm(h, w.T), "gemm_grad_hidden": lambda: torch.mm(g, w),
+           "gemm_grad_weight": lambda: torch.mm(g.T, h, out=gw)}
+    if torch.device(device).type == "cpu" and h.dtype == torch.float32:
+        z, gh = torch.empty_like(g), torch.empty_like(h)
+        if native_gemm(h.device):
+            fns |= {"native_fwd": lambda: mm_into(z, h, w.T), "native_grad_hidden": lambda: mm_into(gh, g, w),
+                    "native_grad_weight": lambda: mm_into(gw, g.T, h, beta=1.0)}
+        pw = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+        if pw is not None and torch.backends.mkldnn.is_available():
+            fns |= {"onednn_fwd": lambda: pw(h, w, None, "none", [], ""),
+                    "onednn_grad_hidden": lambda: pw(g, w.T, None, "none", [], ""),
+                    "onednn_grad_weight": lambda: pw(h.T.contiguous(), g.T, None, "none", [], "")}
+    return fns
+
+
+def floors(ms, prefix, at):
+    """(fwd, 6NHV, 8NHV) ms of one GEMM family from the timings ``ms`` (at=0: min, 1: median)."""
+    keys = [f"{prefix}_{k}" for k in ("fwd", "grad_hidden", "grad_weight")]
+    if not all(k in ms for k in keys):
+        return None
+    f, gh, gw = (ms[k][at] for k in keys)
+    return f, f + gh + gw, 2 * f + gh + gw
 
 
 def provider_fns(fn, h, w, t, device, scalar):
@@ -192,9 +217,15 @@ def run(n, hd, v, dtype, device, names=None, reps=5):
             print(f"  ready: {name}", flush=True)
     ms = interleaved_ms(fns, device, reps)
     fl = {k: ms[k][0] for k in ("gemm_fwd", "gemm_grad_hidden", "gemm_grad_weight")}
-    floor_fwd = fl["gemm_fwd"]
-    floor_6 = floor_fwd + fl["gemm_grad_hidden"] + fl["gemm_grad_weight"]
-    floor_8 = floor_6 + floor_fwd
+    floor_fwd, floor_6, floor_8 = floors(ms, "gemm", 0)
+    med_fwd, med_6, med_8 = floors(ms, "gemm", 1)
+    extra = {}
+    for fam in ("native", "onednn"):
+        for at, tag in ((0, ""), (1, "_median")):
+            f = floors(ms, fam, at)
+            if f is not None:
+                extra |= {f"{fam}_floor_fwd{tag}_ms": f[0], f"{fam}_floor_6NHV{tag}_ms": f[1],
+                          f"{fam}_floor_8NHV{tag}_ms": f[2]}
     for name, row in rows.items():
         for k in ("fwd", "fwd_bwd"):
             if f"{name}/{k}" in ms:
@@ -203,39 +234,61 @@ def run(n, hd, v, dtype, device, names=None, reps=5):
                              "cce_nll", "ours_fused", "ours_fused_nll")
         row["floor_fwd_ms"] = None if row.pop("scalar") else floor_fwd
         row["floor_fwd_bwd_ms"] = floor_8 if recompute else floor_6
+        row["floor_fwd_bwd_median_ms"] = med_8 if recompute else med_6
         row["floor_peak_MB"] = out_mb
         if "fwd_bwd_ms" in row:
             row["fwd_bwd_x_floor"] = row["fwd_bwd_ms"] / row["floor_fwd_bwd_ms"]
+            row["fwd_bwd_median_x_floor_median"] = row["fwd_bwd_median_ms"] / row["floor_fwd_bwd_median_ms"]
+            row["fwd_bwd_peak_beyond_outputs_MB"] = row["fwd_bwd_peak_extra_MB"] - out_mb
+            native = extra.get("native_floor_8NHV_median_ms" if recompute else "native_floor_6NHV_median_ms")
+            if native:
+                row["fwd_bwd_median_x_native_floor_median"] = row["fwd_bwd_median_ms"] / native
         if "fwd_ms" in row:
             row["fwd_x_floor"] = row["fwd_ms"] / floor_fwd
-    return {"n": n, "h": hd, "v": v, "dtype": str(dtype).replace("torch.", ""), "timing": "min of interleaved rounds",
-            "rounds": reps, **{f"{k}_ms": x for k, x in fl.items()},
-            "gemm_GFLOPs": 2 * n * hd * v / (floor_fwd / 1e3) / 1e9, "floor_fwd_ms": floor_fwd,
-            "floor_6NHV_ms": floor_6, "floor_8NHV_ms": floor_8, "logits_MB": n * v * 4 / 2**20,
-            "grad_outputs_MB": out_mb, "chunk_bytes": int(os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", str(64 << 20))),
+    return {"n": n, "h": hd, "v": v, "dtype": str(dtype).replace("torch.", ""),
+            "timing": "min and median of interleaved rounds", "rounds": reps,
+            **{f"{k}_ms": x for k, x in fl.items()}, "gemm_GFLOPs": 2 * n * hd * v / (floor_fwd / 1e3) / 1e9,
+            "gemm_GFLOPs_median": 2 * n * hd * v / (med_fwd / 1e3) / 1e9, "floor_fwd_ms": floor_fwd,
+            "floor_6NHV_ms": floor_6, "floor_8NHV_ms": floor_8, "floor_6NHV_median_ms": med_6,
+            "floor_8NHV_median_ms": med_8, **extra,
+            "gemm_timings_ms": {k: {"min": v[0], "median": v[1], "rounds": v[2]} for k, v in ms.items() if "/" not in k},
+            "logits_MB": n * v * 4 / 2**20, "grad_outputs_MB": out_mb,
+            "chunk_bytes": int(os.environ.get("RLHF_FAST_HEAD_CHUNK_BYTES", str(64 << 20))),
             "rows": list(rows.values())}
 
 
 def summary(res):
+    """Medians of the interleaved rounds (the shared machine's load hits every contender alike)."""
     by = {r["provider"]: r for r in res["rows"] if "fwd_bwd_ms" in r}
     lines = []
     if "eager" in by and "ours_hidden" in by:
         e, o = by["eager"], by["ours_hidden"]
-        lines.append(f"ours_hidden vs eager: fwd+bwd {e['fwd_bwd_ms'] / o['fwd_bwd_ms']:.2f}x faster, extra peak "
-                     f"{o['fwd_bwd_peak_extra_MB']:.0f} MB vs {e['fwd_bwd_peak_extra_MB']:.0f} MB "
-                     f"({e['fwd_bwd_peak_extra_MB'] / max(o['fwd_bwd_peak_extra_MB'], 1e-9):.1f}x less; outputs alone "
-                     f"{res['grad_outputs_MB']:.0f} MB)")
+        lines.append(f"ours_hidden vs eager: fwd+bwd {e['fwd_bwd_median_ms'] / o['fwd_bwd_median_ms']:.2f}x faster "
+                     f"(medians), peak beyond the grad outputs {o['fwd_bwd_peak_beyond_outputs_MB']:.0f} MB vs "
+                     f"{e['fwd_bwd_peak_beyond_outputs_MB']:.0f} MB ("
+                     f"{e['fwd_bwd_peak_beyond_outputs_MB'] / max(o['fwd_bwd_peak_beyond_outputs_MB'], 1e-9):.1f}x less)")
     for a, b in (("ours_fused", "ours_hidden"), ("ours_fused_nll", "ours_nll")):
         if a in by and b in by:
-            lines.append(f"{a} vs {b}: fwd+bwd {by[b]['fwd_bwd_ms'] / by[a]['fwd_bwd_ms']:.2f}x faster")
-    for name in ("ours_nll", "ours_ppo"):
+            lines.append(f"{a} vs {b}: fwd+bwd {by[b]['fwd_bwd_median_ms'] / by[a]['fwd_bwd_median_ms']:.2f}x faster")
+    for name in ("ours_hidden", "ours_nll", "ours_ppo"):
         if name in by:
-            lines.append(f"{name}: fwd+bwd {by[name]['fwd_bwd_x_floor']:.2f}x the 6NHV GEMM floor")
-    for lce in ("torch_lce_chunked", "torch_lce_chunked_accurate"):
-        if lce in by and "ours_hidden" in by:
-            lines.append(f"ours_hidden vs {lce}: fwd+bwd {by[lce]['fwd_bwd_ms'] / by['ours_hidden']['fwd_bwd_ms']:.1f}x "
-                         "faster")
+            r = by[name]
+            native = r.get("fwd_bwd_median_x_native_floor_median")
+            lines.append(f"{name}: fwd+bwd {r['fwd_bwd_median_x_floor_median']:.2f}x the torch.mm GEMM floor"
+                         + (f", {native:.2f}x the same FLOPs through our GEMM" if native else "") + " (medians)")
+    for ours, lce in (("ours_hidden", "torch_lce_chunked"), ("ours_hidden", "torch_lce_chunked_accurate"),
+                      ("ours_nll", "torch_lce_mean_chunked")):
+        if lce in by and ours in by:
+            lines.append(f"{ours} vs {lce}: fwd+bwd {by[lce]['fwd_bwd_median_ms'] / by[ours]['fwd_bwd_median_ms']:.1f}x "
+                         "faster (medians)")
     return lines
+
+
+def uptime() -> str:
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return ""
 
 
 def main(argv=None):
@@ -254,6 +307,7 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
     args = p.parse_args(argv)
     fixed_mmap_threshold()  # before allocating, so peak_extra_bytes counts every block
+    load_start = os.getloadavg()  # the machine may be shared: load recorded beside the figures
     chunk_mb = args.chunk_mb or (2 if args.quick else None)
     if chunk_mb:
         os.environ["RLHF_FAST_HEAD_CHUNK_BYTES"] = str(int(chunk_mb * 2**20))
@@ -275,7 +329,9 @@ def main(argv=None):
         results.append(res)
     name = args.out or f"linear_logprobs_{'cuda' if torch.device(args.device).type == 'cuda' else 'cpu'}" \
                        f"{'_quick' if args.quick else ''}.json"
-    write_json(name, {"benchmark": "linear_token_logprobs", "meta": metadata(args.device), "runs": results})
+    meta = metadata(args.device) | {"loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+                                     "uptime_end": uptime(), "head_gemm": "native" if native_gemm(args.device) else "torch"}
+    write_json(name, {"benchmark": "linear_token_logprobs", "meta": meta, "runs": results})
     return results
 
 

@@ -19,7 +19,8 @@ How (the "chunked GEMM + our logits kernel" path, one of the from-hidden family)
   the forward instead (6NHV, no recompute).
 
 On CPU the GEMMs run in fp32 (fp16 / bf16 inputs are upcast chunk by chunk, the weight once
-per call); on CUDA they run in the inputs' dtype with fp32 accumulation.
+per call) through ``head_gemm.mm_into`` (the C++ AVX-512 GEMM into the reused tile / the grad
+accumulators, else torch.mm); on CUDA they run in the inputs' dtype with fp32 accumulation.
 
 Naming chain: ``logprobs_fwd`` / ``logprobs_bwd`` (shared kernels) -> ``head_logits`` /
 ``head_grad_step`` (chunk pieces) -> ``LinearLogprobsFunction`` -> ``linear_token_logprobs``;
@@ -41,6 +42,7 @@ from rlhf_fast.ops._common import (
     check_shape,
     check_targets,
 )
+from rlhf_fast.ops.head_gemm import mm_into
 from rlhf_fast.ops.logprobs import logit_coefs, logprobs_bwd, logprobs_fwd, token_logprobs_ref
 
 DEFAULT_CHUNK_BYTES = 64 << 20
@@ -131,14 +133,10 @@ def head_logits(head: Head, h_c, out):
     """Writes h_c @ W.T + b as fp32 into ``out`` (C, V) and returns it (the raw logits: the
     kernels apply the transform)."""
     if head.gemm_dtype == torch.float32:
-        if head.bias is None:
-            torch.mm(h_c, head.weight.T, out=out)
-        else:
-            torch.addmm(head.bias, h_c, head.weight.T, out=out)
-    else:
-        z = torch.mm(h_c, head.weight.T) if head.bias is None else torch.addmm(head.bias, h_c, head.weight.T)
-        out.copy_(z)
-        del z
+        return mm_into(out, h_c, head.weight.T, bias=head.bias)
+    z = torch.mm(h_c, head.weight.T) if head.bias is None else torch.addmm(head.bias, h_c, head.weight.T)
+    out.copy_(z)
+    del z
     return out
 
 
@@ -174,12 +172,12 @@ class Grads:
         gg = g if head.gemm_dtype == torch.float32 else g.to(head.gemm_dtype)
         if self.h is not None:
             if gg.dtype == torch.float32:
-                torch.mm(gg, head.weight, out=self.h[start:stop])
+                mm_into(self.h[start:stop], gg, head.weight)
             else:
                 self.h[start:stop] = torch.mm(gg, head.weight)
         if self.w is not None:
             if gg.dtype == torch.float32:
-                self.w.addmm_(gg.T, h_c)
+                mm_into(self.w, gg.T, h_c, beta=1.0)
             else:
                 self.w += torch.mm(gg.T, h_c)
         if self.b is not None:

@@ -1,0 +1,176 @@
+// fp32 GEMM for the LM head of the from-hidden ops (rlhf_fast/ops/head_gemm.py):
+//   C (M x N, row stride ldc) = beta * C + A @ B (+ bias[j] when given),
+//   A(i, k) = a[i * rsa + k * csa],  B(k, j) = b[k * rsb + j * csb]  (any strides: the packing reads them).
+// Why our own: the three head GEMMs need an output buffer we own (the reused logits tile) and
+// accumulation in place (grad_weight += g^T h over token chunks); torch.mm gives both, but on this
+// project's CPUs (AMD Zen, AVX-512) its MKL runs an AVX2 path at about half the machine's FMA peak,
+// and oneDNN (2x faster) is reachable only through ops that allocate a fresh output per call.
+// BLIS-style: B packed in KC x NR panels (NR = 32), A in MR x KC panels (MR = 8), an 8 x 32
+// AVX-512 micro-kernel (16 accumulators); threads take independent pieces of C (see gemm_impl).
+// Built for AVX-512 only (target attribute); gemm_available() tells Python whether this CPU has it.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "common.h"
+
+namespace rlhf_fast {
+namespace {
+
+constexpr int64_t MR = 8, NR = 32, KC = 256, MC = 256, NC = 4096;
+
+#define RLHF_FAST_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
+
+// Ap[p][k][r] = A(i0 + p*MR + r, k0 + k), zero past m
+RLHF_FAST_AVX512 void pack_a(const float* a, int64_t rsa, int64_t csa, int64_t m, int64_t kc, float* ap) {
+  for (int64_t p = 0; p * MR < m; ++p) {
+    float* dst = ap + p * MR * kc;
+    const int64_t rows = std::min<int64_t>(MR, m - p * MR);
+    const float* src = a + p * MR * rsa;
+    if (rsa == 1 && rows == MR) {  // column-major A: 8 contiguous floats per k
+      for (int64_t k = 0; k < kc; ++k) _mm256_storeu_ps(dst + k * MR, _mm256_loadu_ps(src + k * csa));
+    } else {
+      for (int64_t r = 0; r < MR; ++r)
+        for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = r < rows ? src[r * rsa + k * csa] : 0.0f;
+    }
+  }
+}
+
+// One NR panel: Bp[k][j] = B(k0 + k, j0 + j), zero past n
+RLHF_FAST_AVX512 void pack_b_panel(const float* b, int64_t rsb, int64_t csb, int64_t n, int64_t kc, float* bp) {
+  if (csb == 1 && n == NR) {  // row-major B: 32 contiguous floats per k
+    for (int64_t k = 0; k < kc; ++k) {
+      _mm512_storeu_ps(bp + k * NR, _mm512_loadu_ps(b + k * rsb));
+      _mm512_storeu_ps(bp + k * NR + 16, _mm512_loadu_ps(b + k * rsb + 16));
+    }
+    return;
+  }
+  for (int64_t j = 0; j < NR; ++j) {  // column-major B (rsb == 1): each column contiguous in k
+    if (j >= n) {
+      for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = 0.0f;
+      continue;
+    }
+    const float* src = b + j * csb;
+    for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = src[k * rsb];
+  }
+}
+
+// c[0:m, 0:n] = beta * c + Ap @ Bp (+ bias); m <= MR, n <= NR
+RLHF_FAST_AVX512 void micro_kernel(int64_t kc, const float* ap, const float* bp, float* c, int64_t ldc, float beta,
+                                   const float* bias, int64_t m, int64_t n) {
+  __m512 acc[MR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_loadu_ps(bp + k * NR), b1 = _mm512_loadu_ps(bp + k * NR + 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 av = _mm512_set1_ps(ap[k * MR + r]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  const __mmask16 m0 = n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+  const __mmask16 m1 = n >= 32 ? 0xFFFF : n > 16 ? static_cast<__mmask16>((1u << (n - 16)) - 1) : 0;
+  __m512 bias0 = _mm512_setzero_ps(), bias1 = _mm512_setzero_ps();
+  if (bias) {
+    bias0 = _mm512_maskz_loadu_ps(m0, bias);
+    bias1 = _mm512_maskz_loadu_ps(m1, bias + 16);
+  }
+  const __m512 vbeta = _mm512_set1_ps(beta);
+  for (int r = 0; r < MR && r < m; ++r) {
+    float* row = c + r * ldc;
+    __m512 v0 = _mm512_add_ps(acc[r][0], bias0), v1 = _mm512_add_ps(acc[r][1], bias1);
+    if (beta != 0.0f) {  // beta == 0 never reads C (it may hold garbage)
+      v0 = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(m0, row), v0);
+      v1 = _mm512_fmadd_ps(vbeta, _mm512_maskz_loadu_ps(m1, row + 16), v1);
+    }
+    _mm512_mask_storeu_ps(row, m0, v0);
+    _mm512_mask_storeu_ps(row + 16, m1, v1);
+  }
+}
+
+// One thread, the BLIS loop nest: jc (NC columns) -> pc (KC of K, pack B) -> ic (MC rows, pack A) -> micro-tiles
+RLHF_FAST_AVX512 void gemm_seq(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, int64_t csa,
+                               const float* b, int64_t rsb, int64_t csb, float* c, int64_t ldc, float beta,
+                               const float* bias, float* ap, float* bp) {
+  for (int64_t jc = 0; jc < N; jc += NC) {
+    const int64_t nc = std::min(NC, N - jc), panels = (nc + NR - 1) / NR;
+    for (int64_t pc = 0; pc < K; pc += KC) {
+      const int64_t kc = std::min(KC, K - pc);
+      const float beta_k = pc == 0 ? beta : 1.0f;
+      const float* bias_k = pc == 0 && bias ? bias + jc : nullptr;
+      for (int64_t p = 0; p < panels; ++p)
+        pack_b_panel(b + pc * rsb + (jc + p * NR) * csb, rsb, csb, std::min(NR, nc - p * NR), kc, bp + p * NR * kc);
+      for (int64_t ic = 0; ic < M; ic += MC) {
+        const int64_t mc = std::min(MC, M - ic), apanels = (mc + MR - 1) / MR;
+        pack_a(a + ic * rsa + pc * csa, rsa, csa, mc, kc, ap);
+        for (int64_t p = 0; p < panels; ++p) {
+          const int64_t j0 = jc + p * NR, n = std::min(NR, nc - p * NR);
+          for (int64_t q = 0; q < apanels; ++q)
+            micro_kernel(kc, ap + q * MR * kc, bp + p * NR * kc, c + (ic + q * MR) * ldc + j0, ldc, beta_k,
+                         bias_k ? bias_k + p * NR : nullptr, std::min(MR, mc - q * MR), n);
+        }
+      }
+    }
+  }
+}
+
+// Threads take independent pieces of C (no barrier, dynamic: robust to a core shared with other
+// processes), split along the larger of M and N: splitting N repacks A (M x K) per piece,
+// splitting M repacks B (K x N), so the smaller operand is the one packed again.
+RLHF_FAST_AVX512 void gemm_impl(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, int64_t csa,
+                                const float* b, int64_t rsb, int64_t csb, float* c, int64_t ldc, float beta,
+                                const float* bias, int nthreads) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // C = beta * C + bias
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) {
+        const float v = bias ? bias[j] : 0.0f;
+        c[i * ldc + j] = beta != 0.0f ? beta * c[i * ldc + j] + v : v;
+      }
+    return;
+  }
+  const int nt = num_threads(nthreads);
+  const bool split_n = N >= M;
+  const int64_t unit = split_n ? NR : MR, extent = split_n ? N : M;
+  const int64_t units = (extent + unit - 1) / unit;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(nt == 1 ? 1 : 4 * nt, units));
+  const int64_t per = (units + pieces - 1) / pieces * unit;
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<float> bpack(static_cast<size_t>(KC * std::min(NC, (N + NR - 1) / NR * NR)));
+    std::vector<float> apack(static_cast<size_t>(KC * std::min(MC, (M + MR - 1) / MR * MR)));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < pieces; ++p) {
+      const int64_t lo = p * per, hi = std::min(extent, lo + per);
+      if (lo >= hi) continue;
+      if (split_n)
+        gemm_seq(M, hi - lo, K, a, rsa, csa, b + lo * csb, rsb, csb, c + lo, ldc, beta, bias ? bias + lo : nullptr,
+                 apack.data(), bpack.data());
+      else
+        gemm_seq(hi - lo, N, K, a + lo * rsa, rsa, csa, b, rsb, csb, c + lo * ldc, ldc, beta, bias, apack.data(),
+                 bpack.data());
+    }
+  }
+}
+
+bool gemm_available() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl"); }
+
+void gemm_f32(int64_t M, int64_t N, int64_t K, uintptr_t a, int64_t rsa, int64_t csa, uintptr_t b, int64_t rsb,
+              int64_t csb, uintptr_t c, int64_t ldc, float beta, uintptr_t bias, int nthreads) {
+  if (!gemm_available()) throw std::runtime_error("rlhf_fast gemm_f32 needs AVX-512 (see gemm_available())");
+  gemm_impl(M, N, K, reinterpret_cast<const float*>(a), rsa, csa, reinterpret_cast<const float*>(b), rsb, csb,
+            reinterpret_cast<float*>(c), ldc, beta, reinterpret_cast<const float*>(bias), nthreads);
+}
+
+void register_linear(py::module_& m) {
+  m.def("gemm_available", &gemm_available, "whether gemm_f32 can run on this CPU (AVX-512)");
+  m.def("gemm_f32", &gemm_f32, py::call_guard<py::gil_scoped_release>(),
+        "C (M x N, ldc) = beta * C + A @ B (+ bias[j]); A(i,k) = a[i*rsa + k*csa], B(k,j) = b[k*rsb + j*csb]");
+}
+
+}  // namespace
+RLHF_FAST_REGISTER(register_linear);
+
+}  // namespace rlhf_fast
