@@ -309,6 +309,7 @@ def run_fused(op, setup, sizes, dtype, device, *, rounds=5, memory=True, ours="r
                 if mem is not None and ref:
                     r[f"{m}_mem_vs_{against}"] = mem / ref
         out.append({"op": op, "n": n, "v": v, "dtype": str(dtype).replace("torch.", ""),
+                    "load_average_1min_after": os.getloadavg()[0],
                     "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
                     "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows})
     return out
@@ -336,6 +337,10 @@ def fused_sizes(quick, full, gpu=False):
 def run_meta(device):
     meta = metadata(device)
     meta["load_average_1_5_15min"] = os.getloadavg()
+    try:  # the machine may be shared: its load, as `uptime` prints it, when the run started
+        meta["uptime"] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        pass
     meta["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
     meta["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY")
     meta["RLHF_FAST_BACKEND"] = os.environ.get("RLHF_FAST_BACKEND")

@@ -43,15 +43,23 @@ from _common import (  # noqa: E402
 from rlhf_fast import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref  # noqa: E402
 
 
-def full_kl_setup(n, v, dtype, device):
+def make_full_kl_setup(skip=()):
+    def setup(n, v, dtype, device):
+        return full_kl_setup(n, v, dtype, device, skip)
+    return setup
+
+
+def full_kl_setup(n, v, dtype, device, skip=()):
     logits = (torch.randn(n, v, device=device) * 2).to(dtype)
     ref = (logits.float() + 0.5 * torch.randn(n, v, device=device)).to(dtype)
     g = torch.randn(n, device=device)
     provs = {"rlhf_fast": lambda x, y: full_kl(x, y), "torch_compile": torch.compile(full_kl_ref, dynamic=False),
              "torch": full_kl_ref}
     cases = {}
+    x = logits.detach().clone().requires_grad_()  # only read: one leaf for every provider
     for name, fn in provs.items():
-        x = logits.detach().clone().requires_grad_()
+        if name in skip:
+            continue
 
         def fwd(fn=fn):
             with torch.no_grad():
@@ -86,6 +94,7 @@ def main(argv=None):
     p.add_argument("--v", type=int, nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip", nargs="*", default=[], help="providers to leave out (e.g. torch at --full)")
     p.add_argument("--quick", action="store_true", default=env_quick())
     p.add_argument("--full", action="store_true")
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
@@ -96,7 +105,7 @@ def main(argv=None):
     if args.n or args.v:
         sizes = [(args.n or sizes[0][0], v) for v in (args.v or [s[1] for s in sizes])]
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-    results = run_fused("full_kl", full_kl_setup, sizes, dtype, args.device, rounds=args.rounds)
+    results = run_fused("full_kl", make_full_kl_setup(args.skip), sizes, dtype, args.device, rounds=args.rounds)
     print_fused(results)
     kp = run_kl_penalty(sizes[0][0] * 256, args.device, args.rounds)
     print(f"\nkl_penalty (k3)  N={kp['n']} fp32")

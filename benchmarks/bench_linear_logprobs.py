@@ -8,11 +8,13 @@ Providers, each computing logp = log_softmax(hidden @ W.T)[targets] for hidden (
   torch_lce_chunked_accurate  LinearCrossEntropyOptions(acc_policy="accurate")
   ours_logits        hidden @ W.T materialised, then our token_logprobs(inplace_backward=True)
   ours_hidden        linear_token_logprobs (chunked, backward recomputes: 8NHV for fwd+bwd)
+  ours_fused         linear_token_logprobs(impl="fused"): the Triton GEMM+softmax kernels (8NHV; CUDA only)
 and the scalar losses (sum / mean of -logp; gradients formed in the forward where fused):
   eager_nll          F.cross_entropy(hidden @ W.T, targets)
   torch_lce_mean_chunked  F.linear_cross_entropy(reduction="mean", options=LinearCrossEntropyOptions())
   ours_nll           linear_cross_entropy (6NHV)
   ours_ppo           linear_ppo_policy_loss, GRPO-style (per-sequence advantages, k3 KL, entropy bonus) (6NHV)
+  ours_fused_nll     linear_cross_entropy(impl="fused") (8NHV; CUDA only)
 and on CUDA, when installed (the GPU suite carries their wheels; see benchmarks/gpu_suite.sh):
   cce                cut_cross_entropy.linear_cross_entropy(reduction="none") = -logp (Apple's CCE)
   cce_nll            the same, reduction="mean"
@@ -74,7 +76,16 @@ def per_token_providers():
             h, w, t, reduction="none", options=opts(acc_policy="accurate")),
         "ours_logits": lambda h, w, t: token_logprobs(h @ w.T, t, inplace_backward=True),
         "ours_hidden": lambda h, w, t: linear_token_logprobs(h, w, t),
-    } | gpu_contenders(per_token=True)
+    } | gpu_contenders(per_token=True) | fused_providers(per_token=True)
+
+
+def fused_providers(per_token: bool) -> dict:
+    """impl="fused" (rlhf_fast/ops/linear_triton.py), on CUDA only: Triton runs no CPU tensors here."""
+    if not torch.cuda.is_available():
+        return {}
+    if per_token:
+        return {"ours_fused": lambda h, w, t: linear_token_logprobs(h, w, t, impl="fused")}
+    return {"ours_fused_nll": lambda h, w, t: linear_cross_entropy(h, w, t, impl="fused")}
 
 
 def gpu_contenders(per_token: bool) -> dict:
@@ -120,7 +131,7 @@ def scalar_providers(n):
             h, w, t, options=torch.nn.LinearCrossEntropyOptions()),
         "ours_nll": lambda h, w, t: linear_cross_entropy(h, w, t),
         "ours_ppo": ppo,
-    } | gpu_contenders(per_token=False)
+    } | gpu_contenders(per_token=False) | fused_providers(per_token=False)
 
 
 def gemm_fns(h, w, device):
@@ -220,7 +231,7 @@ def run(n, hd, v, dtype, device, names=None, reps=5):
             if f"{name}/{k}" in ms:
                 row[f"{k}_ms"], row[f"{k}_median_ms"], row[f"{k}_rounds"] = ms[f"{name}/{k}"]
         recompute = name in ("ours_hidden", "torch_lce_chunked", "torch_lce_chunked_accurate", "cce",
-                             "cce_nll")
+                             "cce_nll", "ours_fused", "ours_fused_nll")
         row["floor_fwd_ms"] = None if row.pop("scalar") else floor_fwd
         row["floor_fwd_bwd_ms"] = floor_8 if recompute else floor_6
         row["floor_fwd_bwd_median_ms"] = med_8 if recompute else med_6
@@ -256,6 +267,9 @@ def summary(res):
                      f"(medians), peak beyond the grad outputs {o['fwd_bwd_peak_beyond_outputs_MB']:.0f} MB vs "
                      f"{e['fwd_bwd_peak_beyond_outputs_MB']:.0f} MB ("
                      f"{e['fwd_bwd_peak_beyond_outputs_MB'] / max(o['fwd_bwd_peak_beyond_outputs_MB'], 1e-9):.1f}x less)")
+    for a, b in (("ours_fused", "ours_hidden"), ("ours_fused_nll", "ours_nll")):
+        if a in by and b in by:
+            lines.append(f"{a} vs {b}: fwd+bwd {by[b]['fwd_bwd_median_ms'] / by[a]['fwd_bwd_median_ms']:.2f}x faster")
     for name in ("ours_hidden", "ours_nll", "ours_ppo"):
         if name in by:
             r = by[name]

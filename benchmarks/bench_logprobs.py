@@ -93,10 +93,11 @@ def make_setup(entropy, skip=()):
         targets = torch.randint(0, v, (n,), device=device)
         g_lp, g_ent = torch.randn(n, device=device), torch.randn(n, device=device)
         cases = {}
+        shared = logits.detach().clone().requires_grad_()  # only read: one leaf for the providers that keep it
         for name, fn in providers(device, entropy).items():
             if name in skip:
                 continue
-            x = logits.detach().clone().requires_grad_()
+            x = logits.detach().clone().requires_grad_() if name.endswith("_inplace") else shared
 
             def fwd(fn=fn):
                 with torch.no_grad():
@@ -109,7 +110,7 @@ def make_setup(entropy, skip=()):
 
             cases[name] = {"fwd_bwd": fwd_bwd} if name.endswith("_inplace") else {"fwd": fwd, "fwd_bwd": fwd_bwd}
         if entropy and "rlhf_fast" not in skip:  # the entropy-off kernel in the same rotation: on / off ratio
-            x_off = logits.detach().clone().requires_grad_()
+            x_off = shared
 
             def fwd_off():
                 with torch.no_grad():

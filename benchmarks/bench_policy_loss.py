@@ -94,16 +94,21 @@ def liger_case(inp):
     return {"fwd_bwd": run}
 
 
-def make_setup(entropy):
+def make_setup(entropy, skip=()):
     def setup(n, v, dtype, device):
         inp = make_inputs(n, v, dtype, device)
         # the (B, T, V) logits as their own tensor: slicing a tensor that requires grad would add torch's
         # SliceBackward (a zero-filled full-size gradient) to every provider alike
         logits = inp["full"][:, :-1].contiguous()
+        if torch.device(device).type != "cuda":
+            del inp["full"]  # (Liger's GPU case reads it)
         args = (inp["targets"], inp["old"], inp["adv"], inp["mask"])
         cases = {}
+        shared = logits.detach().clone().requires_grad_()  # only read: one leaf for the providers that keep it
         for name, (fn, opts) in providers(device, entropy).items():
-            x = logits.detach().clone().requires_grad_()
+            if name in skip:
+                continue
+            x = logits.detach().clone().requires_grad_() if name.endswith("_inplace") else shared
 
             def fwd(fn=fn, opts=opts):
                 with torch.no_grad():
@@ -154,6 +159,8 @@ def main(argv=None):
     p.add_argument("--v", type=int, nargs="*", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip", nargs="*", default=[], help="providers to leave out (e.g. torch at --full)")
+    p.add_argument("--no-modes", action="store_true", help="leave out the policy_loss_modes rows")
     p.add_argument("--quick", action="store_true", default=env_quick())
     p.add_argument("--full", action="store_true")
     p.add_argument("--out", default=None, help="JSON file name under benchmarks/results/")
@@ -166,10 +173,18 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     results = []
     for op, entropy in (("policy_loss", False), ("policy_loss_entropy", True)):
-        results += run_fused(op, make_setup(entropy), sizes, dtype, args.device, rounds=args.rounds)
-    modes = run_fused("policy_loss_modes", modes_setup, sizes, dtype, args.device, rounds=args.rounds,
-                      memory=False, against="rlhf_fast")
+        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds)
+    modes = [] if args.no_modes else run_fused("policy_loss_modes", modes_setup, sizes, dtype, args.device,
+                                               rounds=args.rounds, memory=False, against="rlhf_fast")
     print_fused(results)
+    for r in results:  # entropy on / off of the fused kernel (interleaved within each op, medians)
+        if r["op"] == "policy_loss_entropy":
+            off = next(o for o in results if o["op"] == "policy_loss" and o["v"] == r["v"])
+            on_r, off_r = ({row["provider"]: row for row in x["rows"]}.get("rlhf_fast", {}) for x in (r, off))
+            if "fwd_ms" in on_r and "fwd_ms" in off_r:
+                r["entropy_on_over_off"] = {m: on_r[f"{m}_ms"] / off_r[f"{m}_ms"] for m in ("fwd", "fwd_bwd")}
+                print(f"entropy on / off (separate rotations), V={r['v']}: forward {r['entropy_on_over_off']['fwd']:.2f}x, "
+                      f"fwd+bwd {r['entropy_on_over_off']['fwd_bwd']:.2f}x (target <= 1.15x)")
     for res in modes:  # cost of each mode relative to the plain fused clipped loss (target <= 1.1)
         for r in res["rows"]:
             if "fwd_bwd_ms" in r:

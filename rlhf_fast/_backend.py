@@ -18,6 +18,12 @@ default: no benchmark has shown them faster than Triton; select them with ``back
 Triton runs CPU tensors only through its interpreter (TRITON_INTERPRET=1 set before
 rlhf_fast is imported), which the test-suite uses to check every Triton kernel.
 Environment variables are read at call time, never frozen at import.
+
+The from-hidden ops (linear_token_logprobs, linear_cross_entropy, linear_ppo_policy_loss) also pick
+an ``impl`` with ``select_head_impl``: "chunked" (GEMM chunks + the log-prob kernel of the backend
+above; the default everywhere) or "fused" (the Triton kernels of ops/linear_triton.py, GEMM and
+softmax in one kernel), by the op's ``impl=`` argument, else RLHF_FAST_HEAD_IMPL=chunked|fused.
+"chunked" stays the default on CUDA until the GPU suite measures the fused kernels faster.
 """
 from __future__ import annotations
 
@@ -136,6 +142,34 @@ def _forced(backend: str, has: tuple, device: torch.device, what: str) -> str:
     if reason:
         raise RuntimeError(f"{what}={backend!r}: {reason}")
     return backend
+
+
+HEAD_IMPLS = ("chunked", "fused")
+
+
+def select_head_impl(device: torch.device, impl: str | None, requested: str | None, backend: str) -> str:
+    """"chunked" or "fused" for a from-hidden op on ``device``.
+
+    impl: the op's ``impl=`` argument; requested: its ``backend=`` argument as given; backend: the
+    backend that argument resolved to. An explicit impl="fused" runs the Triton kernels whatever the
+    default backend (an error if Triton cannot run here or backend= names another one);
+    RLHF_FAST_HEAD_IMPL=fused applies only where the op would run Triton anyway. Backend "torch"
+    keeps the op's reference."""
+    what = "impl"
+    if impl is None:
+        impl, what = os.environ.get("RLHF_FAST_HEAD_IMPL") or "chunked", "RLHF_FAST_HEAD_IMPL"
+    if impl not in HEAD_IMPLS:
+        raise ValueError(f"{what}={impl!r}: expected one of {', '.join(HEAD_IMPLS)}")
+    if impl == "chunked" or backend == "torch":
+        return "chunked"
+    if what == "RLHF_FAST_HEAD_IMPL":
+        return "fused" if backend == "triton" else "chunked"
+    if requested not in (None, "triton"):
+        raise ValueError(f"impl='fused' runs Triton kernels; it cannot run with backend={requested!r}")
+    reason = _available("triton", device)
+    if reason:
+        raise RuntimeError(f"impl='fused': {reason}")
+    return "fused"
 
 
 # ---------------------------------------------------------------------------- launcher helpers

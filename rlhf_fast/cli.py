@@ -19,12 +19,13 @@ traceback with ``--debug`` or ``RLHF_FAST_DEBUG=1``). ``python -m rlhf_fast`` is
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+from rlhf_fast.cli_errors import check_start, forget_failed_start, save_settings, user_errors
 from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: the CLI's API too)
     RUN_KEYS,
     CLIError,
@@ -36,45 +37,65 @@ from rlhf_fast.settings import (  # noqa: F401  (parse_value, resolve_settings: 
 
 
 # ---------------------------------------------------------------------------- commands
-def cmd_sft(cfg, run):
-    from rlhf_fast.data import load_sft
+def train_on_files(cfg, run, trainer_class, load_rows, load_model, keys, *, with_ref=False):
+    """The supervised commands (sft, rm, dpo): the tokenizer, ``load_rows`` of ``train_file`` (and
+    ``eval_file``), ``load_model`` of ``--model`` (with DPO's ``ref_model``: None copies the
+    policy), then ``trainer_class(...).train()`` and a line of the result's ``keys``."""
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_tokenizer
-    from rlhf_fast.trainer.sft import SFTTrainer
 
     tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
-    train = load_sft(run["train_file"])
-    evals = load_sft(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
-    result = SFTTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/loss", "train/loss"))
+    train = load_rows(run["train_file"])
+    evals = load_rows(run["eval_file"]) if run.get("eval_file") else None
+    kw = load_kwargs(cfg)
+    models = {"model": load_model(run["model"], tok, seed=cfg.seed, **kw)}
+    if with_ref:
+        models["ref_model"] = (load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed, **kw)
+                               if run.get("ref_model") else None)
+    result = trainer_class(cfg, tokenizer=tok, train_data=train, eval_data=evals, **models).train()
+    _report(cfg, result, keys)
+
+
+def cmd_sft(cfg, run):
+    from rlhf_fast.data import load_sft
+    from rlhf_fast.models import load_causal_lm
+    from rlhf_fast.trainer.sft import SFTTrainer
+
+    train_on_files(cfg, run, SFTTrainer, load_sft, load_causal_lm, ("eval/loss", "train/loss"))
 
 
 def cmd_rm(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.models import load_kwargs, load_reward_model, load_tokenizer
+    from rlhf_fast.models import load_reward_model
     from rlhf_fast.trainer.reward import RewardTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
-    train = load_preferences(run["train_file"])
-    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    model = load_reward_model(run["model"], tok, seed=cfg.seed, **load_kwargs(cfg))
-    result = RewardTrainer(cfg, model=model, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
+    train_on_files(cfg, run, RewardTrainer, load_preferences, load_reward_model,
+                   ("eval/accuracy", "eval/loss", "train/accuracy", "train/loss"))
 
 
 def load_reward(command, cfg, run, tok, **kw) -> dict:
     """{"reward_fn": ...} or {"reward_model": ...} from exactly one of reward_model, reward_fn,
     reward_judge (an RLAIF judge: a causal LM scoring log p(verdict) under a rubric)."""
-    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_reward_model
+    from rlhf_fast.models import load_causal_lm, load_reward_fn, load_reward_model, load_tokenizer
+    from rlhf_fast.stops import tokenizer_mismatch
 
     given = [k for k in ("reward_model", "reward_fn", "reward_judge") if run.get(k)]
     if len(given) != 1:
         raise CLIError(f"`{command}` needs exactly one of reward_model (a folder), reward_fn (module:function) and "
                        f"reward_judge (a causal-LM folder){'; got ' + ', '.join(given) if given else ''}")
-    if run.get("reward_fn"):
-        return {"reward_fn": load_reward_fn(run["reward_fn"])}
+    if run.get("reward_fn"):  # one, or several (comma-separated or a YAML list) weighted by reward_weights
+        specs = run["reward_fn"]
+        several = not isinstance(specs, str) or "," in specs or getattr(cfg, "weights", None) is not None
+        specs = [s.strip() for s in specs.split(",") if s.strip()] if isinstance(specs, str) else list(specs)
+        fns = [load_reward_fn(s) for s in specs]
+        return {"reward_fn": fns if several else fns[0]}
     if run.get("reward_model"):
-        return {"reward_model": load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)}
+        rm = load_reward_model(run["reward_model"], tok, key="reward_model", seed=cfg.seed, **kw)
+        if run["reward_model"] != "tiny":
+            why = tokenizer_mismatch(tok, load_tokenizer(run["reward_model"]))
+            if why and _rank0():
+                warnings.warn(f"reward_model {run['reward_model']} was trained with another tokenizer than the "
+                              f"policy's ({why}): its scores of the policy's tokens mean little", stacklevel=1)
+        return {"reward_model": rm}
     from rlhf_fast.trainer.judge import SCALAR_TEMPLATE, Judge
     from rlhf_fast.trainer.runtime import resolve_device
 
@@ -90,7 +111,8 @@ def load_reward(command, cfg, run, tok, **kw) -> dict:
 
 
 def cmd_rl(command, cfg, run):
-    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompt_rows, load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_kwargs, load_policy, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.grpo import GRPOTrainer
     from rlhf_fast.trainer.ppo import PPOTrainer
@@ -98,7 +120,7 @@ def cmd_rl(command, cfg, run):
 
     tok = load_tokenizer(run["model"], run.get("tokenizer"), trust_remote_code=cfg.trust_remote_code)
     kw = load_kwargs(cfg)
-    prompts = [policy_prompt(tok, p) for p in load_prompts(run["prompts_file"])]
+    prompts = load_prompt_rows(run["prompts_file"])  # the trainer applies the chat template
     reward = load_reward(command, cfg, run, tok, **kw)
     extra = {}
     if run.get("gold_fn"):
@@ -117,20 +139,16 @@ def cmd_rl(command, cfg, run):
 
 def cmd_dpo(cfg, run):
     from rlhf_fast.data import load_preferences
-    from rlhf_fast.models import load_causal_lm, load_tokenizer
+    from rlhf_fast.models import load_causal_lm
     from rlhf_fast.trainer.dpo import DPOTrainer
 
-    tok = load_tokenizer(run["model"], run.get("tokenizer"))
-    train = load_preferences(run["train_file"])
-    evals = load_preferences(run["eval_file"]) if run.get("eval_file") else None
-    model = load_causal_lm(run["model"], tok, seed=cfg.seed)
-    ref = load_causal_lm(run["ref_model"], tok, key="ref_model", seed=cfg.seed) if run.get("ref_model") else None
-    result = DPOTrainer(cfg, model=model, ref_model=ref, tokenizer=tok, train_data=train, eval_data=evals).train()
-    _report(cfg, result, ("eval/rewards/accuracy", "eval/loss", "train/rewards/accuracy", "train/loss"))
+    train_on_files(cfg, run, DPOTrainer, load_preferences, load_causal_lm,
+                   ("eval/rewards/accuracy", "eval/loss", "train/rewards/accuracy", "train/loss"), with_ref=True)
 
 
 def cmd_best_of_n(cfg, run):
-    from rlhf_fast.data import load_prompts, policy_prompt
+    from rlhf_fast.data import load_prompts
+    from rlhf_fast.encoding import policy_prompt
     from rlhf_fast.models import load_causal_lm, load_reward_fn, load_tokenizer
     from rlhf_fast.trainer.best_of_n import run_best_of_n
 
@@ -237,20 +255,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def user_errors() -> tuple:
-    """The exception classes that mean a user mistake (bad setting, file, folder, checkpoint or a
-    run that stopped on NaN/Inf): printed as one line, the traceback only with --debug."""
-    from rlhf_fast.data import DataError
-    from rlhf_fast.models import LoadError
-    from rlhf_fast.trainer.checkpoint import CorruptCheckpointError
-    from rlhf_fast.trainer.config import ConfigError
-    from rlhf_fast.trainer.rollout import RewardFunctionError
-    from rlhf_fast.trainer.runtime import NonFiniteError, OutputDirInUseError
-
-    return (CLIError, DataError, ConfigError, LoadError, OutputDirInUseError, CorruptCheckpointError, NonFiniteError,
-            RewardFunctionError, FileNotFoundError, FileExistsError)
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("RLHF_FAST_DEBUG") == "1"
@@ -284,9 +288,8 @@ def _dispatch(args):
             torch.set_num_threads(args.threads)
     check_start(args.command, cfg)
     _quiet_transformers()
-    out = Path(cfg.output_dir)
-    existed = out.exists()
-    saved = _save_settings(args.command, cfg, run)
+    existed = Path(cfg.output_dir).exists()
+    saved = save_settings(args.command, cfg, run)
     try:
         if args.command == "demo":
             return cmd_demo(cfg, run)
@@ -303,44 +306,8 @@ def _dispatch(args):
                 return cmd_label_pairs(cfg, run)
             return cmd_rl(args.command, cfg, run)
     except BaseException:
-        _forget_failed_start(saved, existed)
+        forget_failed_start(saved, existed)
         raise
-
-
-def _forget_failed_start(saved, existed: bool) -> None:
-    """A run that failed before it logged or saved anything leaves no run_config.yaml (nor the
-    output folder, when this run created it and it is empty)."""
-    from rlhf_fast.trainer.runtime import run_in_progress
-
-    if saved is None or run_in_progress(saved.parent):
-        return
-    saved.unlink(missing_ok=True)
-    if not existed and not any(saved.parent.iterdir()):
-        saved.parent.rmdir()
-
-
-def check_start(command: str, cfg) -> None:
-    """Before anything runs or is written: a fresh run must not land on another run's
-    output_dir (unless overwrite_output_dir), and resume_from must name a checkpoint folder."""
-    from rlhf_fast.trainer.runtime import run_in_progress
-
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"output_dir {out} is a file, not a folder")
-    resume = getattr(cfg, "resume_from", "")
-    if resume and resume != "latest" and not Path(resume).is_dir():
-        raise CLIError(f"resume_from={resume}: no such checkpoint folder")
-    if resume or cfg.overwrite_output_dir:
-        return
-    if command == "demo":
-        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (out / n).exists()]
-        used = ", ".join(used) or None
-    else:
-        used = run_in_progress(out)
-    if used:
-        what = "set overwrite_output_dir=true to replace it" + ("" if command == "demo" else
-                                                               ", resume_from=latest to continue it")
-        raise CLIError(f"output_dir {out} already holds a run ({used}); {what}, or choose another output_dir")
 
 
 def _torchrun_job(cfg):
@@ -388,19 +355,6 @@ def _quiet_transformers():
 def _rank0() -> bool:
     """Rank 0 under torchrun (set before the trainer joins the process group), or not distributed."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _save_settings(command, cfg, run):
-    """output_dir/run_config.yaml: every setting of this run, reusable as --config (rank 0 writes)."""
-    import yaml
-
-    if not _rank0():
-        return None
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "run_config.yaml"
-    path.write_text(yaml.safe_dump({**run, **dataclasses.asdict(cfg)}, sort_keys=False))
-    return path
 
 
 if __name__ == "__main__":

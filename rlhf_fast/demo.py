@@ -15,13 +15,13 @@ the reward model's score (the proxy that RL optimises) and its KL to the SFT pol
 the completion of log pi - log pi_sft on its own samples) and distinct-2 of its samples (mode
 collapse). RL runs are measured every ``eval_every`` steps too: OUT/heldout.jsonl and
 OUT/heldout.png; OUT/frontier.png plots gold reward against KL for every method. OUT/summary.md
-holds the table (with each method's wall time).
+holds the table (with each method's wall time). This file runs the stages; the measuring, the
+verdicts, the table and the plots are ``demo_report.py``'s.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +29,18 @@ from pathlib import Path
 import torch
 
 from rlhf_fast.data import load_preferences, load_prompts, load_sft, write_jsonl
-from rlhf_fast.demo_task import SortTask, gold_rewards, ideal
+from rlhf_fast.demo_report import evaluate_policy, frontier_plot, heldout_plot, summary_table, verdicts
+from rlhf_fast.demo_task import SEP, SortTask
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
-from rlhf_fast.trainer.config import GRPOConfig, PPOConfig, check_field, check_types
+from rlhf_fast.trainer.config import ConfigError, GRPOConfig, PPOConfig, check_field, check_types
 from rlhf_fast.trainer.grpo import GRPOTrainer
-from rlhf_fast.trainer.health import distinct_n
 from rlhf_fast.trainer.ppo import PPOTrainer
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained
-from rlhf_fast.trainer.rollout import encode_prompts, reward_model_scores, rollout_logprobs, sample_rollout
 from rlhf_fast.trainer.runtime import resolve_device
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer
+
+POSITIONS = 64  # max_position_embeddings of the demo's tiny Llama
+OUTPUTS = ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo")  # a demo run's mark on its output_dir
 
 
 @dataclass
@@ -110,33 +112,7 @@ class DemoConfig:
         return cls(**{**small, **overrides})
 
 
-# ---------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate_policy(policy, prompts, *, tokenizer, reward_model, ref_model, samples, max_new_tokens, seed,
-                    device) -> dict:
-    """Held-out figures of a policy (a causal LM or PolicyValueModel): mean gold reward, mean
-    proxy (reward-model) score, mean KL to ``ref_model`` per completion, share of exactly sorted
-    answers, share ending with EOS, and a few (prompt, completion) examples. Sampling at
-    temperature 1 with its own seeded RNG, so training's random stream is untouched."""
-    lm = getattr(policy, "policy", policy)
-    ps = [p for p in prompts for _ in range(samples)]
-    was_training = lm.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        r = sample_rollout(lm, tokenizer, ps, encode_prompts(tokenizer, ps, 64), max_new_tokens=max_new_tokens,
-                           temperature=1.0, device=device, reward_fn=gold_rewards)
-    lm.train(was_training)
-    proxy = reward_model_scores(reward_model, r.input_ids, r.attention_mask)
-    logp, _ = rollout_logprobs(lm, r, temperature=1.0, micro_batch_size=256)
-    ref_logp, _ = rollout_logprobs(ref_model, r, temperature=1.0, micro_batch_size=256)
-    kl = (logp - ref_logp).sum(-1)
-    exact = sum(c == ideal(p) for p, c in zip(ps, r.completions)) / len(ps)
-    toks = [row[m].tolist() for row, m in zip(r.responses.cpu(), r.response_mask.cpu())]
-    return {"gold": r.scores.mean().item(), "proxy": proxy.mean().item(), "kl": kl.mean().item(), "exact": exact,
-            "eos_frac": r.has_eos.float().mean().item(), "distinct_2": distinct_n(toks, 2),
-            "examples": [[p, c] for p, c in zip(ps[::samples][:4], r.completions[::samples][:4])]}
-
-
+# ---------------------------------------------------------------------------- evaluation hook
 def with_heldout_eval(trainer_class, callback, every: int):
     """``trainer_class`` whose runs call ``callback(trainer)`` after every ``every``-th step."""
 
@@ -170,12 +146,11 @@ class Demo:
         threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         t0 = time.perf_counter()
-        used = [n for n in ("summary.json", "heldout.jsonl", "sft", "rm", "ppo", "grpo") if (self.out / n).exists()]
+        used = demo_outputs(self.out)
         if used and not cfg.overwrite_output_dir:
             raise FileExistsError(f"output_dir {self.out} already holds a demo run ({', '.join(used)}); "
                                   "set overwrite_output_dir=true to replace it, or choose another output_dir")
-        for stage in self.rl_stages():  # settings checked before any stage runs
-            self.rl_config(*stage)
+        self.check_settings()
         (self.out / "heldout.jsonl").unlink(missing_ok=True)
         try:
             self.make_data()
@@ -193,6 +168,17 @@ class Demo:
             torch.set_num_threads(threads)
         self.timings["total"] = time.perf_counter() - t0
         return self.finish()
+
+    def check_settings(self) -> None:
+        """Every stage's settings before any stage runs (the CLI calls it before it writes
+        anything): the RL configs (RLOO's with ``family``) and the tiny model's positions."""
+        c = self.cfg
+        for stage in self.rl_stages() + ([("RLOO", c.rloo_beta, c.rl_steps)] if c.family else []):
+            self.rl_config(*stage)
+        longest = len(self.tokenizer("9" * self.task.max_digits + SEP)["input_ids"])
+        if longest + c.max_new_tokens > POSITIONS:
+            raise ConfigError(f"DemoConfig.max_new_tokens={c.max_new_tokens}: the longest prompt ({longest} tokens) + "
+                              f"max_new_tokens exceeds the demo model's {POSITIONS} positions")
 
     def timed(self, name, fn):
         t = time.perf_counter()
@@ -221,7 +207,7 @@ class Demo:
         cfg, tok = self.cfg, self.tokenizer
         mcfg = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=cfg.hidden_size, intermediate_size=4 * cfg.hidden_size,
                            num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                           num_key_value_heads=cfg.num_heads, max_position_embeddings=64, tie_word_embeddings=True,
+                           num_key_value_heads=cfg.num_heads, max_position_embeddings=POSITIONS, tie_word_embeddings=True,
                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(self.cfg.seed)
         return LlamaForCausalLM(mcfg)
@@ -334,111 +320,25 @@ class Demo:
         self.log(f"      held-out gold {r['gold']:.3f}, proxy {r['proxy']:+.3f}, KL to SFT {r['kl']:.2f} "
                  f"-> {self.out / folder / 'final'}")
 
-    # ------------------------------------------------------------------ report
+    # ------------------------------------------------------------------ report (demo_report.py)
     def finish(self) -> dict:
+        """OUT/summary.json, OUT/summary.md, OUT/heldout.png and (once a method beside SFT has
+        results) OUT/frontier.png; returns the summary."""
         summary = {"config": dataclasses.asdict(self.cfg), "results": self.results, "timings_s": self.timings,
-                   "verdicts": self.verdicts()}
+                   "verdicts": verdicts(self.results, self.curves)}
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        text = self.table()
+        text = summary_table(self.cfg, self.results, self.curves, self.timings, self.device, self.out)
         (self.out / "summary.md").write_text(text + "\n")
-        self.plot()
+        heldout_plot(self.curves, self.results["SFT"]["gold"], self.out / "heldout.png")
         if len(self.results) > 2:
-            from rlhf_fast.demo_family import frontier_plot
-
-            frontier_plot(self)
+            frontier_plot(self.results, self.curves, self.out / "frontier.png")
         self.log("\n" + text)
         return summary
 
-    def verdicts(self) -> dict:
-        """Plain statements of what the numbers show, computed from them (never assumed)."""
-        out, sft = {}, self.results["SFT"]["gold"]
-        for name in self.results:
-            if name not in ("SFT", "RM") and "no KL" not in name:
-                gain = self.results[name]["gold"] - sft
-                out[name] = {"gold_gain": gain, "beats_sft": gain > 0}
-        for name in ("PPO (no KL)", "GRPO (no KL)"):
-            pts = [r for r in self.curves if r["run"] == name]
-            if not pts:
-                continue
-            peak = max(pts, key=lambda r: r["gold"])
-            last = pts[-1]
-            out[name] = {"gold_peak": peak["gold"], "gold_peak_step": peak["step"], "gold_final": last["gold"],
-                         "proxy_at_peak": peak["proxy"], "proxy_final": last["proxy"],
-                         "over_optimised": last["proxy"] > peak["proxy"] and last["gold"] < peak["gold"] - 0.02}
-        return out
 
-    def table(self) -> str:
-        c, res, v = self.cfg, self.results, self.verdicts()
-        lines = ["## rlhf-fast demo: sort the digits (gold reward = programmatic truth, proxy = reward model)", "",
-                 f"held-out: {c.n_eval_prompts} prompts x {c.eval_samples} samples at temperature 1; "
-                 f"reward-model accuracy on {c.n_eval_pairs} held-out pairs labelled by the gold reward", "",
-                 "| method | gold reward | exactly sorted | proxy (RM) | KL to SFT | distinct-2 | wall time |",
-                 "|---|---|---|---|---|---|---|"]
-        for name, r in res.items():
-            if name != "RM":
-                t = self.timings.get(timing_key(name))
-                kl = f"{r['kl']:.2f}" + (" *" if "kl_note" in r else "")
-                lines.append(f"| {name} | {r['gold']:.3f} | {r['exact']:.1%} | {r['proxy']:+.3f} | {kl} | "
-                             f"{r.get('distinct_2', float('nan')):.3f} | {'' if t is None else f'{t:.0f}s'} |")
-        if any("kl_note" in r for r in res.values()):
-            lines.append("\n\\* best-of-N's KL is the analytic log N - (N - 1) / N, not a sampled estimate")
-        lines += ["", f"reward model held-out accuracy: {res['RM']['accuracy']:.3f} (chance 0.5)", ""]
-        for name in v:
-            if "gold_gain" in v[name]:
-                g = v[name]["gold_gain"]
-                lines.append(f"{name} vs SFT gold reward: {res['SFT']['gold']:.3f} -> {res[name]['gold']:.3f} "
-                             f"({g:+.3f}, {'better' if g > 0 else 'NOT better'})")
-        for name in ("PPO (no KL)", "GRPO (no KL)"):
-            if name in v:
-                o = v[name]
-                lines.append(
-                    f"{name}: proxy {o['proxy_at_peak']:+.3f} -> {o['proxy_final']:+.3f} while gold went from its peak "
-                    f"{o['gold_peak']:.3f} (step {o['gold_peak_step']}) to {o['gold_final']:.3f}: "
-                    + ("over-optimisation of the reward model" if o["over_optimised"] else
-                       "no clear over-optimisation in this run"))
-        lines += ["", "examples (held-out prompt -> one sample per policy):"]
-        for i, (p, _) in enumerate(res["SFT"]["examples"]):
-            row = ", ".join(f"{n}: {r['examples'][i][1]!r}" for n, r in res.items() if n != "RM")
-            lines.append(f"  {p} ideal {ideal(p)!r} | {row}")
-        t = self.timings
-        lines += ["", "wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in t.items()) +
-                  f" (device {self.device}, {c.threads} thread{'s' if c.threads > 1 else ''})",
-                  f"outputs: {self.out}/{{sft,rm,ppo,grpo}}/final (HF checkpoints), */metrics.jsonl, */metrics.png, "
-                  "heldout.jsonl, heldout.png, summary.json"]
-        return "\n".join(lines)
-
-    def plot(self):
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-
-        runs = list(dict.fromkeys(r["run"] for r in self.curves))
-        if not runs:
-            return
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-        for ax, key, title in zip(axes, ("gold", "proxy", "kl"),
-                                  ("gold reward (truth)", "proxy reward (RM)", "KL to SFT (nats / completion)")):
-            for run in runs:
-                pts = [(r["step"], r[key]) for r in self.curves if r["run"] == run and math.isfinite(r[key])]
-                ax.plot(*zip(*pts), marker="o", ms=3, label=run, ls="--" if "no KL" in run else "-",
-                        color={"PPO": "tab:blue", "GRPO": "tab:orange", "RLOO": "tab:green",
-                               "RLAIF": "tab:red"}.get(run.split(" ")[0], "tab:gray"))
-            ax.set_title(title, fontsize=10)
-            ax.set_xlabel("RL step")
-            ax.grid(alpha=0.3)
-        axes[0].axhline(self.results["SFT"]["gold"], color="gray", lw=0.8, ls=":")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(self.out / "heldout.png", dpi=90)
-        plt.close(fig)
-
-
-def timing_key(name: str) -> str:
-    """The ``timings`` key of a result row: its output folder (best-of-N: "best_of_n")."""
-    if name.startswith("Best-of-"):
-        return "best_of_n"
-    return name.lower().replace(" (no kl)", "_no_kl")
+def demo_outputs(out: Path) -> list[str]:
+    """The names of ``OUTPUTS`` that ``out`` already holds (a demo ran there)."""
+    return [n for n in OUTPUTS if (out / n).exists()]
 
 
 def run_demo(config: DemoConfig | None = None, log=print) -> dict:

@@ -13,8 +13,8 @@
                 the table shows                                              -> OUT/rlaif/final
 
 Each is measured like the others (gold, exactly sorted, proxy, KL to SFT, distinct-2, wall
-time); ``frontier_plot`` draws gold reward against KL for every method (OUT/frontier.png):
-the over-optimisation frontier.
+time) and stands in OUT/frontier.png (``demo_report.frontier_plot``: gold reward against KL for
+every method, the over-optimisation frontier).
 """
 from __future__ import annotations
 
@@ -89,28 +89,3 @@ def sft_judge(demo) -> Judge:
     tok = demo.tokenizer
     return Judge(demo.ref, tok, template="{prompt}{completion}", verdict=tok.eos_token, contrast=None,
                  batch_size=256, max_length=64, device=demo.device)
-
-
-def frontier_plot(demo) -> None:
-    """OUT/frontier.png: held-out gold reward against KL to SFT, one marker per method (and the
-    RL runs' curves through their evaluations)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for run in dict.fromkeys(r["run"] for r in demo.curves):
-        pts = sorted((r["kl"], r["gold"]) for r in demo.curves if r["run"] == run and math.isfinite(r["kl"]))
-        ax.plot(*zip(*pts), lw=0.8, alpha=0.4)
-    for name, r in demo.results.items():
-        if "gold" in r:
-            ax.plot(r["kl"], r["gold"], marker="o", ms=7, ls="none", label=name)
-    ax.set_xlabel("KL to SFT (nats / completion)")
-    ax.set_ylabel("held-out gold reward")
-    ax.set_title("gold reward vs KL: the over-optimisation frontier", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(demo.out / "frontier.png", dpi=90)
-    plt.close(fig)

@@ -155,13 +155,19 @@ def load_reward_model(path: str, tokenizer, *, key: str = "model", seed: int = 0
 
 
 def load_reward_fn(spec: str):
-    """``package.module:function`` -> the function (called as f(prompts, completions))."""
+    """``package.module:function`` -> the function (called as f(prompts, completions, **columns))."""
     if ":" not in spec:
         raise LoadError(f"reward_fn={spec!r}: expected 'package.module:function'")
     mod, name = spec.split(":", 1)
     try:
-        fn = getattr(importlib.import_module(mod), name)
-    except (ImportError, AttributeError) as e:
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise LoadError(f"reward_fn={spec!r}: {e}") from None
+    except Exception as e:  # a SyntaxError or an error raised while the module runs at import
+        raise LoadError(f"reward_fn={spec!r}: importing {mod} failed: {type(e).__name__}: {e}") from e
+    try:
+        fn = getattr(module, name)
+    except AttributeError as e:
         raise LoadError(f"reward_fn={spec!r}: {e}") from None
     if not callable(fn):
         raise LoadError(f"reward_fn={spec!r} is not callable")

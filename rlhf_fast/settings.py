@@ -12,19 +12,21 @@ from pathlib import Path
 RUN_KEYS = {
     "sft": {"model": "local HF causal-LM folder, or 'tiny' (a fresh tiny Llama + byte tokenizer)",
             "tokenizer": "tokenizer folder (default: the model's)",
-            "train_file": "JSONL of {prompt, response} (required)",
-            "eval_file": "JSONL of {prompt, response}"},
+            "train_file": "{prompt, response} or {messages} rows: JSONL, parquet or a datasets folder (required)",
+            "eval_file": "{prompt, response} or {messages} rows (JSONL, parquet or a datasets folder)"},
     "rm": {"model": "causal-LM folder (e.g. the SFT checkpoint; gets a fresh scalar head), a reward-model "
                     "folder, or 'tiny'",
            "tokenizer": "tokenizer folder (default: the model's)",
-           "train_file": "JSONL of {prompt, chosen, rejected} (required)",
-           "eval_file": "JSONL of {prompt, chosen, rejected}"},
+           "train_file": "{prompt, chosen, rejected} rows (strings or messages): JSONL, parquet or a datasets "
+                         "folder (required)",
+           "eval_file": "{prompt, chosen, rejected} rows (JSONL, parquet or a datasets folder)"},
     "ppo": {"model": "policy: causal-LM folder (e.g. the SFT checkpoint) or 'tiny'",
             "tokenizer": "tokenizer folder (default: the model's)",
             "ref_model": "frozen reference folder (default: a copy of the initial policy)",
             "reward_model": "reward-model folder (from `rlhf-fast rm`)",
-            "reward_fn": "instead of reward_model: 'package.module:function', called as f(prompts, completions)",
-            "prompts_file": "JSONL of {prompt} (required)",
+            "reward_fn": "instead of reward_model: 'package.module:function' (comma-separated or a YAML list for "
+                         "several, weighted by reward_weights), called as f(prompts, completions, **columns)",
+            "prompts_file": "{prompt, **columns} rows: JSONL, parquet or a datasets folder (required)",
             "reward_judge": "instead of reward_model: a causal-LM folder used as an RLAIF judge (log p(verdict))",
             "judge_template": "the judge's rubric with {prompt} and {completion} (default: a yes/no question)",
             "judge_verdict": "the verdict text scored (default ' Yes')",
@@ -34,8 +36,9 @@ RUN_KEYS = {
     "dpo": {"model": "policy: causal-LM folder (e.g. the SFT checkpoint) or 'tiny'",
             "tokenizer": "tokenizer folder (default: the model's)",
             "ref_model": "frozen reference folder (default: a copy of the initial policy)",
-            "train_file": "JSONL of {prompt, chosen, rejected} (required)",
-            "eval_file": "JSONL of {prompt, chosen, rejected}"},
+            "train_file": "{prompt, chosen, rejected} rows (strings or messages): JSONL, parquet or a datasets "
+                          "folder (required)",
+            "eval_file": "{prompt, chosen, rejected} rows (JSONL, parquet or a datasets folder)"},
     "label-pairs": {"model": "the judge: a causal-LM folder (or 'tiny')",
                     "tokenizer": "tokenizer folder (default: the model's)",
                     "pairs_file": "JSONL of {prompt, response_a, response_b} (required)"},
@@ -122,7 +125,10 @@ def read_yaml(path) -> dict:
     if not path.is_file():
         raise CLIError(f"config file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise CLIError(f"{path}:{line}: not UTF-8 text (save the file as UTF-8)") from None
     except yaml.YAMLError as e:
         raise CLIError(f"{path}: invalid YAML: {e}") from None
     if data is None:
@@ -155,6 +161,8 @@ def resolve_settings(command: str, config_path=None, sets=(), model=None) -> tup
         settings["model"] = model
     run = {k: settings.pop(k) for k in list(settings) if k in RUN_KEYS.get(command, {})}
     for k, v in run.items():
+        if k == "reward_fn" and isinstance(v, list) and v and all(isinstance(x, str) for x in v):
+            continue  # several reward functions (a YAML list)
         if v is not None and not isinstance(v, str):
             raise CLIError(f"{k} must be a string (a path), got {v!r}")
     for k in REQUIRED.get(command, ()):

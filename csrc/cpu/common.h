@@ -106,29 +106,53 @@ inline int64_t load_index(uintptr_t ptr, int dtype, int64_t i) {
 // ---- math -------------------------------------------------------------------
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// exp(x) in float, branch-free so loops using it vectorize (no libm call, rounding by the
-// 1.5 * 2^23 trick rather than floor, which SSE2 lacks); about 1 ulp on the normal range, 0 below
-// -87.3 (where exp underflows float's normal range) and for -inf, inf above 88.38 (exp_any covers
-// up to 88.72), NaN for NaN.
+// exp(x) in float for x <= kExpHi, branch-free so loops using it vectorize (no libm call). The
+// softmax kernels call it on z - max <= 0, so it has no overflow path: one clamp keeps 2^n finite
+// (callers with larger x use exp_any, kl_estimators.h). x = n ln 2 + r (Cody-Waite, |r| <= ln 2 / 2),
+// n rounded by the 1.5 * 2^23 trick with the exponent bias folded in, so 2^n is t's low bits
+// shifted into the exponent field; e^r is a degree-6 minimax polynomial (relative error 9e-8
+// before rounding). Below kExpLo (n < -126: 2^n would wrap) the last select gives 0, so exp(-inf)
+// = 0 exactly. Relative error <= 1 ulp where exp(x) >= 2^-126 (0.91 measured: tests/ops/test_cpu_exp.py
+// sweeps the float range against float64), 0 where exp(x) is subnormal (absolute error < 2^-126);
+// exp(+-0) = exp(subnormal) = 1; NaN for NaN. About 17 vector instructions: 9 FMAs, a shift, a
+// multiply, two compares and their masked selects.
+constexpr float kExpLo = -87.3365447f;  // ln 2^-126
+constexpr float kExpHi = 88.3762626f;   // 127.5 ln 2: the largest x with n <= 127
+
 inline float fast_exp(float x) {
-  const float hi = 88.3762626647949f;
-  float xc = x > -87.3f ? x : -87.3f;  // maxps / minps; NaN is restored below
-  xc = xc < hi ? xc : hi;
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // nearest integer
+  const float xc = x > kExpHi ? kExpHi : x;  // lets NaN through (the comparison is false)
+  const float t = xc * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127: round(x / ln 2) + 127
+  const float n = t - 12583039.0f;
+  float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 1.7e-12)
+  r = r - n * -2.12194440e-4f;
+  float p = 1.36874686e-3f;  // minimax on [-0.3468, 0.3468] for relative error, p(0) = 1
+  p = p * r + 8.37741792e-3f;
+  p = p * r + 4.16722894e-2f;
+  p = p * r + 1.66664183e-1f;
+  p = p * r + 4.99999672e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float y = p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);  // p * 2^n
+  return x < kExpLo ? 0.0f : y;
+}
+
+// exp(x) of the log-prob kernel's sums, for x = z - max already clamped to [kExpLo, 0] (or NaN): fast_exp
+// without its two selects. Below kExpLo each term is exp(kExpLo) = 2^-126 instead of 0 (the caller
+// clamps x, so -inf logits give finite terms and the entropy's e * x has no 0 * inf): a row's sum is at
+// least 1 (its max term), so V such terms are far below one ulp of it.
+inline float exp_clamped(float xc) {
+  const float t = xc * 1.44269504088896341f + 12583039.0f;
+  const float n = t - 12583039.0f;
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.98412698e-4f;  // 1/5040
-  p = p * r + 1.38888889e-3f;
-  p = p * r + 8.33333333e-3f;
-  p = p * r + 4.16666667e-2f;
-  p = p * r + 1.66666667e-1f;
-  p = p * r + 0.5f;
+  float p = 1.36874686e-3f;
+  p = p * r + 8.37741792e-3f;
+  p = p * r + 4.16722894e-2f;
+  p = p * r + 1.66664183e-1f;
+  p = p * r + 4.99999672e-1f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  float y = p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  y = x < -87.3f ? 0.0f : y;
-  y = x > hi ? std::numeric_limits<float>::infinity() : y;
-  return x == x ? y : x;  // NaN stays NaN
+  return p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);
 }
 
 // tanh(u) in float, branch-free (selects only) so loops using it vectorize: the odd Taylor
@@ -173,52 +197,80 @@ inline float logit_z_any(float x, float mul, float cap_pre) {  // scalar use: ca
 
 // Online softmax statistics of one row of z = logit_z<kCap>(logits), in one pass:
 // m = max z, s = sum exp(z - m), a = sum exp(z - m) * (z - m) (for the entropy).
-// A row holding NaN or +inf, or only -inf, gives s = NaN or 0, so lse, logp and H are NaN.
+// A row holding NaN or +inf gives s = NaN; a row of only -inf gives m = -inf: lse = -inf, logp and H NaN.
 struct RowStats {
   float m = kNegInf, s = 0.0f, a = 0.0f;
   float lse() const { return m + std::log(s); }
-  float entropy() const {  // H = log s - a / s, clamped at 0 from below (NaN stays NaN)
-    float h = std::log(s) - a / s;
+  float entropy() const {  // H = log s - a / s, clamped at 0 from below (NaN stays NaN); NaN for m = +-inf
+    float h = std::log(s) - a / s + (m - m);
     return h < 0.0f ? 0.0f : h;
   }
 };
 
-constexpr int64_t kChunk = 512;
+constexpr int64_t kChunk = 1024;
 
-// Streams one row (x[0..V)), updating stats chunk by chunk: each chunk is read from memory once
-// (converted and scaled into buf) and revisited from L1. Both loops are `omp simd` reductions,
-// which gcc vectorises without -ffast-math; the entropy adds one multiply-add per element.
+// buf[0..n) = z = logit_z<kCap>(x[0..n)); returns max(cmax, max z) (NaN never wins the max).
+template <typename T, bool kCap>
+inline float load_chunk(const T* x, int64_t n, float inv_temp, float cap_pre, float* buf, float cmax) {
+#pragma omp simd reduction(max : cmax)
+  for (int64_t j = 0; j < n; ++j) {
+    const float z = logit_z<kCap>(load_f32(x, j), inv_temp, cap_pre);
+    buf[j] = z;
+    cmax = z > cmax ? z : cmax;
+  }
+  return cmax;
+}
+
+// Streams one row (x[0..V)) chunk by chunk into stats, software-pipelined: chunk k + 1 is read
+// from memory (converted and scaled into one of two L1 buffers, its max taken) in the same loop
+// that sums exp(z - m) over chunk k from the other buffer, so the memory stream overlaps the exp
+// work instead of alternating with it. The loops are `omp simd` reductions, which gcc vectorises
+// without -ffast-math; the entropy adds one multiply-add per element.
 template <typename T, bool kEntropy, bool kCap = false>
 inline RowStats row_stats(const T* x, int64_t V, float inv_temp, float cap_pre = 0.0f) {
   RowStats st;
-  alignas(64) float buf[kChunk];
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    float cmax = kNegInf;
-#pragma omp simd reduction(max : cmax)
-    for (int64_t j = 0; j < n; ++j) {
-      float z = logit_z<kCap>(load_f32(x, c0 + j), inv_temp, cap_pre);
-      buf[j] = z;
-      cmax = z > cmax ? z : cmax;
-    }
-    float m_new = cmax > st.m ? cmax : st.m;
-    if (m_new == kNegInf) continue;  // everything so far is -inf (or NaN, which the max skips)
-    if (m_new > st.m && st.s > 0.0f) {
-      float alpha = std::exp(st.m - m_new);
-      if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
-      st.s *= alpha;
+  alignas(64) float buf[2][kChunk];
+  int64_t n = V < kChunk ? V : kChunk;
+  float cmax = load_chunk<T, kCap>(x, n, inv_temp, cap_pre, buf[0], kNegInf);
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += kChunk, ++k) {
+    const int64_t c1 = c0 + kChunk, nn = c1 >= V ? 0 : (V - c1 < kChunk ? V - c1 : kChunk);
+    const float m_new = cmax > st.m ? cmax : st.m;
+    if (m_new > st.m) {  // re-measure the sums so far from the new max
+      if (st.m == kNegInf) {
+        st.s = st.a = 0.0f;  // the 2^-126 terms of an all -inf prefix (exp_clamped)
+      } else if (st.s > 0.0f) {
+        const float alpha = std::exp(st.m - m_new);
+        if (kEntropy) st.a = alpha * (st.a + (st.m - m_new) * st.s);
+        st.s *= alpha;
+      }
     }
     st.m = m_new;
-    float s = 0.0f, a = 0.0f;
-#pragma omp simd reduction(+ : s, a)
-    for (int64_t j = 0; j < n; ++j) {
-      const float d = buf[j] - m_new;
-      const float e = fast_exp(d);
+    const float m = m_new == kNegInf ? 0.0f : m_new;  // all -inf so far: no NaN from -inf - -inf
+    const float* cur = buf[k & 1];
+    float* nxt = buf[(k + 1) & 1];
+    const T* xn = x + (nn ? c1 : 0);
+    float s = 0.0f, a = 0.0f, nmax = kNegInf;
+#pragma omp simd reduction(+ : s, a) reduction(max : nmax)
+    for (int64_t j = 0; j < nn; ++j) {
+      const float d0 = cur[j] - m, d = d0 < kExpLo ? kExpLo : d0;  // lets NaN through
+      const float e = exp_clamped(d);
       s += e;
-      if constexpr (kEntropy) a += e * (d > -87.3f ? d : -87.3f);  // fast_exp's own clamp: e = 0 there, no 0 * inf
+      if constexpr (kEntropy) a += e * d;
+      const float z = logit_z<kCap>(load_f32(xn, j), inv_temp, cap_pre);
+      nxt[j] = z;
+      nmax = z > nmax ? z : nmax;
+    }
+#pragma omp simd reduction(+ : s, a)
+    for (int64_t j = nn; j < n; ++j) {  // the part of chunk k that chunk k + 1 (shorter or absent) did not cover
+      const float d0 = cur[j] - m, d = d0 < kExpLo ? kExpLo : d0;
+      const float e = exp_clamped(d);
+      s += e;
+      if constexpr (kEntropy) a += e * d;
     }
     st.s += s;
     st.a += a;
+    cmax = nmax;
+    n = nn;
   }
   return st;
 }
@@ -229,6 +281,10 @@ struct RowLayout {
   int64_t inner, s_outer, s_inner;
   int64_t offset(int64_t r) const { return (r / inner) * s_outer + (r % inner) * s_inner; }
 };
+
+// Rows per OpenMP task of the row kernels: dynamic scheduling, so that on a loaded machine a thread
+// that is descheduled for a while leaves its rows to the others instead of stalling the barrier.
+constexpr int kRowsPerTask = 4;
 
 inline int num_threads(int requested) {
 #ifdef _OPENMP

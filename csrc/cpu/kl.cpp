@@ -85,24 +85,19 @@ struct KLStats {
 
 inline float finite_or_zero(float m) { return m == kNegInf ? 0.0f : m; }
 
-// Streams one pair of rows chunk by chunk (each chunk read from memory once, revisited from L1).
+// Streams one pair of rows chunk by chunk, software-pipelined as row_stats (common.h): the next chunk
+// of both rows is read into one pair of L1 buffers while the other pair is summed.
 // z and z' are measured from their own running maxima, so w has no cancellation for large logits.
 template <typename X, typename Y, bool kCap>
 inline KLStats full_kl_stats(const X* x, const Y* y, int64_t V, float inv_temp, float cap_pre) {
+  constexpr int64_t C = kChunk / 2;  // four buffers
   KLStats st;
-  alignas(64) float bz[kChunk], bq[kChunk];
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    float zmax = kNegInf, qmax = kNegInf;
-#pragma omp simd reduction(max : zmax, qmax)
-    for (int64_t j = 0; j < n; ++j) {
-      const float z = logit_z<kCap>(load_f32(x, c0 + j), inv_temp, cap_pre);
-      const float q = logit_z<kCap>(load_f32(y, c0 + j), inv_temp, cap_pre);
-      bz[j] = z;
-      bq[j] = q;
-      zmax = z > zmax ? z : zmax;
-      qmax = q > qmax ? q : qmax;
-    }
+  alignas(64) float bz[2][C], bq[2][C];
+  int64_t n = V < C ? V : C;
+  float zmax = load_chunk<X, kCap>(x, n, inv_temp, cap_pre, bz[0], kNegInf);
+  float qmax = load_chunk<Y, kCap>(y, n, inv_temp, cap_pre, bq[0], kNegInf);
+  for (int64_t c0 = 0, k = 0; c0 < V; c0 += C, ++k) {
+    const int64_t c1 = c0 + C, nn = c1 >= V ? 0 : (V - c1 < C ? V - c1 : C);
     const float m_new = zmax > st.m ? zmax : st.m, mq_new = qmax > st.mq ? qmax : st.mq;
     const float ms_old = finite_or_zero(st.m), mqs_old = finite_or_zero(st.mq);
     const float mz = finite_or_zero(m_new), mq = finite_or_zero(mq_new);
@@ -114,18 +109,39 @@ inline KLStats full_kl_stats(const X* x, const Y* y, int64_t V, float inv_temp, 
     if (st.sq > 0.0f) st.sq *= std::exp(st.mq - mq);
     st.m = m_new;
     st.mq = mq_new;
-    float s = 0.0f, w = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : s, w, sq)
-    for (int64_t j = 0; j < n; ++j) {
-      const float z = bz[j] - mz, q = bq[j] - mq;
+    const float *cz = bz[k & 1], *cq = bq[k & 1];
+    float *nz = bz[(k + 1) & 1], *nq = bq[(k + 1) & 1];
+    const X* xn = x + (nn ? c1 : 0);
+    const Y* yn = y + (nn ? c1 : 0);
+    float s = 0.0f, w = 0.0f, sq = 0.0f, nzmax = kNegInf, nqmax = kNegInf;
+#pragma omp simd reduction(+ : s, w, sq) reduction(max : nzmax, nqmax)
+    for (int64_t j = 0; j < nn; ++j) {
+      const float z = cz[j] - mz, q = cq[j] - mq;
       const float e = fast_exp(z);
       s += e;
       w += e > 0.0f ? e * (z - q) : 0.0f;  // e = 0 at z = -inf: no 0 * inf
+      sq += fast_exp(q);
+      const float zn = logit_z<kCap>(load_f32(xn, j), inv_temp, cap_pre);
+      const float qn = logit_z<kCap>(load_f32(yn, j), inv_temp, cap_pre);
+      nz[j] = zn;
+      nq[j] = qn;
+      nzmax = zn > nzmax ? zn : nzmax;
+      nqmax = qn > nqmax ? qn : nqmax;
+    }
+#pragma omp simd reduction(+ : s, w, sq)
+    for (int64_t j = nn; j < n; ++j) {
+      const float z = cz[j] - mz, q = cq[j] - mq;
+      const float e = fast_exp(z);
+      s += e;
+      w += e > 0.0f ? e * (z - q) : 0.0f;
       sq += fast_exp(q);
     }
     st.s += s;
     st.w += w;
     st.sq += sq;
+    zmax = nzmax;
+    qmax = nqmax;
+    n = nn;
   }
   return st;
 }
@@ -189,7 +205,7 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       using Y = std::remove_pointer_t<decltype(yt)>;
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r) {
         const KLStats st = cap_pre != 0.0f ? full_kl_cap_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp, cap_pre)
                                            : full_kl_row(x + xl.offset(r), y + yl.offset(r), V, inv_temp);
@@ -220,7 +236,7 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
       X* gx = reinterpret_cast<X*>(gx_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
       for (int64_t r = 0; r < n_rows; ++r) {
         if (g[r] != 0.0f && cap_pre != 0.0f)
           full_kl_cap_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, cap_pre, kl[r],

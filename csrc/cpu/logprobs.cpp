@@ -7,6 +7,7 @@
 #include <chrono>
 
 #include "common.h"
+#include "kl_estimators.h"
 
 namespace rlhf_fast {
 namespace {
@@ -90,7 +91,7 @@ void logprobs_fwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
   dispatch_float(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* x = reinterpret_cast<const T*>(x_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads))
     for (int64_t r = 0; r < n_rows; ++r) {
       const T* row = x + lay.offset(r);
       RowStats st = ent ? logprobs_stats<T, true>(row, V, inv_temp, cap_pre)
@@ -119,7 +120,7 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* x = reinterpret_cast<const T*>(x_ptr);
     T* gx = reinterpret_cast<T*>(gx_ptr);
-#pragma omp parallel for schedule(static) num_threads(num_threads(nthreads))
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads))
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t t = load_index(t_ptr, t_dtype, r);
       const float gl = g_lp[r], ge = g_ent ? g_ent[r] : 0.0f;
@@ -135,12 +136,16 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
 }
 
 // ---- benchmark floor ----------------------------------------------------------
-// The row kernels are bound by fast_exp: this is their inner loop (one L1-resident chunk, summed)
-// without the memory traffic, so n / seconds is the machine's exp throughput.
+// The row kernels are bound by their exp: this is the log-prob kernel's exp sum (common.h row_stats:
+// clamp, exp_clamped, add) over one L1-resident chunk, without the memory traffic or the max, so
+// n / seconds is the machine's exp throughput.
 RLHF_FAST_HOT_FN float exp_chunk_sum(const float* buf, int64_t n, float m) {
   float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += fast_exp(buf[j] - m);
+  for (int64_t j = 0; j < n; ++j) {
+    const float d = buf[j] - m;
+    s += exp_clamped(d < kExpLo ? kExpLo : d);
+  }
   return s;
 }
 
@@ -167,8 +172,21 @@ void softcap_tanh(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fast_tanh(in[i]);
 }
 
+// The kernels' exp on n fp32 values: fast_exp (any = false, for x <= kExpHi) or exp_any, in the clone
+// the kernels run (FMA or not changes the rounding), for tests/ops/test_cpu_exp.py.
+RLHF_FAST_HOT_FN void exp_values(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, bool any) {
+  const float* in = reinterpret_cast<const float*>(in_ptr);
+  float* out = reinterpret_cast<float*>(out_ptr);
+  if (any)
+    for (int64_t i = 0; i < n; ++i) out[i] = exp_any(in[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(in[i]);
+}
+
 void register_logprobs(py::module_& m) {
   m.def("softcap_tanh", &softcap_tanh, "fast_tanh (the kernels' softcap tanh) of n fp32 values");
+  m.def("exp_values", &exp_values, py::call_guard<py::gil_scoped_release>(),
+        "fast_exp (any=False) or exp_any (any=True), the kernels' exp, of n fp32 values");
   m.def("exp_floor_seconds", &exp_floor_seconds, py::call_guard<py::gil_scoped_release>(),
         "seconds for n of the kernels' vectorised exp (summed over one L1 chunk) on nthreads threads");
   m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),

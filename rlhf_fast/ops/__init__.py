@@ -13,12 +13,12 @@ op                 Python               csrc                       test         
 token_logprobs     logprobs.py          cpu/logprobs.cpp,          test_logprobs.py        bench_logprobs.py
                                         cuda/logprobs.cu
 kl_penalty         kl.py                cpu/kl.cpp                 test_kl.py              bench_kl.py
-full_kl            kl.py                cpu/kl.cpp                 test_kl.py              bench_kl.py
-kl_shaped_rewards  gae.py               cpu/gae.cpp                test_gae.py             bench_advantages.py
-gae                gae.py               cpu/gae.cpp, cuda/gae.cu   test_gae.py             bench_advantages.py
-ppo_advantages     gae.py (+ whiten)    cpu/gae.cpp, whiten.cpp    test_gae.py             bench_advantages.py
-masked_whiten      whiten.py            cpu/whiten.cpp             test_whiten.py          bench_advantages.py
-group_advantages   group_advantages.py  cpu/group_advantages.cpp   test_group_advantages   bench_advantages.py
+full_kl            full_kl.py           cpu/kl.cpp                 test_kl.py              bench_kl.py
+kl_shaped_rewards  gae.py               cpu/gae.cpp                test_gae.py             bench_gae.py
+gae                gae.py               cpu/gae.cpp, cuda/gae.cu   test_gae.py             bench_gae.py
+ppo_advantages     gae.py (+ whiten)    cpu/gae.cpp, whiten.cpp    test_gae.py             bench_gae.py
+masked_whiten      whiten.py            cpu/whiten.cpp             test_whiten.py          bench_whiten.py
+group_advantages   group_advantages.py  cpu/group_advantages.cpp   test_group_advantages   bench_group_advantages.py
 ppo_policy_loss    policy_loss.py,      (the logprobs kernels)     test_policy_loss.py,    bench_policy_loss.py
                    policy_objectives.py                            test_policy_loss_modes
 value_loss         value_loss.py        -- (plain torch)           test_losses.py          --
@@ -31,6 +31,8 @@ linear_ppo_
 linear_cross_
   entropy          linear_policy_loss   (logprobs kernels + BLAS)  test_linear_policy_loss bench_linear_logprobs
 linear_full_kl     linear_kl.py         (kl kernels + BLAS)        test_linear_kl.py       --
+impl="fused" of    linear_triton.py,    (Triton GEMM + softmax)    test_linear_triton      bench_linear_logprobs
+  the three above  linear_triton_losses
 =================  ===================  =========================  ======================  ==================
 
 Shared by every op: ``_checks.py`` (argument checks; errors name the argument), ``_common.py``
@@ -49,9 +51,10 @@ Rules every op keeps:
   * kernel backwards are first-order: create_graph=True raises (backend="torch" supports it);
   * statistics (whitening, group advantages) are shifted / two-pass in fp64.
 """
+from rlhf_fast.ops.full_kl import full_kl, full_kl_ref
 from rlhf_fast.ops.gae import gae, gae_ref, kl_shaped_rewards, kl_shaped_rewards_ref, ppo_advantages, ppo_advantages_ref
 from rlhf_fast.ops.group_advantages import group_advantages, group_advantages_ref
-from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty, kl_penalty_ref
+from rlhf_fast.ops.kl import kl_penalty, kl_penalty_ref
 from rlhf_fast.ops.linear_kl import linear_full_kl, linear_full_kl_ref
 from rlhf_fast.ops.linear_logprobs import linear_token_logprobs, linear_token_logprobs_ref
 from rlhf_fast.ops.linear_policy_loss import (

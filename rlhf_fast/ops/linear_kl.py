@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_fast.ops._common import check_positive
-from rlhf_fast.ops.kl import full_kl, full_kl_ref
+from rlhf_fast.ops.full_kl import full_kl, full_kl_ref
 from rlhf_fast.ops.linear_logprobs import Grads, check_head, head_logits, head_logits_ref, make_head
 
 

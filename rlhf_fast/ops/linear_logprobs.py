@@ -67,10 +67,10 @@ def head_logits_ref(hidden, weight, bias=None, logit_scale=1.0, softcap=None):
 
 
 def linear_token_logprobs_ref(hidden, weight, targets, *, bias=None, temperature=1.0, logit_scale=1.0,
-                              softcap=None, return_entropy=False, chunk_size=None, backend=None):
-    """Pure PyTorch definition (materialises the logits; no input checks). ``chunk_size`` and
-    ``backend`` are accepted and ignored."""
-    del chunk_size, backend
+                              softcap=None, return_entropy=False, chunk_size=None, backend=None, impl=None):
+    """Pure PyTorch definition (materialises the logits; no input checks). ``chunk_size``,
+    ``backend`` and ``impl`` are accepted and ignored."""
+    del chunk_size, backend, impl
     z = head_logits_ref(hidden, weight, bias, logit_scale, softcap)
     return token_logprobs_ref(z, targets, temperature, return_entropy)
 
@@ -285,7 +285,7 @@ def check_head(hidden, weight, bias, logit_scale, softcap, chunk_size, backend):
 
 
 def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
-                          return_entropy=False, chunk_size=None, backend=None):
+                          return_entropy=False, chunk_size=None, backend=None, impl=None):
     """Per-token log-probs (and entropy) from hidden states, the LM head fused in.
 
     Computes ``token_logprobs(transform(hidden.float() @ weight.float().T + bias), targets,
@@ -302,11 +302,15 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
             at least 256 rows when unset).
         backend: the log-prob kernel ("triton" | "cuda" | "cpu" | "torch"); default as for every op.
             "torch" runs the materialised reference.
+        impl: "chunked" (default: the chunks above) | "fused" (Triton kernels keeping the logits on
+            chip, rlhf_fast/ops/linear_triton.py; not the default until the GPU suite measures it
+            faster); None reads RLHF_FAST_HEAD_IMPL. See rlhf_fast._backend.select_head_impl.
 
     Returns:
         logp (...) fp32 (and entropy (...) fp32), differentiable w.r.t. hidden, weight and bias;
         backward recomputes the logits chunk by chunk (8NHV FLOPs for forward + backward).
     """
+    requested = backend
     V, logit_scale, softcap, chunk_size, backend = check_head(hidden, weight, bias, logit_scale, softcap,
                                                               chunk_size, backend)
     check_targets("targets", targets, hidden.shape[:-1], V, hidden.device)
@@ -314,6 +318,13 @@ def linear_token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     if backend == "torch":
         return linear_token_logprobs_ref(hidden, weight, targets, bias=bias, temperature=temperature,
                                          logit_scale=logit_scale, softcap=softcap, return_entropy=return_entropy)
+    # ---- impl="fused": the Triton kernels of linear_triton.py (dispatch: _backend.select_head_impl)
+    if _backend.select_head_impl(hidden.device, impl, requested, backend) == "fused":
+        from rlhf_fast.ops.linear_triton import fused_linear_logprobs
+
+        return fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                                     logit_scale=logit_scale, softcap=softcap, return_entropy=return_entropy)
+    # ---- end of impl="fused"
     opts = {"temperature": temperature, "logit_scale": logit_scale, "softcap": softcap,
             "return_entropy": bool(return_entropy), "chunk_size": chunk_size, "backend": backend}
     return LinearLogprobsFunction.apply(hidden, weight, bias, targets, opts)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_fast import _backend
 from rlhf_fast.ops._common import check_float, check_positive, check_same_device, check_shape, check_targets
 from rlhf_fast.ops.linear_logprobs import (
     Grads,
@@ -33,6 +34,7 @@ from rlhf_fast.ops.linear_logprobs import (
     chunk_logprobs,
     head_logits,
     head_logits_ref,
+    linear_token_logprobs,
     make_head,
 )
 from rlhf_fast.ops.policy_loss import (
@@ -42,23 +44,26 @@ from rlhf_fast.ops.policy_loss import (
     policy_terms,
     ppo_policy_loss_ref,
 )
+from rlhf_fast.ops.policy_objectives import check_objective_options, is_extended, policy_objective
 
 FLOAT_OR_64 = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 # ---------------------------------------------------------------------------- references
 def linear_ppo_policy_loss_ref(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None,
-                               logit_scale=1.0, softcap=None, chunk_size=None, backend=None, **ppo_options):
+                               logit_scale=1.0, softcap=None, chunk_size=None, backend=None, impl=None,
+                               **ppo_options):
     """Pure PyTorch definition: ``ppo_policy_loss_ref`` on the materialised logits (no checks)."""
-    del chunk_size, backend
+    del chunk_size, backend, impl
     z = head_logits_ref(hidden, weight, bias, logit_scale, softcap)
     return ppo_policy_loss_ref(z, targets, old_logprobs, advantages, mask, **ppo_options)
 
 
 def linear_cross_entropy_ref(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
-                             temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                             temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None,
+                             impl=None):
     """Pure PyTorch definition: ``F.cross_entropy`` of the materialised fp32 logits / temperature."""
-    del chunk_size, backend
+    del chunk_size, backend, impl
     z = head_logits_ref(hidden, weight, bias, logit_scale, softcap) / temperature
     return torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1).long(),
                                              ignore_index=ignore_index, reduction=reduction)
@@ -178,24 +183,36 @@ class LinearNLLFunction(_GradsInForward):
 def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, *, bias=None, clip_eps=0.2,
                            clip_eps_high=None, dual_clip=None, temperature=1.0, logit_scale=1.0, softcap=None,
                            ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", entropy_coef=0.0, loss_agg="token-mean",
-                           max_tokens=None, compute_entropy=False, chunk_size=None, backend=None):
+                           max_tokens=None, compute_entropy=False, ratio_level="token", loss_type="clip",
+                           sapo_tau_pos=1.0, sapo_tau_neg=1.05, sampler_logprobs=None, correction=None,
+                           correction_level="token", correction_low=None, correction_high=None, chunk_size=None,
+                           backend=None, impl=None):
     """Clipped PPO / GRPO policy loss from hidden states, gradients computed in the forward:
 
         loss, stats = ppo_policy_loss(transform(hidden.float() @ weight.float().T + bias), targets,
                                       old_logprobs, advantages, mask, ...)
 
     with ``transform`` as in ``linear_token_logprobs`` and every ``ppo_policy_loss`` option (see
-    its docstring for the math, the options and the stats), without any (N, V) tensor.
+    its docstring for the math, the options and the stats) but ``kl_estimator="full"`` (the exact
+    KL from the reference's hidden states is ``linear_full_kl``), without any (N, V) tensor.
+
+    The clipped token-level objective with a k1 / abs / k2 / k3 KL forms its gradients in the
+    forward (6NHV FLOPs). The other objectives (GSPO's sequence ratio, CISPO, SAPO, the
+    tis / mis / icepop rollout correction, low_var_kl / k3+) need every token of a sequence
+    before any coefficient is known: they run ``linear_token_logprobs`` (log-prob and entropy,
+    recomputed chunk by chunk in backward: 8NHV) under ``policy_objectives.policy_objective``.
 
     Args:
         hidden: (B, T, H) fp32 / fp16 / bf16. weight: (V, H), hidden's dtype. bias: (V,) or None.
         targets, old_logprobs, advantages ((B, T) or (B,)), mask, ref_logprobs: as ppo_policy_loss.
-        logit_scale, softcap, chunk_size, backend: as linear_token_logprobs.
+        logit_scale, softcap, chunk_size, backend, impl: as linear_token_logprobs (impl="fused": per-token
+            logp / entropy from the fused Triton kernels, the objective in torch, 8NHV).
 
     Returns:
         (loss, stats): loss 0-d fp32, differentiable w.r.t. hidden, weight and bias; its backward can
         run once (the gradients were formed during the forward). stats as ppo_policy_loss's.
     """
+    requested = backend
     V, logit_scale, softcap, chunk_size, backend = check_head(hidden, weight, bias, logit_scale, softcap,
                                                               chunk_size, backend)
     if hidden.dim() != 3:
@@ -218,21 +235,51 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
     (clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator, entropy_coef, loss_agg,
      max_tokens) = check_policy_options(clip_eps, clip_eps_high, dual_clip, temperature, kl_coef, kl_estimator,
                                         entropy_coef, loss_agg, max_tokens)
+    if kl_estimator == "full":
+        raise ValueError("kl_estimator='full' needs the reference's logits: add linear_full_kl(hidden, weight, "
+                         "ref_hidden, ref_weight) to the loss for the exact KL from hidden states")
+    ext = check_objective_options(ratio_level, loss_type, dual_clip, sapo_tau_pos, sapo_tau_neg, correction,
+                                  correction_level, correction_low, correction_high, kl_estimator)
     if kl_coef != 0 and ref_logprobs is None:
         raise ValueError("ref_logprobs is required when kl_coef != 0")
-    check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
+    if sampler_logprobs is not None:
+        check_float("sampler_logprobs", sampler_logprobs, FLOAT_OR_64)
+        check_shape("sampler_logprobs", sampler_logprobs, (B, T), "hidden's (B, T)")
+        check_same_device(hidden=hidden, sampler_logprobs=sampler_logprobs)
+    if correction is not None and sampler_logprobs is None:
+        raise ValueError(f"sampler_logprobs is required when correction={correction!r}")
+    check_finite_inputs(mask != 0, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs,
+                        sampler_logprobs=sampler_logprobs)
     ppo = {"clip_eps": clip_eps, "clip_eps_high": clip_eps_high, "dual_clip": dual_clip, "temperature": temperature,
            "ref_logprobs": ref_logprobs, "kl_coef": kl_coef, "kl_estimator": kl_estimator,
            "entropy_coef": entropy_coef, "loss_agg": loss_agg, "max_tokens": max_tokens,
            "compute_entropy": compute_entropy}
     if backend == "torch":
         return linear_ppo_policy_loss_ref(hidden, weight, targets, old_logprobs, advantages, mask, bias=bias,
-                                          logit_scale=logit_scale, softcap=softcap, **ppo)
+                                          logit_scale=logit_scale, softcap=softcap, sampler_logprobs=sampler_logprobs,
+                                          **ext, **ppo)
+    # a masked row may hold anything (NaN, inf): zeroed first, so it reaches neither the loss nor, through
+    # grad_weight = g.T @ hidden, any gradient (its own is exactly 0)
+    hidden = torch.where((mask != 0).unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    if is_extended({**ext, "kl_estimator": kl_estimator}, sampler_logprobs):
+        head = dict(bias=bias, temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                    chunk_size=chunk_size, backend=requested, impl=impl)
+        o = {"lo": 1 - clip_eps, "hi": 1 + (clip_eps if clip_eps_high is None else clip_eps_high),
+             "dual_clip": dual_clip, "kl_coef": kl_coef, "kl_estimator": kl_estimator, "entropy_coef": entropy_coef,
+             "loss_agg": loss_agg, "max_tokens": max_tokens, **ext}
+        return extended_policy_loss(hidden, weight, targets, old_logprobs, advantages, mask, ref_logprobs,
+                                    sampler_logprobs, o, bool(compute_entropy) or entropy_coef != 0, head)
     opts = {"lo": 1 - clip_eps, "hi": 1 + (clip_eps if clip_eps_high is None else clip_eps_high),
             "dual_clip": dual_clip, "temperature": temperature, "kl_coef": kl_coef, "kl_estimator": kl_estimator,
             "entropy_coef": entropy_coef, "loss_agg": loss_agg, "max_tokens": max_tokens,
             "compute_entropy": bool(compute_entropy), "logit_scale": logit_scale, "softcap": softcap,
             "chunk_size": chunk_size, "backend": backend, "stat_names": []}
+    # ---- impl="fused": linear_triton_losses.py (dispatch: _backend.select_head_impl)
+    if _backend.select_head_impl(hidden.device, impl, requested, backend) == "fused":
+        from rlhf_fast.ops.linear_triton_losses import fused_ppo_policy_loss
+
+        return fused_ppo_policy_loss(hidden, weight, bias, targets, old_logprobs, advantages, mask, ref_logprobs, opts)
+    # ---- end of impl="fused"
 
     def detach(x):
         return None if x is None else x.detach()
@@ -243,8 +290,23 @@ def linear_ppo_policy_loss(hidden, weight, targets, old_logprobs, advantages, ma
     return loss, dict(zip(opts["stat_names"], values))
 
 
+def extended_policy_loss(hidden, weight, targets, old, adv, mask, ref, sampler, o: dict, with_entropy: bool,
+                         head: dict):
+    """The objectives beyond the clipped token-level one: per-token log-probs (and entropies) from
+    ``linear_token_logprobs`` (autograd; its backward recomputes the logits chunk by chunk), then
+    ``policy_objective`` on the (B, T) tensors, as ``ppo_policy_loss_ref`` runs it on logits.
+    ``hidden``'s masked rows are zeros already (the caller's)."""
+    def detach(x):
+        return None if x is None else x.detach()
+
+    valid = mask != 0
+    out = linear_token_logprobs(hidden, weight, targets, return_entropy=with_entropy, **head)
+    logp, ent = out if with_entropy else (out, None)
+    return policy_objective(logp, ent, detach(old), adv.detach(), detach(ref), detach(sampler), None, valid, o)
+
+
 def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-100, reduction="mean",
-                         temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None):
+                         temperature=1.0, logit_scale=1.0, softcap=None, chunk_size=None, backend=None, impl=None):
     """Fused SFT NLL from hidden states, gradients computed in the forward (6NHV, no (N, V) tensor):
 
         F.cross_entropy(transform(hidden.float() @ weight.float().T + bias).view(-1, V) / temperature,
@@ -253,11 +315,12 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
     Args:
         hidden: (..., H); weight: (V, H); targets: (...) int, in [0, V) or == ignore_index.
         reduction: "mean" (over non-ignored tokens; 0 when there are none) | "sum".
-        The others as linear_token_logprobs.
+        The others as linear_token_logprobs (impl="fused": the fused Triton kernels, 8NHV).
 
     Returns:
         0-d fp32, differentiable w.r.t. hidden, weight and bias (backward runs once per forward).
     """
+    requested = backend
     V, logit_scale, softcap, chunk_size, backend = check_head(hidden, weight, bias, logit_scale, softcap,
                                                               chunk_size, backend)
     if reduction not in ("mean", "sum"):
@@ -271,6 +334,16 @@ def linear_cross_entropy(hidden, weight, targets, *, bias=None, ignore_index=-10
         return linear_cross_entropy_ref(hidden, weight, targets, bias=bias, ignore_index=ignore_index,
                                         reduction=reduction, temperature=temperature, logit_scale=logit_scale,
                                         softcap=softcap)
+    # ---- impl="fused": linear_triton_losses.py (dispatch: _backend.select_head_impl)
+    if _backend.select_head_impl(hidden.device, impl, requested, backend) == "fused":
+        from rlhf_fast.ops.linear_triton_losses import fused_cross_entropy
+
+        return fused_cross_entropy(hidden, weight, targets, bias=bias, ignore_index=ignore_index, reduction=reduction,
+                                   temperature=temperature, logit_scale=logit_scale, softcap=softcap)
+    # ---- end of impl="fused"
     opts = {"ignore_index": int(ignore_index), "reduction": reduction, "temperature": temperature,
             "logit_scale": logit_scale, "softcap": softcap, "chunk_size": chunk_size, "backend": backend}
+    # ignored rows may hold anything (NaN padding): zeroed, so grad_weight = g.T @ hidden stays clean
+    hidden = torch.where((targets != ignore_index).unsqueeze(-1), hidden,
+                         torch.zeros((), dtype=hidden.dtype, device=hidden.device))
     return LinearNLLFunction.apply(hidden, weight, bias, targets, opts, _want(hidden, weight, bias))

@@ -175,19 +175,12 @@ def _fwd_cpu(rows: Rows, targets, logp, lse, ent, inv_temp: float, cap_pre: floa
     )
 
 
-def _no_cuda_softcap(cap_pre: float) -> None:
-    if cap_pre != 0.0:
-        raise NotImplementedError("softcap is not implemented by backend='cuda' (csrc/cuda/logprobs.cu); "
-                                  "use backend='triton' (the default on GPU) or softcap=None")
-
-
 def _fwd_cuda(rows: Rows, targets, logp, lse, ent, inv_temp: float, cap_pre: float) -> None:
-    _no_cuda_softcap(cap_pre)
     i64 = ctypes.c_int64
     _backend.cuda_call(
         "rlhf_logprobs_fwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
         *(i64(v) for v in rows.layout()), ptr(targets), ctypes.c_int(code(targets)), i64(rows.n), i64(rows.v),
-        ctypes.c_float(inv_temp), ptr(logp), ptr(lse), ptr(ent),
+        ctypes.c_float(inv_temp), ctypes.c_float(cap_pre), ptr(logp), ptr(lse), ptr(ent),
     )
 
 
@@ -211,12 +204,11 @@ def _bwd_cpu(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp:
 
 
 def _bwd_cuda(rows: Rows, grad: Rows, targets, lse, ent, g_logp, g_ent, inv_temp: float, cap_pre: float) -> None:
-    _no_cuda_softcap(cap_pre)
     i64 = ctypes.c_int64
     _backend.cuda_call(
         "rlhf_logprobs_bwd", rows.data.device, ptr(rows.data), ctypes.c_int(code(rows.data)),
         *(i64(v) for v in rows.layout()), ptr(grad.data), *(i64(v) for v in grad.layout()), ptr(targets),
-        ctypes.c_int(code(targets)), i64(rows.n), i64(rows.v), ctypes.c_float(inv_temp), ptr(lse),
+        ctypes.c_int(code(targets)), i64(rows.n), i64(rows.v), ctypes.c_float(inv_temp), ctypes.c_float(cap_pre), ptr(lse),
         ptr(ent if g_ent is not None else None), ptr(g_logp), ptr(g_ent),
     )
 
@@ -333,7 +325,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: 
         logit_scale: > 0, multiplies the logits first (Cohere's ``logit_scale``; Granite's divisor
             ``logits_scaling`` is ``logit_scale = 1 / logits_scaling``).
         softcap: > 0 or None; ``z -> softcap * tanh(z / softcap)`` after the scale, before the
-            temperature (Gemma2/3 ``final_logit_softcapping``, Grok). Not on backend="cuda".
+            temperature (Gemma2/3 ``final_logit_softcapping``, Grok).
         return_entropy: also return the entropy of ``softmax(z / temperature)``.
         inplace_backward: backward writes grad_logits into the logits' storage (the logits
             must not be needed after backward). Saves one (N, V) allocation. Ignored (a new

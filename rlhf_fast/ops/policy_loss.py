@@ -45,7 +45,8 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
     check_targets,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only
-from rlhf_fast.ops.kl import full_kl, full_kl_ref, kl_penalty_ref
+from rlhf_fast.ops.full_kl import full_kl, full_kl_ref
+from rlhf_fast.ops.kl import kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
     LAUNCHERS,
     can_write_inplace,
@@ -310,7 +311,7 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         dual_clip: > 1 or None; caps the loss of negative-advantage tokens at -A * dual_clip.
         temperature: > 0, the sampler's temperature.
         logit_scale: > 0; softcap: > 0 or None: the model's final-logit transform, fused into the
-            kernels as in ``token_logprobs`` (softcap not on backend="cuda").
+            kernels as in ``token_logprobs``.
         ref_logprobs: (B, T) reference-policy log-probs; required when kl_coef != 0.
         kl_coef: weight of the per-token KL penalty; kl_estimator: "k1" | "abs" | "k2" | "k3" |
             "low_var_kl" | "k3+" (verl) | "full" (exact KL over the vocabulary from ``ref_logits``).

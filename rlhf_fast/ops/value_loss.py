@@ -92,13 +92,20 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor | None, returns: t
     with torch.no_grad():
         vd = v.detach()
         n = valid.sum().clamp(min=1)
-        mean_r = ret.sum() / n
-        var_r = torch.where(valid, (ret - mean_r) ** 2, zero).sum() / n
-        res = ret - vd
-        mean_res = res.sum() / n
-        var_res = torch.where(valid, (res - mean_res) ** 2, zero).sum() / n
-        ev = torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=torch.finfo(dtype).tiny),
-                         (var_res == 0).to(dtype))
+        var_r = _masked_var(ret, valid, n)
+        var_res = _masked_var(ret - vd, valid, n)
+        ev = torch.where(var_r > 0, 1 - var_res / var_r.clamp(min=torch.finfo(torch.float64).tiny),
+                         (var_res == 0).double()).to(dtype)
         stats = {"clip_frac": clip_frac.detach(), "explained_variance": ev, "value_mean": vd.sum() / n,
                  "nonfinite_inputs": nonfinite}
     return loss, stats
+
+
+def _masked_var(x: torch.Tensor, valid: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Population variance of ``x`` over ``valid`` in float64, shifted by the first valid element
+    (equal elements give exactly 0, large offsets keep their spread), then two-pass."""
+    x = x.double()
+    first = x.reshape(-1)[valid.reshape(-1).to(torch.uint8).argmax()]
+    d = torch.where(valid, x - first, 0.0)
+    mean = d.sum() / n
+    return torch.where(valid, (d - mean) ** 2, 0.0).sum() / n

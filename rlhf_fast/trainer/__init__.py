@@ -3,6 +3,8 @@
     runtime.py   what every trainer runs on: device, seeds, autocast, optimizer + schedule,
                  the guarded optimizer step, output_dir, metrics, checkpoint save / resume
     base.py      the RL trainer: one train() loop with hooks; ppo.py / grpo.py: what differs
+    minibatch.py   stratified mini-batches, micro-batches and their loss scales (loss_agg)
+    step_metrics.py  an RL step's metrics over every rank (update stats, rollout figures)
     supervised.py  the supervised loop; sft.py / reward.py: what differs
     config.py    the config dataclasses; model.py: PolicyValueModel (and its file format)
     rollout.py   sampling, scoring, old log-probs; kl_controller.py; metrics.py

@@ -13,14 +13,9 @@
 Setup, the optimizer step with its non-finite guard, checkpoints and the export come from the
 shared runtime (``runtime.py``). Global statistics go through the collectives (``collectives.py``;
 each is the identity on one process): advantages are computed on the gathered global batch and
-each rank keeps its rows, the micro-batch loss scales come from the gathered mini-batch mask,
-and the metrics are all-reduced. So the update does not depend on the world size.
-
-Mini-batches are stratified: a pass over a step's ``n`` sequences cuts them into
-``mini_batch_size`` consecutive slots of ``k = n / mini_batch_size`` sequences and draws, per
-slot, a random permutation saying which mini-batch gets which of its sequences. Every
-mini-batch takes one sequence of each slot, and a rank holding whole slots holds its share of
-every mini-batch without any data moving.
+each rank keeps its rows, the mini- and micro-batches and their loss scales come from
+``minibatch.py``, and the step's metrics are all-reduced (``step_metrics.py``). So the update
+does not depend on the world size.
 """
 from __future__ import annotations
 
@@ -31,14 +26,16 @@ import warnings
 import torch
 from torch import nn
 
-from rlhf_fast.ops import aggregation_weights
-from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max, global_moments
+from rlhf_fast.encoding import prompt_rows
+from rlhf_fast.stops import stop_token_ids
+from rlhf_fast.trainer.collectives import all_reduce, gather_rows, global_max
 from rlhf_fast.trainer.config import ConfigError, RLConfig
-from rlhf_fast.trainer.health import evaluate_prompts, health_metrics
+from rlhf_fast.trainer.health import evaluate_prompts
 from rlhf_fast.trainer.hf_io import is_peft
 from rlhf_fast.trainer.lora import adapters_disabled, apply_lora
+from rlhf_fast.trainer.minibatch import micro_batches, mini_batch_indices
 from rlhf_fast.trainer.model import PolicyValueModel, resolve_attn_implementation, router_aux_loss_coef
-from rlhf_fast.trainer.process_group import rank, world_size
+from rlhf_fast.trainer.reward_fns import RewardFunctions
 from rlhf_fast.trainer.rollout import (
     RewardFunctionError,
     Rollout,
@@ -49,6 +46,7 @@ from rlhf_fast.trainer.rollout import (
 )
 from rlhf_fast.trainer.runtime import Runtime, disable_dropout
 from rlhf_fast.trainer.sharding import gathered, no_sync, prepare_frozen, prepare_trainable
+from rlhf_fast.trainer.step_metrics import reduce_stats, rollout_metrics
 
 # fields a resumed run may change without a warning
 FREE_ON_RESUME = {"resume_from", "overwrite_output_dir", "total_steps", "output_dir", "save_steps",
@@ -65,7 +63,14 @@ class RLTrainer(Runtime):
 
     Optional: ``gold_fn(prompts, completions)`` (a held-out / gold reward never optimised: logged
     as ``reward/gold`` and ``reward/proxy_minus_gold``) and ``eval_prompts`` (held-out prompts scored
-    every ``config.eval_steps`` steps and at the end; see health.py)."""
+    every ``config.eval_steps`` steps and at the end; see health.py).
+
+    ``prompts``: strings (already formatted, e.g. ``encoding.policy_prompt``; reward functions see
+    them as they are) or rows ``{"prompt": str | messages, **columns}`` (``data.load_prompt_rows``:
+    formatted here with the chat template; reward functions get the raw prompt and the columns).
+    ``reward_fn``: a function, or a list of them weighted by ``reward_weights`` (each then logged
+    as ``reward/<name>/mean``); see ``reward_fns.py``. Completions stop at the stop tokens
+    (``stops.py``), which the export writes into generation_config.json."""
 
     config_class = RLConfig
     uses_value_head = False
@@ -76,8 +81,8 @@ class RLTrainer(Runtime):
             raise TypeError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
         if (reward_fn is None) == (reward_model is None):
             raise ValueError("pass exactly one of reward_fn (prompts, completions -> scores) and reward_model")
-        if reward_fn is not None and not callable(reward_fn):
-            raise TypeError("reward_fn must be callable as reward_fn(prompts, completions)")
+        if reward_fn is not None and not callable(reward_fn) and not isinstance(reward_fn, (list, tuple)):
+            raise TypeError("reward_fn must be callable as reward_fn(prompts, completions, **columns), or a list")
         if tokenizer is None:
             raise ValueError("tokenizer is required (prompts are text; completions are decoded for reward_fn)")
         if gold_fn is not None and not callable(gold_fn):
@@ -113,7 +118,9 @@ class RLTrainer(Runtime):
                 m.set_attn_implementation(attn)
         self.ref_model = self._frozen(ref_model) if ref_model is not None else None
         self.reward_model = self._frozen(reward_model) if reward_model is not None else None
-        self.reward_fn = reward_fn
+        self.reward_fn = None if reward_fn is None else RewardFunctions(reward_fn, cfg.weights)
+        if reward_fn is None and cfg.weights is not None:
+            raise ConfigError("reward_weights: set without reward functions (the reward model has no weights)")
         disable_dropout(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -126,7 +133,8 @@ class RLTrainer(Runtime):
 
         self.tokenizer = tokenizer
         self.eos_id, self.pad_id = special_ids(tokenizer)
-        self.prompts = list(prompts)
+        self.stop_ids = stop_token_ids(tokenizer, model.policy, cfg.stop_tokens)
+        self.prompts, self.raw_prompts, self.columns = prompt_rows(tokenizer, prompts)
         self.prompt_ids = encode_prompts(tokenizer, self.prompts, cfg.max_prompt_length, cfg.prompt_truncation)
         limit = getattr(model.policy.config.get_text_config(), "max_position_embeddings", None)
         longest = max(len(p) for p in self.prompt_ids)
@@ -175,16 +183,16 @@ class RLTrainer(Runtime):
     def after_step(self, batch: Rollout, metrics: dict) -> None:
         """Adds to / acts on a finished step's metrics (before they are logged)."""
 
-    def policy_forward(self, mb: Rollout, *, with_values: bool = True):
+    def policy_forward(self, mb: Rollout, *, with_values: bool = True, return_hidden: bool = False):
         """(logits, values or None, router aux loss or None) of a micro-batch, under autocast
-        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``)."""
+        (the aux loss only for a mixture-of-experts policy with ``aux_coef > 0``);
+        ``return_hidden``: the LM head's inputs (``lm_head.HeadInputs``) instead of the logits."""
+        kw = dict(with_values=with_values, return_hidden=return_hidden)
         with self.autocast():
             if self.aux_coef > 0:
-                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
-                                        with_aux=True)
-            logits, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start,
-                                              with_values=with_values)
-        return logits, values, None
+                return self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, with_aux=True, **kw)
+            out, values = self.train_model(mb.input_ids, mb.attention_mask, mb.response_start, **kw)
+        return out, values, None
 
     def add_router_aux(self, loss: torch.Tensor, aux, stats: dict) -> torch.Tensor:
         """``loss + aux_coef * aux`` (logged as ``loss/router_aux``); ``loss`` when aux is None."""
@@ -268,10 +276,17 @@ class RLTrainer(Runtime):
                     self.model.policy, self.tokenizer, [self.prompts[i] for i in idx], [self.prompt_ids[i] for i in idx],
                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=self.device,
                     reward_fn=self.reward_fn, reward_model=self.reward_model,
-                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast,
+                    missing_eos_penalty=cfg.missing_eos_penalty, autocast=self.autocast, stop_ids=self.stop_ids,
+                    raw_prompts=[self.raw_prompts[i] for i in idx],
+                    columns={k: [v[i] for i in idx] for k, v in self.columns.items()},
                     record_logprobs=self.records_sampler_logprobs)
             except RewardFunctionError as e:  # name the step too
                 raise RewardFunctionError(f"step {step + 1}: {e}") from e.__cause__
+            except RuntimeError as e:  # torch.multinomial on NaN / inf probabilities: a diverged or corrupt policy
+                if "probability tensor contains" not in str(e):
+                    raise
+                self.stop_non_finite(step + 1, "the policy's next-token probabilities are not finite while sampling "
+                                               "(NaN / inf weights or activations)")
 
     def make_experience(self, step: int, batch: Rollout | None = None) -> Rollout:
         """Samples this rank's rollout (or takes ``batch``, already sampled and scored) and adds,
@@ -282,7 +297,8 @@ class RLTrainer(Runtime):
         cfg = self.config
         if batch is None:
             batch = self.sample(step, repeat=self.completions_per_prompt)
-        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast)
+        kw = dict(temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size, autocast=self.autocast,
+                  lm_head=cfg.lm_head)
         if self.uses_sampler_logprobs_as_old and not self.uses_value_head and batch.sampler_logprobs is not None:
             batch.logprobs = batch.sampler_logprobs
         else:
@@ -340,21 +356,9 @@ class RLTrainer(Runtime):
                                                               self.rank, self.world_size)]
 
     def micro_batches(self, batch: Rollout, mini: torch.Tensor):
-        """Yields (micro_batch, scale) with ``sum(scale * loss(micro_batch)) == loss(mini-batch)``
-        for the configured ``loss_agg``: a token's weight in the global mini-batch loss
-        (``aggregation_weights`` of the gathered mini-batch mask) over its weight in its
-        micro-batch's loss, times the world size (DDP / FSDP average the ranks' gradients)."""
-        cfg = self.config
-        agg, n_tok = cfg.loss_agg, cfg.max_new_tokens
-        mask = batch.response_mask[mini]
-        width = global_max(mask.shape[1])
-        w_mini = aggregation_weights(gather_rows(mask, width), agg, max_tokens=n_tok, dtype=torch.float64)
-        n = mask.shape[0]
-        w_mini = w_mini[rank() * n : (rank() + 1) * n, : mask.shape[1]]
-        for part, w in zip(mini.split(cfg.micro_batch_size), w_mini.split(cfg.micro_batch_size)):
-            w_micro = aggregation_weights(batch.response_mask[part], agg, max_tokens=n_tok, dtype=torch.float64)
-            ratio = torch.where(w_micro > 0, w / w_micro.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
-            yield batch.select(part), (ratio.amax() * world_size()).float()
+        """Yields (micro_batch, scale) of mini-batch ``mini``: ``minibatch.micro_batches`` with
+        this trainer's ``loss_agg`` and sizes."""
+        return micro_batches(batch, mini, self.config)
 
     def optimize_mini_batch(self, batch: Rollout, mini: torch.Tensor, step: int):
         """One optimizer step on mini-batch ``mini``: forward/backward per micro-batch (gradients
@@ -371,46 +375,15 @@ class RLTrainer(Runtime):
             stats.append(s)
         return stats, self.optimizer_step(step, all_reduce(loss_sum) / self.world_size)
 
-    # ------------------------------------------------------------------ metrics
-    @staticmethod
-    def reduce_stats(stats: list[dict]) -> dict:
-        """Means of per-micro-batch 0-d tensor stats over every rank's micro-batches (ranks run
-        equally many), converted with one host sync."""
-        if not stats:
-            return {}
-        keys = list(stats[0])
-        means = torch.stack([torch.stack([s[k].detach().float() for s in stats]).mean() for k in keys])
-        means = all_reduce(means) / world_size()
-        return dict(zip(keys, means.tolist()))
+    # ------------------------------------------------------------------ metrics (step_metrics.py)
+    reduce_stats = staticmethod(reduce_stats)
 
     def rollout_metrics(self, batch: Rollout, t_rollout: float, t_update: float) -> dict:
-        """Batch-level metrics of a step over all ranks' sequences (means from all-reduced sums,
-        the reward std from global moments, times of the slowest rank)."""
-        m = batch.response_mask.float()
-        lengths = m.sum(-1)
-        sums = [torch.tensor(float(len(batch)), device=self.device), batch.scores.float().sum(), lengths.sum(),
-                batch.has_eos.float().sum()]
-        if batch.ref_logprobs is not None:  # sum over the completion of log pi - log pi_ref (k1), mean over sequences
-            sums.append(((batch.logprobs - batch.ref_logprobs) * m).sum(-1).sum())
-        sums = all_reduce(torch.stack(sums).double())
-        std = global_moments(batch.scores)[2].sqrt()
-        n, score, length, eos, *kl = (sums.cpu() / sums[0].cpu()).tolist()
-        out = {"reward/mean": score, "reward/std": float(std), "response/length": length, "response/eos_frac": eos}
-        if kl:
-            out["kl/ref"] = kl[0]
-        times = [t_rollout, t_update]
-        if self.device.type == "cuda":
-            times.append(torch.cuda.max_memory_allocated(self.device) / 2**30)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        times = all_reduce(torch.tensor(times, dtype=torch.float64, device=self.device), "max").tolist()
-        out.update({"time/rollout_s": times[0], "time/update_s": times[1],
-                    "perf/tokens_per_s": float(sums[2]) / max(times[0] + times[1], 1e-9),
-                    "lr": self.scheduler.get_last_lr()[0]})
-        if self.device.type == "cuda":
-            out["perf/peak_mem_gib"] = times[2]
-        out.update(health_metrics(batch, group_size=self.completions_per_prompt,
-                                  max_new_tokens=self.config.max_new_tokens, gold_fn=self.gold_fn))
-        return out
+        """``step_metrics.rollout_metrics`` of this step's batch, with this trainer's device,
+        learning rate, group size, ``max_new_tokens`` and ``gold_fn``."""
+        return rollout_metrics(batch, t_rollout, t_update, device=self.device, lr=self.scheduler.get_last_lr()[0],
+                               group_size=self.completions_per_prompt, max_new_tokens=self.config.max_new_tokens,
+                               gold_fn=self.gold_fn)
 
     # ------------------------------------------------------------------ resume
     def check_resumed(self, path, state: dict) -> None:
@@ -422,23 +395,3 @@ class RLTrainer(Runtime):
             warnings.warn(f"resuming {path} with changed config fields: "
                           + ", ".join(f"{k}={saved[k]!r} -> {getattr(self.config, k)!r}" for k in changed))
 
-
-def mini_batch_indices(n: int, mini_batch_size: int, generator: torch.Generator, rank: int = 0,
-                       world: int = 1) -> list[torch.Tensor]:
-    """Rows of rank ``rank``'s ``n`` sequences (global rows ``rank*n .. (rank+1)*n - 1`` of
-    ``world*n``) in each of the ``k = world*n / mini_batch_size`` stratified mini-batches:
-
-        order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)  # a permutation per slot
-        mini_batch[j] = [s * k + order[s, j] for s in range(mini_batch_size)]     # one row of each slot
-
-    (the global rows; each rank keeps those of its ``mini_batch_size / world`` slots, shifted
-    to its own rows). The same draw on every rank, so the union over ranks is the
-    single-process mini-batch."""
-    total = n * world
-    if total % mini_batch_size or mini_batch_size % world:
-        raise ValueError(f"mini_batch_size={mini_batch_size} must divide the {total} sequences and be divisible by "
-                         f"the world size {world}")
-    k, per_rank = total // mini_batch_size, mini_batch_size // world
-    order = torch.rand(mini_batch_size, k, generator=generator).argsort(-1)
-    local = torch.arange(per_rank)[:, None] * k + order[rank * per_rank : (rank + 1) * per_rank]
-    return list(local.t().unbind())

@@ -42,7 +42,7 @@ import torch
 
 from rlhf_fast.trainer import hf_io
 from rlhf_fast.trainer.collectives import broadcast_object
-from rlhf_fast.trainer.fileio import fsync_dir, fsync_tree, write_atomic
+from rlhf_fast.trainer.fileio import fsync_dir, fsync_tree, serializer_errors, write_atomic, writing
 from rlhf_fast.trainer.process_group import barrier, is_distributed, rank
 from rlhf_fast.trainer.sharding import full_state_dicts, load_full_state_dicts
 
@@ -200,26 +200,34 @@ def save_checkpoint(root, step: int, *, model=None, optimizer=None, scheduler=No
 
 
 def _write(root: Path, step, model, msd, osd, scheduler, state, generators, keep_last) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in root.glob(f".{LATEST}.tmp-*"):
-        stale.unlink(missing_ok=True)
     name = f"step-{step:06d}"
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    if model is not None:
-        hf_io.save_weights(model, tmp / "model", state_dict=msd)
-    if osd is not None:
-        torch.save(osd, tmp / "optimizer.pt")
-    full = dict(state or {})
-    full.update(step=step, rng=rng_state(generators))
-    if scheduler is not None:
-        full["scheduler"] = scheduler.state_dict()
-    torch.save(full, tmp / "trainer_state.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
-    write_manifest(tmp)  # last: a folder with a valid manifest is complete
-    fsync_tree(tmp)
+    pointer = root / LATEST
+    before = pointer.read_text().strip() if pointer.is_file() else ""
+    intact = f"{pointer} still names {before}" if before else "no checkpoint was saved before"
+    try:  # a failure (a full disk) removes the part written; latest and earlier checkpoints are untouched
+        with writing(root / name, "checkpoint", intact, serializer_errors()):
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in root.glob(".tmp-step-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            for stale in root.glob(f".{LATEST}.tmp-*"):
+                stale.unlink(missing_ok=True)
+            tmp.mkdir()
+            if model is not None:
+                hf_io.save_weights(model, tmp / "model", state_dict=msd)
+            if osd is not None:
+                torch.save(osd, tmp / "optimizer.pt")
+            full = dict(state or {})
+            full.update(step=step, rng=rng_state(generators))
+            if scheduler is not None:
+                full["scheduler"] = scheduler.state_dict()
+            torch.save(full, tmp / "trainer_state.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}) + "\n")
+            write_manifest(tmp)  # last: a folder with a valid manifest is complete
+            fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     final = root / name
     if final.exists():  # re-saving a step (e.g. after a resume): move the old copy out first
         old = root / f".tmp-{name}-old-{os.getpid()}"
@@ -229,7 +237,9 @@ def _write(root: Path, step, model, msd, osd, scheduler, state, generators, keep
     else:
         os.replace(tmp, final)
     fsync_dir(root)
-    write_atomic(root / LATEST, name + "\n")
+    with writing(pointer, "the checkpoint pointer", f"{final} is complete; "
+                 f"{f'latest still names {before}' if before else 'latest is unchanged'}"):
+        write_atomic(pointer, name + "\n")
     if keep_last is not None:
         for old in list_checkpoints(root)[:-keep_last]:
             if old != final:
@@ -275,15 +285,19 @@ def load_checkpoint(path, *, model=None, optimizer=None, scheduler=None, generat
     return state
 
 
-def export_pretrained(model: torch.nn.Module, path, tokenizer=None) -> Path:
+def export_pretrained(model: torch.nn.Module, path, tokenizer=None, stop_ids=None) -> Path:
     """Writes ``model`` as a Hugging Face folder (``save_pretrained``; a PolicyValueModel with its
-    value head) and the tokenizer to ``path``. Under a process group every rank calls it and rank
-    0 writes the gathered full weights."""
+    value head) and the tokenizer to ``path``; ``stop_ids`` go into its generation_config.json
+    (``hf_io.write_stop_tokens``). Under a process group every rank calls it and rank 0 writes
+    the gathered full weights."""
     path = Path(path)
     msd = full_state_dicts(model)[0] if is_distributed() else None
     if rank() == 0:
-        hf_io.save_weights(model, path, state_dict=msd)
-        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-            tokenizer.save_pretrained(path)
+        with writing(path, "the model", errors=serializer_errors()):
+            hf_io.save_weights(model, path, state_dict=msd)
+            if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+                tokenizer.save_pretrained(path)
+            if stop_ids:
+                hf_io.write_stop_tokens(path, stop_ids, getattr(tokenizer, "pad_token_id", None))
     barrier()
     return path

@@ -6,6 +6,8 @@ normalisers, metrics), so the algorithm code reads the same on one rank and on m
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -33,17 +35,21 @@ def broadcast_object(obj, src: int = 0):
 
 def global_moments(x: torch.Tensor, mask: torch.Tensor | None = None, unbiased: bool = True):
     """(count, mean, var) of the elements of ``x`` (any shape) where ``mask != 0``, over all
-    ranks, in float64: two all-reduces (count and sum, then the sum of squared deviations from
-    the global mean), so no cancellation. var is 0 below 2 (unbiased) or 1 element."""
+    ranks, in float64, shifted by the global maximum first (so equal elements give var exactly 0,
+    and 1e9 + small spread keeps its digits), then two passes (count and sum, then the sum of
+    squared deviations from the global mean): three all-reduces. var is 0 below 2 (unbiased) or
+    1 element."""
     x = x.detach().double()
     valid = torch.ones_like(x, dtype=torch.bool) if mask is None else mask != 0
-    x = torch.where(valid, x, 0.0)
-    n, s = all_reduce(torch.stack([valid.sum().double(), x.sum()])).unbind()
-    mean = s / n.clamp(min=1)
-    ss = all_reduce(torch.where(valid, (x - mean) ** 2, 0.0).sum())
+    top = all_reduce(torch.where(valid, x, -math.inf).amax() if x.numel() else x.new_tensor(-math.inf), "max")
+    shift = torch.where(torch.isfinite(top), top, 0.0)
+    d = torch.where(valid, x - shift, 0.0)
+    n, s = all_reduce(torch.stack([valid.sum().double(), d.sum()])).unbind()
+    mean_d = s / n.clamp(min=1)
+    ss = all_reduce(torch.where(valid, (d - mean_d) ** 2, 0.0).sum())
     dof = n - 1 if unbiased else n
     var = torch.where(dof >= 1, ss / dof.clamp(min=1), torch.zeros_like(ss))
-    return n, mean, var
+    return n, shift + mean_d, var
 
 
 def gather_rows(x: torch.Tensor, width: int | None = None) -> torch.Tensor:

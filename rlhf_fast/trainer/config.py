@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from rlhf_fast.ops import LOSS_AGGS
 
 KL_ESTIMATORS = ("k1", "abs", "k2", "k3")
+LM_HEAD_MODES = ("fused", "materialize")
 
 
 class ConfigError(ValueError):
@@ -68,6 +69,9 @@ class RunConfig:
     lora_target_modules: str = "all-linear"  # "all-linear" or comma-separated module names (q_proj,v_proj)
     peft_config: str = ""  # a JSON file of peft.LoraConfig fields (instead of the lora_* fields)
     lora_export_merged: bool = False  # also export final/merged: the adapter merged into full weights
+    # where a response ends (stops.py): comma-separated tokens that replace the chat template's detected
+    # end-of-turn token; the tokenizer's EOS and the model's generation_config EOS ids always stop
+    stop_tokens: str = ""
     # checkpoints and logging
     save_steps: int = 0  # 0: a checkpoint at the end only
     keep_checkpoints: int = 2
@@ -140,7 +144,10 @@ class RLConfig(RunConfig):
     prompt_truncation: str = "left"  # longer prompts: "left" keeps their end, "right" their start, "error" raises
     max_new_tokens: int = 64
     temperature: float = 1.0  # sampling AND the log-probs of the loss use it; no top-k / top-p (they would differ)
-    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never emits EOS
+    missing_eos_penalty: float = 0.0  # subtracted from the score of a completion that never emits a stop token
+    # several reward functions (a list as reward_fn): their weights, comma-separated ("1.0,0.1"; a list in
+    # YAML or Python); "" weighs each 1. score = sum of weight * reward over the functions with an opinion
+    reward_weights: str = ""
     # optimisation
     mini_batch_size: int = 8
     clip_eps: float = 0.2
@@ -148,17 +155,29 @@ class RLConfig(RunConfig):
     loss_agg: str = "token-mean"
     # held-out evaluation: with the trainer's eval_prompts, score them every eval_steps steps (0: at the end only)
     eval_steps: int = 0
+    # "fused": log-probs and the policy loss from hidden states (linear_token_logprobs /
+    # linear_ppo_policy_loss; no (tokens, vocab) tensor) | "materialize": the LM head's logits, then the ops
+    lm_head: str = "fused"
     # distribution
     frozen_model_sharding: str = "shard"  # the reference and reward models: "shard" (FSDP2) | "replicate"
 
     def __post_init__(self):
+        if isinstance(self.reward_weights, (list, tuple)):
+            self.reward_weights = ",".join(str(w) for w in self.reward_weights)
         super().__post_init__()
         check_field(self, "total_steps", self.total_steps >= 1, "must be >= 1")
+        try:
+            weights = self.weights
+        except ValueError:
+            weights = []
+        check_field(self, "reward_weights", weights is None or (weights and all(map(math.isfinite, weights))),
+                    "must be comma-separated finite numbers, one per reward function")
         for name in ("rollout_batch_size", "max_prompt_length", "max_new_tokens", "mini_batch_size"):
             check_field(self, name, getattr(self, name) >= 1, "must be >= 1")
         check_field(self, "eval_steps", self.eval_steps >= 0, "must be >= 0")
         check_choice(self, "prompt_truncation", ("left", "right", "error"))
         check_choice(self, "loss_agg", LOSS_AGGS)
+        check_choice(self, "lm_head", LM_HEAD_MODES)
         check_choice(self, "frozen_model_sharding", ("shard", "replicate"))
         check_field(self, "temperature", self.temperature > 0, "must be > 0")
         for name in ("missing_eos_penalty", "entropy_coef"):
@@ -172,6 +191,13 @@ class RLConfig(RunConfig):
     @property
     def sequences_per_step(self) -> int:
         return self.rollout_batch_size
+
+    @property
+    def weights(self) -> list[float] | None:
+        """``reward_weights`` as floats (None when empty)."""
+        if not self.reward_weights.strip():
+            return None
+        return [float(w) for w in self.reward_weights.split(",")]
 
     def check_world_size(self, world: int) -> None:
         """The batch sizes split evenly over ``world`` ranks (module docstring)."""

@@ -36,10 +36,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.data import Encoded, encode_preference, pad_batch
-from rlhf_fast.ops import dpo_loss, token_logprobs
-from rlhf_fast.trainer.config import check_choice, check_field
-from rlhf_fast.trainer.model import check_plain_lm_head, lm_trunk, trunk_hidden
+from rlhf_fast.encoding import Encoded, encode_preference, pad_batch
+from rlhf_fast.ops import dpo_loss, linear_token_logprobs, token_logprobs
+from rlhf_fast.stops import stop_token_ids
+from rlhf_fast.trainer.config import LM_HEAD_MODES, check_choice, check_field
+from rlhf_fast.trainer.lm_head import causal_lm_head_operands, check_plain_lm_head, head_logits
+from rlhf_fast.trainer.model import lm_trunk, trunk_hidden
 from rlhf_fast.trainer.process_group import barrier
 from rlhf_fast.trainer.runtime import disable_dropout
 from rlhf_fast.trainer.sharding import prepare_frozen
@@ -58,9 +60,13 @@ class DPOConfig(SupervisedConfig):
     beta: float = 0.1  # strength of the implicit KL to the reference (IPO: its tau)
     loss_type: str = "sigmoid"  # "sigmoid" | "sigmoid_norm" (length-normalised) | "ipo" (length-normalised, as TRL)
     label_smoothing: float = 0.0  # sigmoid only: the assumed share of flipped labels (conservative DPO)
+    # "fused": sequence log-probs from hidden states (linear_token_logprobs; no (tokens, vocab) tensor) |
+    # "materialize": the LM head's logits, then token_logprobs
+    lm_head: str = "fused"
 
     def __post_init__(self):
         super().__post_init__()
+        check_choice(self, "lm_head", LM_HEAD_MODES)
         check_field(self, "beta", self.beta > 0, "must be > 0")
         check_choice(self, "loss_type", DPO_LOSS_TYPES)
         check_field(self, "label_smoothing", 0 <= self.label_smoothing < 0.5, "must lie in [0, 0.5)")
@@ -78,18 +84,23 @@ class Pair:
     ref_rejected: float = float("nan")
 
 
-def sequence_logps(model, items: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, items: list[Encoded], pad_id: int, device, lm_head: str = "fused"):
     """(summed response log-probs (N,) fp32, response token counts (N,)) of encoded examples
-    under a causal LM, in one padded forward; the LM head sees response positions only::
+    under a causal LM, in one padded forward; the LM head (and its logit transform) sees
+    response positions only, fused into ``linear_token_logprobs`` with ``lm_head="fused"``::
 
-        logp[i] = log_softmax(lm_head(hidden[i, t - 1]))[ids[i, t]] summed over response tokens t >= 1
+        logp[i] = log_softmax(head(hidden[i, t - 1]))[ids[i, t]] summed over response tokens t >= 1
     """
     batch = pad_batch(items, pad_id)
     ids, attn, resp = (batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))
     hidden = trunk_hidden(lm_trunk(model), ids, attn)
     sel = resp[:, 1:]
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel])
-    lp = token_logprobs(logits, ids[:, 1:][sel], inplace_backward=True).float()
+    if lm_head == "fused":
+        h = causal_lm_head_operands(model, hidden[:, :-1][sel])
+        with torch.autocast(h.hidden.device.type, enabled=False):
+            lp = linear_token_logprobs(h.hidden, h.weight, ids[:, 1:][sel], **h.op_kwargs())
+    else:
+        lp = token_logprobs(head_logits(model, hidden[:, :-1][sel]), ids[:, 1:][sel], inplace_backward=True).float()
     rows = torch.arange(len(items), device=device)[:, None].expand_as(sel)[sel]
     return torch.zeros(len(items), device=device).index_add(0, rows, lp), sel.sum(1)
 
@@ -108,7 +119,7 @@ class DPOTrainer(SupervisedTrainer):
     Args:
         config: a DPOConfig.
         model: an ``AutoModelForCausalLM`` model whose logits are ``lm_head(hidden)`` (usually the SFT one).
-        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.data``).
+        tokenizer: its tokenizer (chat template used when it has one; see ``rlhf_fast.encoding``).
         train_data, eval_data: lists of ``{"prompt", "chosen", "rejected"}`` (``load_preferences``).
         ref_model: the frozen reference (default: a copy of ``model`` as passed).
     """
@@ -121,6 +132,7 @@ class DPOTrainer(SupervisedTrainer):
         check_plain_lm_head(model)
         ref = ref_model if ref_model is not None else copy.deepcopy(model)
         lm_trunk(ref)
+        self.stop_ids = stop_token_ids(tokenizer, model, config.stop_tokens)
         super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
         self.precompute_reference(ref)
 
@@ -147,7 +159,7 @@ class DPOTrainer(SupervisedTrainer):
                     part = pairs[s : s + n]
                     with self.autocast():
                         lp, _ = sequence_logps(ref, [p.chosen for p in part] + [p.rejected for p in part],
-                                               self.pad_id, self.device)
+                                               self.pad_id, self.device, self.config.lm_head)
                     out.append(lp.view(2, -1).t().double().cpu())
                 values[name] = torch.cat(out) if out else torch.zeros(0, 2, dtype=torch.float64)
             del ref
@@ -161,7 +173,7 @@ class DPOTrainer(SupervisedTrainer):
 
     # ------------------------------------------------------------------ hooks
     def encode(self, example):
-        pair = Pair(*encode_preference(self.tokenizer, example, self.config.max_length))
+        pair = Pair(*encode_preference(self.tokenizer, example, self.config.max_length, self.stop_ids))
         for side, e in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             if len(e.ids) - max(e.n_prompt, 1) < 1:
                 raise ValueError(f"the {side} response has no token to score (empty prompt without BOS, or cut "
@@ -171,7 +183,7 @@ class DPOTrainer(SupervisedTrainer):
     def model_loss(self, model, items):
         cfg, n = self.config, len(items)
         logps, lengths = sequence_logps(model, [p.chosen for p in items] + [p.rejected for p in items],
-                                        self.pad_id, self.device)
+                                        self.pad_id, self.device, self.config.lm_head)
         pc, pr = logps.split(n)
         ref = torch.tensor([[p.ref_chosen, p.ref_rejected] for p in items], dtype=torch.float32, device=self.device)
         norm = {}

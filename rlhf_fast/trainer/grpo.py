@@ -31,16 +31,17 @@ linearly to ``overlong_penalty`` over the last ``overlong_buffer`` tokens, added
 the advantages see; the logged reward stays the raw one) and overlong filtering (completions
 without EOS get no loss; ``response/length`` then counts the loss tokens).
 
-Left out: reward-function weighting of several rewards.
+Several weighted reward functions come from the RL base (``reward_fns.py``).
 """
 from __future__ import annotations
 
 import torch
 
-from rlhf_fast.ops import group_advantages, ppo_policy_loss
+from rlhf_fast.ops import group_advantages
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.collectives import all_reduce
 from rlhf_fast.trainer.config import GRPOConfig
+from rlhf_fast.trainer.lm_head import head_policy_loss
 from rlhf_fast.trainer.rollout import Rollout, concat_rollouts
 
 
@@ -124,21 +125,21 @@ class GRPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
-        """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
-        with per-sequence advantages and ``beta`` * k3 KL to the reference."""
+        """(loss, stats) of one micro-batch: the fused policy loss (from the hidden states with
+        ``lm_head="fused"``, else on the response logits) with per-sequence advantages and
+        ``beta`` * KL to the reference; every objective option goes to the op."""
         cfg = self.config
-        logits, _, aux = self.policy_forward(mb, with_values=False)
-        loss, pg = ppo_policy_loss(
-            logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
-            clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
-            ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta, kl_estimator=cfg.kl_estimator,
-            entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg, max_tokens=cfg.max_new_tokens,
-            compute_entropy=True, inplace_backward=True, ratio_level=cfg.importance_sampling_level,
-            loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
-            sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
-            sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
-            correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
-            correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high)
+        out, _, aux = self.policy_forward(mb, with_values=False, return_hidden=cfg.lm_head == "fused")
+        kw = dict(clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, temperature=cfg.temperature,
+                  ref_logprobs=mb.ref_logprobs if cfg.beta > 0 else None, kl_coef=cfg.beta,
+                  kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+                  max_tokens=cfg.max_new_tokens, compute_entropy=True, ratio_level=cfg.importance_sampling_level,
+                  loss_type=cfg.loss_type if cfg.loss_type in ("cispo", "sapo") else "clip",
+                  sapo_tau_pos=cfg.sapo_temperature_pos, sapo_tau_neg=cfg.sapo_temperature_neg,
+                  sampler_logprobs=mb.sampler_logprobs if cfg.rollout_correction else None,
+                  correction=cfg.rollout_correction, correction_level=cfg.rollout_correction_level,
+                  correction_low=cfg.rollout_correction_low, correction_high=cfg.rollout_correction_high)
+        loss, pg = head_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, **kw)
         stats = {"loss/total": loss.detach(), "loss/policy": pg["pg_loss"], "policy/entropy": pg["entropy"],
                  "policy/clip_frac": pg["clip_frac"], "policy/approx_kl": pg["approx_kl"],
                  "policy/ratio_mean": pg["ratio_mean"]}

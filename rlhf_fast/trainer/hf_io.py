@@ -27,6 +27,12 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
+def unwrap_peft(model):
+    """The model a PEFT wrapper (``get_peft_model(...)``) holds, with its adapters injected in
+    place; ``model`` itself when it is not wrapped."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 @contextlib.contextmanager
 def quiet_hf_progress():
     """No "Writing model shards" bars from transformers while saving (restored afterwards)."""
@@ -122,3 +128,48 @@ def read_weights(model: torch.nn.Module, directory) -> dict:
 def load_weights(model: torch.nn.Module, directory) -> None:
     """Loads what :func:`save_weights` wrote into ``model`` in place (exact copies)."""
     model.load_state_dict(read_weights(model, directory))
+
+
+# ---------------------------------------------------------------------------- stop tokens and padding in exports
+def write_stop_tokens(directory, stop_ids, pad_id=None) -> None:
+    """Sets ``eos_token_id`` (every stop id; see ``stops.py``) and ``pad_token_id`` in
+    ``directory/generation_config.json`` (created when missing), so a vanilla ``generate`` on
+    the exported model stops where rlhf_fast's rollouts stop."""
+    from transformers import GenerationConfig
+
+    directory = Path(directory)
+    try:
+        gen = GenerationConfig.from_pretrained(directory)
+    except OSError:
+        gen = GenerationConfig()
+    ids = [int(i) for i in stop_ids]
+    gen.eos_token_id = ids[0] if len(ids) == 1 else ids
+    if pad_id is not None:
+        gen.pad_token_id = int(pad_id)
+    gen.save_pretrained(directory)
+
+
+PAD_TOKEN = "<|rlhf_fast_pad|>"
+
+
+def distinct_pad(model: torch.nn.Module, tokenizer, stop_ids):
+    """A tokenizer whose pad token is no stop token, with ``model.config.pad_token_id`` set to
+    it: Hugging Face's sequence classifiers read the rightmost token that is not the pad, which
+    must be the stop token a reward model scores at. The tokenizer itself when its pad already
+    qualifies; else a copy with ``PAD_TOKEN`` added (and ``model``'s embeddings grown by it)."""
+    import copy
+
+    pad = tokenizer.pad_token_id
+    if pad is None or int(pad) in set(stop_ids):
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+        pad = tokenizer.pad_token_id
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if emb is not None and emb.num_embeddings <= pad:
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.pad_token_id = int(pad)
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        text.pad_token_id = int(pad)
+    return tokenizer

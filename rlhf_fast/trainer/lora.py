@@ -22,7 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from rlhf_fast.trainer.config import ConfigError
-from rlhf_fast.trainer.hf_io import is_peft, quiet_hf_progress
+from rlhf_fast.trainer.hf_io import is_peft, quiet_hf_progress, write_stop_tokens
 
 
 def lora_enabled(cfg) -> bool:
@@ -82,9 +82,10 @@ def adapters_disabled(model: nn.Module):
         yield
 
 
-def export_merged(model: nn.Module, path, tokenizer=None) -> Path:
+def export_merged(model: nn.Module, path, tokenizer=None, stop_ids=None) -> Path:
     """Writes a PEFT model's adapters merged into its base weights (a copy; ``model`` is left as
-    it is) as a plain Hugging Face folder that vanilla transformers loads with no missing keys."""
+    it is) as a plain Hugging Face folder that vanilla transformers loads with no missing keys;
+    ``stop_ids`` go into its generation_config.json as in ``checkpoint.export_pretrained``."""
     if not is_peft(model):
         raise TypeError(f"export_merged needs a PEFT model, got {type(model).__name__}")
     path = Path(path)
@@ -93,6 +94,8 @@ def export_merged(model: nn.Module, path, tokenizer=None) -> Path:
         merged.save_pretrained(path, safe_serialization=True)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(path)
+    if stop_ids:
+        write_stop_tokens(path, stop_ids, getattr(tokenizer, "pad_token_id", None))
     return path
 
 

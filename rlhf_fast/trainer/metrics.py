@@ -20,6 +20,7 @@ logger with ``enabled=is_main_process()`` (the default), so only rank 0 writes f
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_fast.trainer.fileio import write_atomic
+from rlhf_fast.trainer.fileio import write_atomic, write_error, writing
 
 JSONL = "metrics.jsonl"
 PNG = "metrics.png"
@@ -71,14 +72,15 @@ def truncate_jsonl(path, last_step: int) -> None:
         warnings.warn(f"{path}: dropped {dropped_bad} unreadable line(s) (a record cut short by a killed run)")
     new = b"".join(kept)
     if new != raw:
-        write_atomic(path, new)
+        with writing(path, "metrics", "the file is unchanged"):
+            write_atomic(path, new)
 
 
 def _to_float(name, value) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"metric {name!r} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return float(value.detach().float().item())
+        return float(value.detach().double().item())
     return float(value)
 
 
@@ -105,11 +107,12 @@ class MetricsLogger:
         self._bar = self._tb = self._file = None
         if not self.enabled:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / JSONL
-        if path.exists():  # resume: keep what the earlier run logged up to start_step
-            truncate_jsonl(path, start_step)
-        self._file = open(path, "a")
+        with writing(path, "metrics"):
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():  # resume: keep what the earlier run logged up to start_step
+                truncate_jsonl(path, start_step)
+            self._file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -128,8 +131,7 @@ class MetricsLogger:
         if not self.enabled:
             return values
         record = {"step": step, **values}
-        self._file.write(json.dumps(record, allow_nan=True) + "\n")
-        self._file.flush()
+        self._write(step, json.dumps(record, allow_nan=True) + "\n")
         if self._tb is not None:
             for k, v in values.items():
                 self._tb.add_scalar(k, v, step)
@@ -138,6 +140,23 @@ class MetricsLogger:
             self._bar.set_postfix({k: f"{values[k]:.4g}" for k in self.progress_keys if k in values}, refresh=False)
             self._bar.refresh()
         return values
+
+    def _write(self, step: int, line: str) -> None:
+        """Appends one record; when that fails (a full disk) the file is cut back to its earlier
+        records and closed (nothing more is written for this run), and a WriteError names it."""
+        f, path = self._file, self.output_dir / JSONL
+        size = os.fstat(f.fileno()).st_size
+        try:
+            f.write(line)
+            f.flush()
+        except OSError as e:
+            self._file, self.plot = None, False
+            with contextlib.suppress(OSError):
+                f.close()  # flushes again and fails again; the descriptor is released all the same
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise write_error(e, path, f"the metrics of step {step} to",
+                              f"the records before step {step} are intact") from e
 
     def close(self) -> None:
         """Flushes everything and writes metrics.png."""
@@ -234,7 +253,11 @@ def plot_metrics(jsonl_path, png_path, keys=None) -> Path | None:
     fig.tight_layout()
     png_path = Path(png_path)
     tmp = png_path.with_name(f".{png_path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with writing(png_path, "the metrics plot", f"{jsonl_path} is intact"):
+            fig.savefig(tmp, dpi=90)
+            os.replace(tmp, png_path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return png_path

@@ -12,6 +12,12 @@ Cohere's ``logit_scale``, Gemma2's ``final_logit_softcapping``); with ``separate
 a second trunk (a copy of the policy's) instead. Position ids are ``cumsum(attention_mask) - 1``,
 as Hugging Face ``generate`` uses, so left-padded rows score exactly what was sampled.
 
+With ``return_hidden=True`` (the trainers' ``lm_head="fused"``) the LM head is not called:
+``forward`` returns ``lm_head.HeadInputs`` (h, the head's weight and bias, its logit transform)
+and the from-hidden ops (``linear_token_logprobs``, ``linear_ppo_policy_loss``) form the
+log-probs chunk by chunk, so no (B, R, V) tensor exists. The weight is read inside the forward,
+where FSDP has gathered it.
+
 Saved as a normal Hugging Face checkpoint (``AutoModelForCausalLM.from_pretrained(dir)`` loads
 the policy) with ``value_head.safetensors``, ``value_model.json`` and, for a separate critic,
 ``critic/`` (an ``AutoModel`` checkpoint) beside it.
@@ -21,15 +27,28 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import math
-import re
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rlhf_fast.trainer.hf_io import TRAINABLE_FILE, is_peft, load_weights, quiet_hf_progress, read_safetensors
+from rlhf_fast.trainer.hf_io import (
+    TRAINABLE_FILE,
+    is_peft,
+    load_weights,
+    quiet_hf_progress,
+    read_safetensors,
+    unwrap_peft,
+)
+from rlhf_fast.trainer.lm_head import (
+    HeadInputs,
+    causal_lm_head_operands,
+    head_logits,
+    head_operands,
+    logit_transform,
+    transform_logits,
+)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 META_FILE = "value_model.json"
@@ -54,13 +73,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The model a PEFT wrapper (``get_peft_model(...)``) holds, with its adapters injected in
-    place; ``model`` itself when it is not wrapped."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) and hasattr(model, "peft_config") else model
-
-
 def lm_trunk(causal_lm: nn.Module) -> nn.Module:
     """The transformer body of a Hugging Face causal LM (everything but the LM head)."""
     causal_lm = unwrap_peft(causal_lm)
@@ -69,68 +81,6 @@ def lm_trunk(causal_lm: nn.Module) -> nn.Module:
         raise TypeError(f"{type(causal_lm).__name__} has no separate base_model trunk; pass an "
                         "AutoModelForCausalLM (e.g. LlamaForCausalLM, GPT2LMHeadModel)")
     return trunk
-
-
-# The config fields that change a causal LM's logits after ``lm_head(hidden)``, as
-# (logit_scale, softcap) of ``softcap * tanh(logit_scale * z / softcap)``; each maps its value v to:
-LOGIT_FIELDS = {
-    "logits_scaling": lambda v: (1.0 / v, None),  # Granite: z / logits_scaling
-    "logit_scale": lambda v: (v, None),  # Cohere: z * logit_scale
-    "final_logit_softcapping": lambda v: (1.0, v),  # Gemma2 / Gemma3: c * tanh(z / c)
-}
-# fields whose names look like a head transform but act inside the trunk or not at all
-TRUNK_LOGIT_FIELDS = {
-    "attn_logit_softcapping", "output_router_logits", "num_logits_to_keep", "moe_router_logit_softcapping",
-    "mlp_up_softcap", "mlp_gate_softcap", "attention_logit_cap", "conf_attention_logit_cap",
-    "attention_invalid_logits_value", "output_auxiliary_logits", "router_logit_softcapping",
-}
-_HEAD_LIKE = re.compile(r"logit|lm_head_mult|output_mult|softcap|soft_cap")
-
-
-def logit_transform(config) -> tuple[float, float | None]:
-    """(logit_scale, softcap) such that the model's logits are ``transform_logits(lm_head(h),
-    logit_scale, softcap)``, read from ``config`` by the table ``LOGIT_FIELDS``. A config with
-    another field that looks like a head transform (``logit``, ``softcap``, ``lm_head_multiplier``,
-    ...) set is refused with a ``NotImplementedError`` naming the field: never trained silently."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale, cap = 1.0, None
-    for name, value in sorted(text.to_dict().items()):
-        if name in LOGIT_FIELDS:
-            if value is None or (name == "final_logit_softcapping" and not value):
-                continue
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{type(text).__name__}.{name}={value!r}: expected a finite number > 0")
-            s, c = LOGIT_FIELDS[name](float(value))
-            scale, cap = scale * s, c if c is not None else cap
-        elif _HEAD_LIKE.search(name) and name not in TRUNK_LOGIT_FIELDS and value not in (None, False, 0):
-            if value in (1, 1.0) and re.search(r"mult|scal", name):
-                continue  # an identity multiplier
-            raise NotImplementedError(
-                f"{type(text).__name__}.{name}={value!r}: this head transform is not supported (known fields: "
-                f"{', '.join(LOGIT_FIELDS)}); its logits would differ from lm_head(hidden)")
-    return scale, cap
-
-
-def transform_logits(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
-    """``softcap * tanh(logit_scale * logits / softcap)`` (no cap when ``softcap`` is None), computed
-    in fp32 when it does anything. The one place the trainer applies a head transform in torch,
-    until the fused ops take ``logit_scale=`` / ``softcap=`` themselves."""
-    if logit_scale == 1.0 and softcap is None:
-        return logits
-    z = logits.float() * logit_scale
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
-
-
-def check_plain_lm_head(causal_lm: nn.Module) -> None:
-    """Refuses a model whose logits are not ``transform_logits(lm_head(hidden), *logit_transform(config))``
-    (an unknown head transform, named)."""
-    logit_transform(unwrap_peft(causal_lm).config)
-
-
-def head_logits(causal_lm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's logits from trunk states ``hidden``: its LM head, then its logit transform."""
-    causal_lm = unwrap_peft(causal_lm)
-    return transform_logits(causal_lm.get_output_embeddings()(hidden), *logit_transform(causal_lm.config))
 
 
 def head_width(causal_lm: nn.Module) -> int:
@@ -193,6 +143,14 @@ def response_logits(causal_lm: nn.Module, input_ids, attention_mask, response_st
     _check_start(response_start, input_ids)
     hidden = trunk_hidden(lm_trunk(causal_lm), input_ids, attention_mask)
     return head_logits(causal_lm, hidden[:, response_start - 1 : -1])
+
+
+def response_hidden(causal_lm: nn.Module, input_ids, attention_mask, response_start: int) -> HeadInputs:
+    """What ``response_logits`` feeds its LM head (``HeadInputs``: hidden (B, L - P, H), the head's
+    weight, bias and logit transform), without calling it."""
+    _check_start(response_start, input_ids)
+    hidden = trunk_hidden(lm_trunk(causal_lm), input_ids, attention_mask)
+    return causal_lm_head_operands(causal_lm, hidden[:, response_start - 1 : -1])
 
 
 def _check_start(response_start, input_ids):
@@ -348,8 +306,8 @@ class PolicyValueModel(nn.Module):
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def forward(self, input_ids, attention_mask, response_start: int, *, with_values: bool = True,
-                with_aux: bool = False):
-        """One pass for the logits and values of the response positions.
+                with_aux: bool = False, return_hidden: bool = False):
+        """One pass for the logits (or the LM head's inputs) and values of the response positions.
 
         Args:
             input_ids: (B, L) prompt (left-padded to a common length P) + response tokens.
@@ -357,16 +315,21 @@ class PolicyValueModel(nn.Module):
             response_start: P, the index of the first response token.
             with_values: also compute values (needs the value head).
             with_aux: also return the policy's router auxiliary loss (a mixture-of-experts model).
+            return_hidden: return the LM head's inputs (``HeadInputs``) instead of calling it.
         Returns:
             logits (B, L - P, V) in the model's (autocast) dtype (fp32 after a logit transform),
-            predicting ``input_ids[:, P:]``; values (B, L - P) fp32, or None; with ``with_aux``
-            a third item, the router aux loss (0-d fp32).
+            predicting ``input_ids[:, P:]``, or with ``return_hidden`` the ``HeadInputs`` (hidden
+            (B, L - P, H), weight (V, H), bias, logit_scale, softcap); values (B, L - P) fp32, or
+            None; with ``with_aux`` a third item, the router aux loss (0-d fp32).
         """
         _check_start(response_start, input_ids)
         hidden, aux = trunk_forward(lm_trunk(self.policy), input_ids, attention_mask, router_aux=with_aux)
         scored = hidden[:, response_start - 1 : -1]
-        logits = transform_logits(unwrap_peft(self.policy).get_output_embeddings()(scored), self.logit_scale,
-                                  self.softcap)
+        head = unwrap_peft(self.policy).get_output_embeddings()
+        if return_hidden:
+            logits = head_operands(scored, head, self.logit_scale, self.softcap)
+        else:
+            logits = transform_logits(head(scored), self.logit_scale, self.softcap)
         values = None
         if with_values:
             if self.value_head is None:

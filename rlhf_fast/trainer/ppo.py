@@ -13,8 +13,10 @@ Each step:
   4. KL controller: fixed, or adapted towards kl_target (Ziegler et al.).
   5. metrics and, every ``save_steps``, an atomic checkpoint.
 
-Logits are computed for response positions only and go straight into the fused ops, so no
-step materialises a log-softmax over the vocabulary.
+With ``lm_head="fused"`` (the default) the old / reference log-probs and the policy loss come
+from the response positions' hidden states (``linear_token_logprobs``, ``linear_ppo_policy_loss``),
+so no step holds a (tokens, vocab) tensor; "materialize" computes the response logits and feeds
+them to the fused logits ops.
 
 The loop, the experience, the mini/micro-batching and the optimizer step are the RL base's
 (``base.py``); this file holds what is PPO's: the advantages, the loss and the KL controller.
@@ -27,11 +29,12 @@ multiple rollouts per step.
 """
 from __future__ import annotations
 
-from rlhf_fast.ops import ppo_advantages, ppo_policy_loss, value_loss
+from rlhf_fast.ops import ppo_advantages, value_loss
 from rlhf_fast.trainer.base import RLTrainer
 from rlhf_fast.trainer.collectives import global_moments
 from rlhf_fast.trainer.config import PPOConfig
 from rlhf_fast.trainer.kl_controller import KLController
+from rlhf_fast.trainer.lm_head import head_policy_loss
 from rlhf_fast.trainer.rollout import Rollout
 
 
@@ -67,14 +70,15 @@ class PPOTrainer(RLTrainer):
 
     # ------------------------------------------------------------------ 3. loss
     def compute_loss(self, mb: Rollout):
-        """(loss, stats) of one micro-batch: the fused clipped policy loss on the response logits
-        plus ``vf_coef`` times the clipped value loss."""
+        """(loss, stats) of one micro-batch: the fused clipped policy loss (from the hidden states
+        with ``lm_head="fused"``, else on the response logits) plus ``vf_coef`` times the clipped
+        value loss."""
         cfg = self.config
-        logits, values, aux = self.policy_forward(mb)
-        pg_loss, pg = ppo_policy_loss(
-            logits, mb.responses, mb.logprobs, mb.advantages, mb.response_mask, clip_eps=cfg.clip_eps,
-            temperature=cfg.temperature, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
-            max_tokens=cfg.max_new_tokens, compute_entropy=True, inplace_backward=True)
+        out, values, aux = self.policy_forward(mb, return_hidden=cfg.lm_head == "fused")
+        pg_loss, pg = head_policy_loss(out, mb.responses, mb.logprobs, mb.advantages, mb.response_mask,
+                                       clip_eps=cfg.clip_eps, temperature=cfg.temperature,
+                                       entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+                                       max_tokens=cfg.max_new_tokens, compute_entropy=True)
         vf_loss, vf = value_loss(values, mb.values, mb.returns, mb.response_mask,
                                  clip_eps=cfg.vf_clip or None, loss_agg=cfg.loss_agg)
         loss = pg_loss + cfg.vf_coef * vf_loss
@@ -104,9 +108,11 @@ class PPOTrainer(RLTrainer):
 
 
 def explained_variance(values, returns, mask) -> float:
-    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks."""
+    """1 - Var[returns - values] / Var[returns] over the valid tokens of a rollout, on all ranks;
+    as ``value_loss`` defines it where Var[returns] = 0: 1 when the residuals' variance is 0 too
+    (the values are the returns up to a constant), else 0."""
     var_r = global_moments(returns, mask, unbiased=False)[2]
     var_e = global_moments(returns.double() - values.double(), mask, unbiased=False)[2]
     if var_r == 0:
-        return float("nan")
+        return float(var_e == 0)
     return float(1 - var_e / var_r)

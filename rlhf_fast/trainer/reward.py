@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.data import encode_preference, pad_batch
+from rlhf_fast.encoding import encode_preference, pad_batch
 from rlhf_fast.ops import reward_model_loss
+from rlhf_fast.stops import stop_token_ids
+from rlhf_fast.trainer.hf_io import distinct_pad
 from rlhf_fast.trainer.rollout import sequence_scores
 from rlhf_fast.trainer.supervised import SupervisedConfig, SupervisedTrainer
 
@@ -80,7 +82,13 @@ class RewardTrainer(SupervisedTrainer):
         model: a sequence-classification model with one label (``reward_model_from_pretrained``),
             or anything with ``score_sequences(input_ids, attention_mask)``.
         tokenizer: the tokenizer (its chat template is used when it has one).
-        train_data, eval_data: lists of ``{"prompt", "chosen", "rejected"}`` (``load_preferences``).
+        train_data, eval_data: lists of ``{"prompt", "chosen", "rejected"}`` (``load_preferences``:
+            strings, or conversational messages).
+
+    Each response ends at its stop token (``stops.py``), the token the score is read at, in
+    training and in rollouts alike. A tokenizer whose pad token is a stop token (or missing) is
+    copied with a distinct pad added (``hf_io.distinct_pad``), so the exported model scores as
+    rlhf_fast does under ``AutoModelForSequenceClassification``.
 
     Reported: ``accuracy`` (fraction of pairs with r_chosen > r_rejected), ``loss``, ``margin``
     (mean r_chosen - r_rejected), ``reward_mean``.
@@ -91,13 +99,16 @@ class RewardTrainer(SupervisedTrainer):
     lora_task_type = "SEQ_CLS"
 
     def __init__(self, config: RewardConfig, *, model, tokenizer, train_data, eval_data=None):
+        self.stop_ids = stop_token_ids(tokenizer, None, config.stop_tokens)
+        if hasattr(model, "score"):  # a HF sequence classifier: its pad must not be the token it reads
+            tokenizer = distinct_pad(model, tokenizer, self.stop_ids)
         super().__init__(config, model=model, tokenizer=tokenizer, train_data=train_data, eval_data=eval_data)
         cfg = getattr(self.model, "config", None)
         if cfg is not None and getattr(cfg, "pad_token_id", None) is None:
             cfg.pad_token_id = self.pad_id  # so the exported model also runs through HF's own forward
 
     def encode(self, example):
-        return encode_preference(self.tokenizer, example, self.config.max_length)
+        return encode_preference(self.tokenizer, example, self.config.max_length, self.stop_ids)
 
     def model_loss(self, model, items):
         batch = pad_batch([c for c, _ in items] + [r for _, r in items], self.pad_id)

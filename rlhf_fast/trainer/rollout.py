@@ -8,13 +8,14 @@ them (``base.py`` through ``collectives.py``).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from rlhf_fast.ops import token_logprobs
-from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_logits, trunk_forward
+from rlhf_fast.ops import linear_token_logprobs, token_logprobs
+from rlhf_fast.trainer.model import last_token_index, lm_trunk, response_hidden, response_logits, trunk_forward
+from rlhf_fast.trainer.reward_fns import RewardFunctionError, RewardFunctions, function_scores  # noqa: F401
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -90,9 +91,9 @@ def _sampled_logprob_recorder(temperature: float):
 
 @torch.no_grad()
 def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int, temperature: float,
-                       eos_id: int, pad_id: int, with_logprobs: bool = False):
+                       eos_id, pad_id: int, with_logprobs: bool = False):
     """(B, R <= max_new_tokens) sampled completion ids, drawn from ``softmax(logits / temperature)``
-    with the KV cache. Nothing else shapes the distribution (no top-k / top-p / repetition
+    with the KV cache; a row stops at ``eos_id`` (an id, or every stop id: ``rlhf_fast.stops``). Nothing else shapes the distribution (no top-k / top-p / repetition
     penalty, whatever the model's generation_config says), so the loss can recompute it.
     With ``with_logprobs``: (ids, sampler_logprobs (B, R) fp32), the log-probs of the sampled tokens
     under the distribution they were drawn from (the sampler's numerics, no extra forward)."""
@@ -102,7 +103,7 @@ def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int
         do_sample=True, temperature=1.0 if with_logprobs else temperature, top_k=0, top_p=1.0, min_p=None,
         typical_p=1.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, max_new_tokens=max_new_tokens, min_new_tokens=0,
-        eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True, bad_words_ids=None, suppress_tokens=None,
+        eos_token_id=eos_id if isinstance(eos_id, int) else list(eos_id), pad_token_id=pad_id, use_cache=True, bad_words_ids=None, suppress_tokens=None,
         begin_suppress_tokens=None, forced_bos_token_id=None, forced_eos_token_id=None,
     )
     saved = policy.generation_config
@@ -126,10 +127,11 @@ def sample_completions(policy, input_ids, attention_mask, *, max_new_tokens: int
     return responses, lp
 
 
-def completion_mask(responses: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, has_eos): mask (B, R) bool is True up to and including the first EOS (everything
-    when there is none); has_eos (B,) bool."""
-    is_eos = responses == eos_id
+def completion_mask(responses: torch.Tensor, eos_id) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, has_eos): mask (B, R) bool is True up to and including the first stop token
+    (``eos_id``: an id or a list of stop ids; everything when there is none); has_eos (B,) bool."""
+    stops = torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=responses.device)
+    is_eos = torch.isin(responses, stops)
     before = torch.cumsum(is_eos.long(), -1) - is_eos.long()  # EOS seen strictly before t
     return before == 0, is_eos.any(-1)
 
@@ -168,33 +170,6 @@ def reward_model_scores(reward_model, input_ids, attention_mask) -> torch.Tensor
     return sequence_scores(reward_model, input_ids, attention_mask)
 
 
-class RewardFunctionError(ValueError):
-    """``reward_fn`` raised or returned something other than B finite numbers (the message names
-    the function and, from the trainer, the step)."""
-
-
-def function_scores(reward_fn: Callable, prompts, completions, device) -> torch.Tensor:
-    """(B,) fp32 from ``reward_fn(prompts, completions)`` (a list or tensor of B finite numbers)."""
-    name = getattr(reward_fn, "__qualname__", None) or repr(reward_fn)
-    try:
-        raw = reward_fn(list(prompts), list(completions))
-    except Exception as e:  # noqa: BLE001 - the user's function: say whose error it is
-        raise RewardFunctionError(f"reward_fn {name} raised {type(e).__name__}: {e}") from e
-    if isinstance(raw, (str, bytes, dict)) or raw is None or not hasattr(raw, "__len__"):
-        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} numbers, got "
-                                  f"{type(raw).__name__}")
-    try:
-        scores = torch.as_tensor(raw if isinstance(raw, torch.Tensor) else list(raw), dtype=torch.float32)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} numbers: {e}") from None
-    if scores.shape != (len(completions),):
-        raise RewardFunctionError(f"reward_fn {name} must return {len(completions)} scores, got shape "
-                                  f"{tuple(scores.shape)}")
-    if not torch.isfinite(scores).all():
-        raise RewardFunctionError(f"reward_fn {name} returned non-finite scores: {scores.tolist()}")
-    return scores.to(device)
-
-
 # ---------------------------------------------------------------------------- the batch
 @dataclass
 class Rollout:
@@ -222,6 +197,7 @@ class Rollout:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    reward_parts: dict | None = None  # {reward function name: (B,) fp32, NaN where it returned None}
 
     def __len__(self):
         return self.input_ids.shape[0]
@@ -247,17 +223,23 @@ class Rollout:
                     v = v[:, : self.response_start + keep] if v.shape[1] == self.input_ids.shape[1] else v[:, :keep]
             elif isinstance(v, list):
                 v = [v[i] for i in idx.tolist()]
+            elif isinstance(v, dict):
+                v = {k: t[idx] for k, t in v.items()}
             out[f.name] = v
         return Rollout(**out)
 
 
 def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, temperature, device,
-                   reward_fn=None, reward_model=None, missing_eos_penalty=0.0, autocast=None,
-                   record_logprobs: bool = False) -> Rollout:
-    """Samples one completion per prompt and scores it (``reward_fn`` on text, or
-    ``reward_model`` on ids); completions that never emit EOS lose ``missing_eos_penalty``.
-    ``record_logprobs``: also keep the sampler's log-probs (``Rollout.sampler_logprobs``)."""
+                   reward_fn=None, reward_model=None, missing_eos_penalty=0.0, autocast=None, stop_ids=None,
+                   raw_prompts=None, columns=None, record_logprobs: bool = False) -> Rollout:
+    """Samples one completion per prompt, stopping at any of ``stop_ids`` (default: EOS), and
+    scores it: ``reward_fn`` (a callable or ``RewardFunctions``) on ``raw_prompts`` (default
+    ``prompts``), the completion texts and ``columns`` ({name: one value per prompt}), or
+    ``reward_model`` on ids (read at the stop token). Completions that never emit a stop
+    token lose ``missing_eos_penalty``. ``record_logprobs``: also keep the sampler's log-probs
+    (``Rollout.sampler_logprobs``)."""
     eos_id, pad_id = special_ids(tokenizer)
+    eos_id = eos_id if stop_ids is None else list(stop_ids)
     ids, mask = left_pad(prompt_ids, pad_id, device)
     ctx = autocast() if autocast is not None else torch.autocast(torch.device(device).type, enabled=False)
     was_training = policy.training
@@ -273,8 +255,13 @@ def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, te
     input_ids = torch.cat([ids, torch.where(resp_mask, responses, pad_id)], 1)
     attention_mask = torch.cat([mask, resp_mask.long()], 1)
     completions = decode_completions(tokenizer, responses, resp_mask)
+    parts = None
     if reward_fn is not None:
-        scores = function_scores(reward_fn, prompts, completions, device)
+        fns = reward_fn if isinstance(reward_fn, RewardFunctions) else RewardFunctions(reward_fn)
+        raw = list(prompts if raw_prompts is None else raw_prompts)
+        shown = [[{"role": "assistant", "content": c}] if isinstance(p, list) else c for p, c in zip(raw, completions)]
+        scores, parts = fns(raw, shown, columns, device)
+        parts = parts if fns.listed else None
     else:
         with ctx:
             scores = reward_model_scores(reward_model, input_ids, attention_mask)
@@ -283,7 +270,7 @@ def sample_rollout(policy, tokenizer, prompts, prompt_ids, *, max_new_tokens, te
     if sampler_lp is not None:
         sampler_lp = torch.where(resp_mask, sampler_lp, 0.0)
     return Rollout(list(prompts), completions, input_ids, attention_mask, ids.shape[1], resp_mask, scores, has_eos,
-                   sampler_logprobs=sampler_lp)
+                   sampler_logprobs=sampler_lp, reward_parts=parts)
 
 
 def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
@@ -307,15 +294,22 @@ def concat_rollouts(parts: Sequence[Rollout], pad_id: int) -> Rollout:
             slp.append(pad(r.sampler_logprobs, 0, R - w, 0.0))
     return Rollout([p for r in parts for p in r.prompts], [c for r in parts for c in r.completions], torch.cat(ids),
                    torch.cat(att), P, torch.cat(rmask), torch.cat([r.scores for r in parts]),
-                   torch.cat([r.has_eos for r in parts]), sampler_logprobs=torch.cat(slp) if slp else None)
+                   torch.cat([r.has_eos for r in parts]), sampler_logprobs=torch.cat(slp) if slp else None,
+                   reward_parts={k: torch.cat([r.reward_parts[k] for r in parts]) for k in parts[0].reward_parts}
+                   if parts[0].reward_parts else None)
 
 
 @torch.no_grad()
 def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch_size: int, with_values: bool = False,
-                     autocast=None):
+                     autocast=None, lm_head: str = "fused"):
     """(logprobs, values-or-None), each (B, R) fp32 and 0 outside the response mask, from
     ``model``: a PolicyValueModel (values too when asked) or a plain causal LM (the reference).
-    Runs ``micro_batch_size`` rows at a time; log-probs at ``temperature``, as sampled."""
+    Runs ``micro_batch_size`` rows at a time; log-probs at ``temperature``, as sampled.
+    ``lm_head="fused"``: from the hidden states (``linear_token_logprobs``, no (rows, R, V)
+    logits); "materialize": the LM head's logits, then ``token_logprobs``."""
+    if lm_head not in ("fused", "materialize"):
+        raise ValueError(f"lm_head must be 'fused' or 'materialize', got {lm_head!r}")
+    fused = lm_head == "fused"
     B, R = rollout.response_mask.shape
     logps = torch.zeros(B, R, dtype=torch.float32, device=rollout.input_ids.device)
     values = torch.zeros_like(logps) if with_values else None
@@ -323,10 +317,17 @@ def rollout_logprobs(model, rollout: Rollout, *, temperature: float, micro_batch
         mb = rollout.select(torch.arange(s, min(s + micro_batch_size, B), device=logps.device), trim=False)
         with autocast() if autocast is not None else torch.autocast(logps.device.type, enabled=False):
             if hasattr(model, "value_head"):
-                logits, v = model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values)
+                out, v = model(mb.input_ids, mb.attention_mask, mb.response_start, with_values=with_values,
+                               return_hidden=fused)
             else:
-                logits, v = response_logits(model, mb.input_ids, mb.attention_mask, mb.response_start), None
-            lp = token_logprobs(logits, mb.responses, temperature=temperature)
+                head_fn = response_hidden if fused else response_logits
+                out, v = head_fn(model, mb.input_ids, mb.attention_mask, mb.response_start), None
+            if not fused:
+                lp = token_logprobs(out, mb.responses, temperature=temperature)
+        if fused:
+            with torch.autocast(logps.device.type, enabled=False):
+                lp = linear_token_logprobs(out.hidden, out.weight, mb.responses, temperature=temperature,
+                                           **out.op_kwargs())
         logps[s : s + len(mb)] = torch.where(mb.response_mask, lp, 0.0)
         if with_values:
             values[s : s + len(mb)] = torch.where(mb.response_mask, v.float(), 0.0)

@@ -247,9 +247,11 @@ class Runtime:
 
     def export(self, path=None) -> Path:
         """Writes the model (``save_pretrained``; a PolicyValueModel with its value head) and the
-        tokenizer to ``path`` (default ``output_dir/final``): every rank calls it, rank 0 writes."""
+        tokenizer to ``path`` (default ``output_dir/final``), with the trainer's stop ids (``stop_ids``,
+        see ``stops.py``) in its generation_config.json: every rank calls it, rank 0 writes."""
         path = Path(path) if path is not None else self.output_dir / "final"
-        out = ckpt.export_pretrained(self.model, path, self.tokenizer)
+        stop_ids = getattr(self, "stop_ids", None)
+        out = ckpt.export_pretrained(self.model, path, self.tokenizer, stop_ids)
         lm = getattr(self.model, "policy", self.model)
         if self.config.lora_export_merged and is_peft(lm) and self.world_size > 1:
             if self.rank == 0:
@@ -259,5 +261,5 @@ class Runtime:
         elif self.config.lora_export_merged and is_peft(lm):  # ``path / "merged"``: full weights
             from rlhf_fast.trainer.lora import export_merged
 
-            export_merged(lm, path / "merged", self.tokenizer)
+            export_merged(lm, path / "merged", self.tokenizer, stop_ids)
         return out

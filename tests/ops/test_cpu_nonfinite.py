@@ -11,11 +11,12 @@ from rlhf_fast import full_kl, full_kl_ref, token_logprobs, token_logprobs_ref
 BACKENDS = ["cpu"]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAN, INF = float("nan"), float("inf")
-# row kind -> how to spoil a row of logits (V >= 700, so both the first and a later chunk of 512 are hit)
+# row kind -> how to spoil a row of logits. The kernels stream rows in chunks (1024 for the log-prob, 512 for
+# the full KL): V = 2500 resp. 1300 puts a NaN in the first and in the last chunk, the +inf in a middle one
 SPOIL = {
     "nan_early": lambda r: r.index_fill_(0, torch.tensor([3]), NAN),
     "nan_late": lambda r: r.index_fill_(0, torch.tensor([r.numel() - 2]), NAN),
-    "pos_inf": lambda r: r.index_fill_(0, torch.tensor([600]), INF),
+    "pos_inf": lambda r: r.index_fill_(0, torch.tensor([r.numel() * 3 // 5]), INF),
     "all_neg_inf": lambda r: r.fill_(-INF),
     "some_neg_inf": lambda r: r.index_fill_(0, torch.arange(0, r.numel(), 3), -INF),  # finite result
 }
@@ -43,7 +44,7 @@ def _logits(n, V, dtype, kinds, seed):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_nonfinite_rows(cpu_backend, dtype, temperature):
     kinds = list(SPOIL) + ["ok", "ok"]
-    x, t = _logits(len(kinds), 777, dtype, kinds[:len(SPOIL)], seed=len(kinds))
+    x, t = _logits(len(kinds), 2500, dtype, kinds[:len(SPOIL)], seed=len(kinds))
     xg = x.clone().requires_grad_()
     lp, ent = token_logprobs(xg, t, temperature=temperature, return_entropy=True)
     x64 = x.double().requires_grad_()
@@ -72,7 +73,7 @@ def test_logprobs_nonfinite_rows(cpu_backend, dtype, temperature):
 @pytest.mark.parametrize("kind", NONFINITE)
 @pytest.mark.parametrize("entropy_grad", [True, False])
 def test_logprobs_used_nonfinite_row_has_nan_grad(cpu_backend, kind, entropy_grad):
-    x, t = _logits(2, 700, torch.float32, [kind, "some_neg_inf"], seed=1)
+    x, t = _logits(2, 2500, torch.float32, [kind, "some_neg_inf"], seed=1)
     xg = x.clone().requires_grad_()
     lp, ent = token_logprobs(xg, t, return_entropy=True)
     (lp.sum() + (ent.sum() if entropy_grad else 0.0)).backward()
@@ -84,9 +85,9 @@ def test_logprobs_used_nonfinite_row_has_nan_grad(cpu_backend, kind, entropy_gra
 @pytest.mark.parametrize("spoil", ["policy", "reference"])
 def test_full_kl_nonfinite_rows(cpu_backend, dtype, spoil):
     kinds = list(SPOIL) + ["ok"]
-    x, _ = _logits(len(kinds), 700, dtype, kinds[:len(SPOIL)], seed=7)
+    x, _ = _logits(len(kinds), 1300, dtype, kinds[:len(SPOIL)], seed=7)
     torch.manual_seed(8)
-    y = (torch.randn(len(kinds), 700) * 3).to(dtype)
+    y = (torch.randn(len(kinds), 1300) * 3).to(dtype)
     if spoil == "reference":
         x, y = y, x
     xg = x.clone().requires_grad_()

@@ -13,6 +13,7 @@ from rlhf_fast import _backend
 gae_mod = importlib.import_module("rlhf_fast.ops.gae")
 ga_mod = importlib.import_module("rlhf_fast.ops.group_advantages")
 kl_mod = importlib.import_module("rlhf_fast.ops.kl")
+full_kl_mod = importlib.import_module("rlhf_fast.ops.full_kl")
 lp_mod = importlib.import_module("rlhf_fast.ops.logprobs")
 wh_mod = importlib.import_module("rlhf_fast.ops.whiten")
 
@@ -33,7 +34,7 @@ def test_launcher_mappings_are_what_select_backend_reads():
     cpu = torch.device("cpu")
     assert set(lp_mod.LAUNCHERS) == {"triton", "cpu", "cuda"}
     assert set(gae_mod.GAE_LAUNCHERS) == {"triton", "cpu", "cuda"}
-    assert set(gae_mod.SHAPED_LAUNCHERS) == set(kl_mod.FULL_KL_LAUNCHERS) == {"triton", "cpu"}
+    assert set(gae_mod.SHAPED_LAUNCHERS) == set(full_kl_mod.FULL_KL_LAUNCHERS) == {"triton", "cpu"}
     assert set(wh_mod.LAUNCHERS) == set(ga_mod.LAUNCHERS) == set(kl_mod.KL_PENALTY_LAUNCHERS) == {"triton", "cpu"}
     assert _backend.select_backend(cpu, lp_mod.LAUNCHERS) == "cpu"
     assert _backend.select_backend(cpu, {}) == "torch"

@@ -182,3 +182,70 @@ def test_cross_entropy_all_ignored_is_zero(backend):
         linear_cross_entropy(h, weight, targets + 40)
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(h, weight, targets, reduction="none")
+
+
+def assert_nan_masked_rows_change_nothing(loss_fn, hidden, weight, bias, valid):
+    """``loss_fn(hidden, weight, bias) -> 0-d loss`` gives the same loss and the same gradients when
+    the hidden states of rows outside ``valid`` are NaN (garbage padding): zeroed before any use."""
+    runs = []
+    for h in (hidden, torch.where(valid.unsqueeze(-1), hidden, float("nan"))):
+        x = leaves(h, weight, bias)
+        out = loss_fn(*x)
+        out.backward()
+        runs.append((out.detach(), *(t.grad for t in x if t is not None)))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# the objectives beyond the clipped token-level one (policy_objectives.py): two-pass, every option once
+EXTENDED_SETS = [
+    dict(ratio_level="sequence", clip_eps=0.1, loss_agg="seq-mean-token-mean"),
+    dict(ratio_level="sequence_token", use_ref=True, kl_coef=0.1, kl_estimator="low_var_kl", compute_entropy=True),
+    dict(loss_type="cispo", clip_eps_high=0.28, entropy_coef=0.01, bias=True),
+    dict(loss_type="sapo", sapo_tau_pos=1.2, sapo_tau_neg=0.9, per_seq_adv=True, softcap=5.0, logit_scale=0.8),
+    dict(correction="tis", correction_high=1.5, use_ref=True, kl_coef=0.2, kl_estimator="k3+", temperature=0.7),
+    dict(correction="mis", correction_level="sequence", correction_low=0.5, correction_high=3.0, dual_clip=3.0),
+    dict(correction="icepop", entropy_coef=-0.02, loss_agg="seq-mean-token-sum"),
+]
+
+
+@pytest.mark.parametrize("i", range(len(EXTENDED_SETS)))
+def test_extended_objectives_match_float64(backend, i):
+    o = EXTENDED_SETS[i]
+    *args, kw = ppo_inputs(4, 5, 13, 307, torch.float32, o, seed=200 + i)
+    kw.update({k: o[k] for k in ("ratio_level", "loss_type", "sapo_tau_pos", "sapo_tau_neg", "correction",
+                                 "correction_level", "correction_low", "correction_high") if k in o})
+    if "correction" in o:
+        g = torch.Generator().manual_seed(300 + i)
+        old = args[4] if args[4] is not None else torch.zeros(4, 5)
+        kw["sampler_logprobs"] = torch.where(args[6], old + 0.4 * torch.randn(4, 5, generator=g), float("nan"))
+    loss, stats = check_ppo(*args, kw, chunk_size=3)
+    assert torch.isfinite(loss)
+    if "correction" in o:
+        assert "is_masked_frac" in stats
+    hidden, weight, bias, targets, old, adv, mask = args
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_ppo_policy_loss(h, w, targets, old, adv, mask, bias=b, chunk_size=3, **kw)[0],
+        hidden, weight, bias, mask)
+
+
+def test_full_kl_estimator_points_to_linear_full_kl():
+    hidden, weight, bias, targets, old, adv, mask, kw = ppo_inputs(4, 3, 8, 50, torch.float32, dict(use_ref=True),
+                                                                    seed=1)
+    with pytest.raises(ValueError, match="linear_full_kl"):
+        linear_ppo_policy_loss(hidden, weight, targets, old, adv, mask, bias=bias, kl_estimator="full", kl_coef=0.1,
+                               **kw)
+
+
+@pytest.mark.parametrize("i", [0, 2, 6])
+def test_masked_rows_holding_nan_contaminate_nothing(backend, i):
+    """NaN hidden states at masked positions (e.g. fully masked padding rows) change neither the
+    loss nor any gradient: each row is zeroed before grad_weight = g.T @ hidden sees it."""
+    hidden, weight, bias, targets, old, adv, mask, kw = ppo_inputs(4, 5, 13, 307, torch.float32, OPTION_SETS[i],
+                                                                    seed=100 + i)
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_ppo_policy_loss(h, w, targets, old, adv, mask, bias=b, chunk_size=3, **kw)[0],
+        hidden, weight, bias, mask)
+    ignored = torch.where(mask, targets, -100)
+    assert_nan_masked_rows_change_nothing(
+        lambda h, w, b: linear_cross_entropy(h, w, ignored, bias=b, chunk_size=3), hidden, weight, bias, mask)

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from helpers import assert_close_to_ref
 
+import rlhf_fast
 from rlhf_fast.losses import GRPOLoss, PPOLoss
 from rlhf_fast.ops import full_kl, full_kl_ref, ppo_policy_loss, ppo_policy_loss_ref, token_logprobs, token_logprobs_ref
 from rlhf_fast.ops._common import as_rows
@@ -233,16 +234,32 @@ def test_bad_transform_arguments(kwargs, name):
         token_logprobs(logits, targets, **{name: "2"})
 
 
-def test_cuda_backend_refuses_softcap():
-    """csrc/cuda has no softcap: its launchers raise before touching the GPU (logit_scale alone is
-    folded into the temperature, which the CUDA kernels take)."""
+def test_cuda_launchers_pass_the_transform(monkeypatch):
+    """csrc/cuda applies the softcap itself: its launchers hand (mul, cap_pre) to the library
+    (checked here by recording the call; test_gpu_cuda_backend_transforms runs the kernels)."""
+    import ctypes
+
+    calls = []
+    monkeypatch.setattr(rlhf_fast._backend, "cuda_call", lambda name, device, *args: calls.append((name, args)))
     rows = as_rows(torch.randn(2, 8))
     out = torch.empty(2)
     fwd, bwd = LAUNCHERS["cuda"]
-    with pytest.raises(NotImplementedError, match="softcap.*backend='cuda'"):
-        fwd(rows, torch.zeros(2, dtype=torch.long), out, out, None, 1.0, 0.5)
-    with pytest.raises(NotImplementedError, match="softcap"):
-        bwd(rows, rows, torch.zeros(2, dtype=torch.long), out, None, out, None, 1.0, 0.5)
+    fwd(rows, torch.zeros(2, dtype=torch.long), out, out, None, 1.5, 0.5)
+    bwd(rows, rows, torch.zeros(2, dtype=torch.long), out, None, out, None, 1.5, 0.5)
+    assert [name for name, _ in calls] == ["rlhf_logprobs_fwd", "rlhf_logprobs_bwd"]
+    for _, args in calls:
+        assert [a.value for a in args if isinstance(a, ctypes.c_float)] == [1.5, 0.5]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CASES))
+def test_gpu_cuda_backend_transforms(monkeypatch, case):
+    if rlhf_fast._backend.cuda_library() is None:
+        pytest.skip("CUDA kernels not built (RLHF_FAST_BUILD_CUDA=1)")
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cuda")
+    torch.manual_seed(_seed(("cuda", case)))
+    logits = _logits((3, 5), 1031, torch.float32, magnitude=6.0).cuda()
+    _check_logprobs(logits, torch.randint(0, 1031, (3, 5), device="cuda"), *CASES[case])
 
 
 # ---------------------------------------------------------------------------- the tanh itself

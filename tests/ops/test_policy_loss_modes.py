@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close_to_ref
 
 from rlhf_fast import ppo_policy_loss, ppo_policy_loss_ref
-from rlhf_fast.ops.kl import full_kl_ref
+from rlhf_fast.ops.full_kl import full_kl_ref
 
 LOSS_ATOL, GRAD_ATOL, STAT_ATOL = 4e-6, 2e-6, 2e-5
 

@@ -88,10 +88,11 @@ def fixed_batch(n_prompts: int, group_size: int = 1, P: int = 5, R: int = 6, V: 
     return Rollout([""] * B, [""] * B, ids, attn, P, rmask, torch.randn(B, generator=g), has_eos)
 
 
-def run_case(name, out):
-    """One update of case ``name`` on this rank's share of the fixed global batch. Returns, on
-    rank 0: the gathered parameters, the update's stats, the step metrics, the global advantages."""
-    algo, kw = CASES[name]
+def run_case(name, out, cases=CASES):
+    """One update of case ``name`` (of ``cases``) on this rank's share of the fixed global batch.
+    Returns, on rank 0: the gathered parameters, the update's stats, the step metrics, the global
+    advantages."""
+    algo, kw = cases[name]
     tr = trainer(algo, out, **kw)
     cfg = tr.config
     batch = fixed_batch(cfg.rollout_batch_size, getattr(cfg, "group_size", 1))

@@ -19,14 +19,13 @@ LORA_CASES = {
     "ppo_lora_fsdp": ("ppo", dict(loss_agg="token-mean", distributed_strategy="fsdp", **LORA)),
     "ppo_lora_ddp": ("ppo", dict(loss_agg="token-mean", distributed_strategy="ddp", **LORA)),
 }
-W.CASES.update(LORA_CASES)
 
 
 def main(out):
     with distributed.distributed_run("cpu"):
         results = {}
         for name in LORA_CASES:
-            tr, results[name] = W.run_case(name, os.path.join(out, name))
+            tr, results[name] = W.run_case(name, os.path.join(out, name), LORA_CASES)
             assert tr.ref_model is None  # the reference is the base with adapters off
         tr.export(os.path.join(out, "export"))
         if distributed.rank() == 0:

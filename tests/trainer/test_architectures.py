@@ -10,12 +10,12 @@ import transformers as T
 from arch_specs import SPECS, arch_config, arch_lm
 from rl_utils import PROMPTS, char_tokenizer, target_fraction
 
-from rlhf_fast.ops import token_logprobs
+from rlhf_fast.ops import linear_token_logprobs, token_logprobs
 from rlhf_fast.trainer.grpo import GRPOConfig, GRPOTrainer
+from rlhf_fast.trainer.lm_head import logit_transform
 from rlhf_fast.trainer.model import (
     PolicyValueModel,
     head_width,
-    logit_transform,
     moe_router,
     position_ids_from_mask,
     resolve_attn_implementation,
@@ -51,8 +51,10 @@ def hf_logprobs(lm, ids, mask, P, *, unpadded=False):
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fused_logprobs_match_hf_logits(name):
-    """Our log-probs (trunk -> LM head -> the config's logit transform -> fused op) == HF's own
-    logits' log-softmax; error <= 2x the fp32 HF error (vs the float64 model) + 1e-5."""
+    """Our log-probs == HF's own logits' log-softmax, both ways the trainer computes them: trunk ->
+    LM head -> the config's logit transform -> fused op (lm_head="materialize"), and trunk ->
+    linear_token_logprobs with the transform passed as logit_scale / softcap (lm_head="fused",
+    the default); error <= 2x the fp32 HF error (vs the float64 model) + 1e-5."""
     lm = arch_lm(name, scale=8.0)  # logits of ~10: Gemma2's softcap (3) and the scalings matter
     attn = resolve_attn_implementation("auto", "cpu", lm.config)
     lm.set_attn_implementation(attn)
@@ -61,6 +63,8 @@ def test_fused_logprobs_match_hf_logits(name):
     with torch.no_grad():
         logits, _ = PolicyValueModel(lm, value_head=False)(ids, mask, P, with_values=False)
         ours = token_logprobs(logits, ids[:, P:]).double()
+        h = PolicyValueModel(lm, value_head=False)(ids, mask, P, with_values=False, return_hidden=True)[0]
+        fused = linear_token_logprobs(h.hidden, h.weight, ids[:, P:], **h.op_kwargs()).double()
         ref32 = hf_logprobs(lm, ids, mask, P)
         lm64 = copy.deepcopy(lm).double()
         if moe_router(lm.config) is not None:
@@ -69,6 +73,8 @@ def test_fused_logprobs_match_hf_logits(name):
     valid = mask[:, P:].bool()
     err, err_torch = (ours - ref64)[valid].abs().max(), (ref32 - ref64)[valid].abs().max()
     assert err <= 2 * err_torch + 1e-5, (name, float(err), float(err_torch))
+    err_fused = (fused - ref64)[valid].abs().max()
+    assert err_fused <= 2 * err_torch + 1e-5, (name, float(err_fused), float(err_torch))
 
 
 def test_logit_transform_table():

@@ -2,6 +2,9 @@
 reward and held-out prompts), best-of-n (with its SFT round) and label-pairs."""
 import json
 
+import pytest
+import torch
+
 from rlhf_fast.cli import main
 from rlhf_fast.data import load_preferences, write_jsonl
 from rlhf_fast.demo_task import SortTask
@@ -77,3 +80,27 @@ def test_family_example_configs_are_valid():
     for command, name in (("dpo", "dpo"), ("rloo", "rloo"), ("best-of-n", "best_of_n")):
         cfg, run = resolve_settings(command, root / f"{name}.yaml")
         assert run["model"] and (run.get("train_file") or run.get("prompts_file")), command
+
+
+def test_dpo_loads_policy_and_reference_with_the_load_settings(capsys, tmp_path, monkeypatch):
+    """``model_dtype`` (``models.load_kwargs``) reaches DPO's policy and reference as it reaches the
+    SFT and RM models: the three supervised commands load through one path."""
+    import rlhf_fast.models as models
+
+    write_jsonl(tmp_path / "prefs.jsonl", SortTask().preference_data(4, 2))
+    real, seen = models.load_causal_lm, []
+
+    class Loaded(Exception):
+        pass
+
+    def recording(path, tok, *, key="model", seed=0, **kw):
+        seen.append((key, kw))
+        if key == "ref_model":
+            raise Loaded
+        return real(path, tok, key=key, seed=seed, **kw)
+
+    monkeypatch.setattr(models, "load_causal_lm", recording)
+    with pytest.raises(Loaded):
+        main(["dpo", "--model", "tiny", *map(str, sets(train_file=tmp_path / "prefs.jsonl", ref_model="tiny",
+                                                        model_dtype="fp32", output_dir=tmp_path / "dpo"))])
+    assert seen == [("model", {"dtype": torch.float32}), ("ref_model", {"dtype": torch.float32})]

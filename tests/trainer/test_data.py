@@ -4,18 +4,8 @@ import json
 
 import pytest
 
-from rlhf_fast.data import (
-    DataError,
-    Encoded,
-    encode_example,
-    encode_pair,
-    format_prompt,
-    load_preferences,
-    load_prompts,
-    load_sft,
-    pad_batch,
-    write_jsonl,
-)
+from rlhf_fast.data import DataError, load_preferences, load_prompts, load_sft, write_jsonl
+from rlhf_fast.encoding import Encoded, encode_example, encode_pair, format_prompt, pad_batch
 from rlhf_fast.tokenizer import VOCAB_SIZE, byte_tokenizer
 
 
@@ -124,7 +114,7 @@ def test_pad_batch_masks():
 def test_policy_prompt_encodes_like_sft():
     """The RL trainers encode prompts with tokenizer(text); that must give the SFT prompt ids,
     also for a template that writes the BOS itself (no second BOS)."""
-    from rlhf_fast.data import encode_prompt, policy_prompt
+    from rlhf_fast.encoding import encode_prompt, policy_prompt
 
     plain = byte_tokenizer()
     assert plain(policy_prompt(plain, "ab"))["input_ids"] == encode_prompt(plain, "ab")

@@ -15,6 +15,7 @@ from pathlib import Path
 import dist_worker as W
 import pytest
 import torch
+from launch import assert_same_figures, assert_same_params, run_job
 from launch import torchrun as _torchrun
 from rl_utils import seeded_model
 from transformers import AutoModelForCausalLM
@@ -22,14 +23,17 @@ from transformers import AutoModelForCausalLM
 from rlhf_fast import GRPOConfig, PPOConfig, masked_whiten, masked_whiten_ref
 from rlhf_fast.trainer import checkpoint as ckpt
 from rlhf_fast.trainer import distributed, hf_io
-from rlhf_fast.trainer.base import mini_batch_indices
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.metrics import read_jsonl
+from rlhf_fast.trainer.minibatch import mini_batch_indices
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def torchrun(*args, timeout: float, target=("tests/trainer/dist_worker.py",)):
+WORKER = ("tests/trainer/dist_worker.py",)
+
+
+def torchrun(*args, timeout: float, target=WORKER):
     return _torchrun(*args, timeout=timeout, target=target)
 
 
@@ -47,8 +51,7 @@ def job(tmp_path_factory):
         W.trainer("ppo", out / "one", total_steps=1, save_steps=1, **RESUME_KW).train()
     finally:
         torch.set_num_threads(before)
-    code, log, _ = torchrun("main", out / "dist", out / "one" / "checkpoints" / "step-000001", timeout=300)
-    assert code == 0, log[-8000:]
+    run_job("main", out / "dist", out / "one" / "checkpoints" / "step-000001", timeout=300, target=WORKER)
     return out, torch.load(out / "dist" / "equivalence.pt", weights_only=False)
 
 
@@ -58,16 +61,12 @@ def test_one_update_on_two_ranks_equals_one_process(job, tmp_path, case):
     got = results[case]
     _, want = W.run_case(case, tmp_path)
     torch.testing.assert_close(torch.cat(got["advantages"]), torch.cat(want["advantages"]), rtol=1e-5, atol=1e-6)
-    assert got["params"].keys() == want["params"].keys()
+    assert_same_params(got["params"], want["params"])
     algo, kw = W.CASES[case]
     init = seeded_model(value_head=algo == "ppo", separate_critic=kw.get("separate_critic", False)).state_dict()
-    for name, p in want["params"].items():
-        torch.testing.assert_close(got["params"][name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert sum(not torch.equal(p, init[k]) for k, p in want["params"].items()) > 10  # the update moved the model
     for kind in ("stats", "metrics"):
-        assert got[kind].keys() == want[kind].keys(), kind
-        for k, v in want[kind].items():
-            assert got[kind][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (kind, k)
+        assert_same_figures(got[kind], want[kind], kind)
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
@@ -77,9 +76,7 @@ def test_sft_style_loss_through_call_through(job, tmp_path, strategy):
     out, results = job
     want = W.sft_step(strategy, tmp_path)
     got = results[f"sft_{strategy}"]
-    assert got.keys() == want.keys()
-    for name, p in want.items():
-        torch.testing.assert_close(got[name], p, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert_same_params(got, want)
     exported = AutoModelForCausalLM.from_pretrained(out / "dist" / f"sft_{strategy}").state_dict()
     assert all(torch.equal(exported[k], got[k]) for k in exported)
 

@@ -21,44 +21,15 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "1")  # as tests/conftest.py, before rlhf_fast is imported
 
 import torch  # noqa: E402
-from launch import torchrun as _torchrun  # noqa: E402
+from dist_data import KW, QUIET, TOK, pref_data, sft_data, tiny_config  # noqa: E402
+from launch import assert_same_supervised_run, save_results, torchrun, worker_job  # noqa: E402
 
-from rlhf_fast.tokenizer import byte_tokenizer  # noqa: E402
 from rlhf_fast.trainer import distributed  # noqa: E402
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer  # noqa: E402
 from rlhf_fast.trainer.sft import SFTConfig, SFTTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TOK = byte_tokenizer()
-QUIET = dict(progress_bar=False, tensorboard=False, plot=False, device="cpu")
-# 7 training examples in batches of 6: step 1 is the epoch's last example alone
-KW = dict(batch_size=6, micro_batch_size=2, eval_batch_size=2, max_steps=3, learning_rate=1e-2, adam_eps=1e-4,
-          lr_scheduler="constant", seed=0)
 CASES = {"sft_fsdp": ("sft", "fsdp"), "sft_ddp": ("sft", "ddp"), "rm_fsdp": ("rm", "fsdp"), "rm_ddp": ("rm", "ddp")}
-
-
-def tiny_config(**kw):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=len(TOK), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
-                       bos_token_id=1, eos_token_id=2, attn_implementation="sdpa", **kw)
-
-
-def sft_data(n, seed):
-    import random
-
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("abcde") for _ in range(rng.randint(1, 6))) for _ in range(n)]
-    return [{"prompt": w + "=", "response": w[::-1]} for w in words]
-
-
-def pref_data(n, seed):
-    import random
-
-    rng = random.Random(seed)
-    words = ["".join(rng.choice("xyz") for _ in range(rng.randint(1, 5))) for _ in range(n)]
-    return [{"prompt": w, "chosen": w + "good", "rejected": w + "bad"[: rng.randint(1, 3)]} for w in words]
 
 
 def make_trainer(kind, strategy, out, **kw):
@@ -95,12 +66,7 @@ def worker(out):
         # a whole run: metrics by rank 0 alone, checkpoint and export from every rank
         tr = make_trainer("rm", "fsdp", os.path.join(out, "run"), max_steps=2)
         results["run"] = tr.train()
-        if distributed.rank() == 0:
-            torch.save(results, os.path.join(out, "results.pt"))
-
-
-def torchrun(*args, timeout: float, target=(__file__,)):
-    return _torchrun(*args, timeout=timeout, target=target)
+        save_results(results, out)
 
 
 if __name__ == "__main__":
@@ -116,10 +82,7 @@ from rlhf_fast.trainer.metrics import read_jsonl  # noqa: E402
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist_sft_rm")
-    code, log, _ = torchrun("worker", out, timeout=240)
-    assert code == 0, log[-8000:]
-    return out, torch.load(out / "results.pt", weights_only=False)
+    return worker_job(tmp_path_factory, "dist_sft_rm", timeout=240, target=(__file__,))
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -127,19 +90,7 @@ def test_two_updates_on_two_ranks_equal_one_process(job, tmp_path, case):
     _, results = job
     got = results[case]
     _, want = run_case(case, tmp_path)
-    assert got["params"].keys() == want["params"].keys()
-    for k in want["params"]:
-        torch.testing.assert_close(got["params"][k], want["params"][k], rtol=1e-5, atol=1e-6, msg=k)
-    for g, w in zip(got["metrics"], want["metrics"]):
-        assert g.keys() == w.keys()
-        for k in w:
-            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=1e-6), k
-    assert got["eval"].keys() == want["eval"].keys() and got["eval"]
-    for k in want["eval"]:
-        assert got["eval"][k] == pytest.approx(want["eval"][k], rel=1e-5, abs=1e-6), k
-    # the parameters moved (the comparison is not between two untouched models)
-    start = make_trainer(*CASES[case], tmp_path / "start").model.state_dict()
-    assert any(not torch.equal(start[k], want["params"][k]) for k in want["params"])
+    assert_same_supervised_run(got, want, make_trainer(*CASES[case], tmp_path / "start").model.state_dict())
 
 
 def test_two_rank_sft_checkpoint_resumes_on_one_process(job, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rlhf_fast.data import Encoded, pad_batch
+from rlhf_fast.encoding import Encoded, pad_batch
 from rlhf_fast.tokenizer import byte_tokenizer
 from rlhf_fast.trainer.config import ConfigError
 from rlhf_fast.trainer.reward import RewardConfig, RewardTrainer, reward_model_from_pretrained, sequence_scores

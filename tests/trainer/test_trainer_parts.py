@@ -165,3 +165,37 @@ def test_micro_batch_scales_reproduce_the_mini_batch_loss(loss_agg):
     full = ppo_policy_loss_ref(logits[mini], ids[mini, P:], batch.logprobs[mini], batch.advantages[mini],
                                mask[mini], **kw)[0]
     torch.testing.assert_close(total, full, rtol=1e-6, atol=1e-9)  # scales are fp32
+
+
+# ---------------------------------------------------------------------------- logged statistics
+def test_reward_mean_does_not_overflow_near_the_fp32_limit(tmp_path):
+    """Scores near -3e38 (finite fp32) have a finite mean: the metric sums in float64."""
+    from rl_utils import PROMPTS, target_fraction
+
+    from rlhf_fast import GRPOTrainer
+
+    tr = GRPOTrainer(GRPOConfig(output_dir=str(tmp_path), rollout_batch_size=2, group_size=2, mini_batch_size=4,
+                                micro_batch_size=4,
+                                max_new_tokens=4, progress_bar=False, tensorboard=False, plot=False, device="cpu"),
+                     model=seeded_model(value_head=False), tokenizer=char_tokenizer(), reward_fn=target_fraction,
+                     prompts=PROMPTS)
+    batch = tr.sample(0, repeat=2)
+    batch.scores = torch.tensor([-3e38, -3e38, -2e38, -3e38])
+    out = tr.rollout_metrics(batch, 0.0, 0.0)
+    assert out["reward/mean"] == pytest.approx(-2.75e38, rel=1e-7)
+    assert math.isfinite(out["reward/std"])
+
+
+@pytest.mark.parametrize("values_shift, want", [(0.0, 1.0), (2.5, 1.0), (None, 0.0)])
+def test_explained_variance_of_constant_returns_follows_value_loss(values_shift, want):
+    """Var[returns] = 0: 1 when the values track the returns up to a constant, else 0 (value_loss's
+    definition), never NaN; the logged metric and the op's stat agree."""
+    from rlhf_fast.ops import value_loss
+    from rlhf_fast.trainer.ppo import explained_variance
+
+    returns = torch.full((3, 4), 0.7)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    values = returns + values_shift if values_shift is not None else torch.randn(3, 4)
+    assert explained_variance(values, returns, mask) == want
+    _, stats = value_loss(values, values.clone(), returns, mask)
+    assert float(stats["explained_variance"]) == want
