@@ -18,6 +18,7 @@ namespace rlhf_fast {
 namespace {
 
 constexpr int64_t MR = 8, NR = 32, KC = 256, MC = 256, NC = 4096;
+static_assert(MC % MR == 0 && NC % NR == 0, "the pack buffers hold MC x KC and KC x NC floats");
 
 #define RLHF_FAST_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 
