@@ -119,8 +119,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kExpLo = -87.3365447f;  // ln 2^-126
 constexpr float kExpHi = 88.3762626f;   // 127.5 ln 2: the largest x with n <= 127
 
-inline float fast_exp(float x) {
-  const float xc = x > kExpHi ? kExpHi : x;  // lets NaN through (the comparison is false)
+// The polynomial of fast_exp for xc <= kExpHi (or NaN), with no select at the low end.
+inline float exp_poly(float xc) {
   const float t = xc * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127: round(x / ln 2) + 127
   const float n = t - 12583039.0f;
   float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 1.7e-12)
@@ -132,28 +132,19 @@ inline float fast_exp(float x) {
   p = p * r + 4.99999672e-1f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const float y = p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);  // p * 2^n
-  return x < kExpLo ? 0.0f : y;
+  return p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);  // p * 2^n
+}
+
+inline float fast_exp(float x) {
+  const float xc = x > kExpHi ? kExpHi : x;  // lets NaN through (the comparison is false)
+  return x < kExpLo ? 0.0f : exp_poly(xc);
 }
 
 // exp(x) of the log-prob kernel's sums, for x = z - max already clamped to [kExpLo, 0] (or NaN): fast_exp
 // without its two selects. Below kExpLo each term is exp(kExpLo) = 2^-126 instead of 0 (the caller
 // clamps x, so -inf logits give finite terms and the entropy's e * x has no 0 * inf): a row's sum is at
 // least 1 (its max term), so V such terms are far below one ulp of it.
-inline float exp_clamped(float xc) {
-  const float t = xc * 1.44269504088896341f + 12583039.0f;
-  const float n = t - 12583039.0f;
-  float r = xc - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.36874686e-3f;
-  p = p * r + 8.37741792e-3f;
-  p = p * r + 4.16722894e-2f;
-  p = p * r + 1.66664183e-1f;
-  p = p * r + 4.99999672e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  return p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);
-}
+inline float exp_clamped(float xc) { return exp_poly(xc); }
 
 // tanh(u) in float, branch-free (selects only) so loops using it vectorize: the odd Taylor
 // polynomial to u^15 for |u| < 0.4 (truncation < 1e-9 relative), else (1 - e) / (1 + e) with

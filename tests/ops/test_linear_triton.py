@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ROOT, assert_close_to_ref
+from test_linear_logprobs import make_inputs as linear_inputs
 
 from rlhf_fast.ops.linear_logprobs import linear_token_logprobs, linear_token_logprobs_ref
 from rlhf_fast.ops.linear_policy_loss import (
@@ -27,12 +28,9 @@ ATOL = {torch.float32: 3e-5, torch.bfloat16: 3e-5, torch.float16: 3e-5}
 
 
 def make_inputs(lead, H, V, dtype, *, bias=False, scale=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    hidden = (torch.randn(*lead, H, generator=g) * scale).to(dtype)
-    weight = (torch.randn(V, H, generator=g) / H ** 0.5 * 3).to(dtype)
-    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
-    targets = torch.randint(0, V, lead, generator=g)
-    return [None if x is None else x.to(DEV) for x in (hidden, weight, b, targets)]
+    """test_linear_logprobs' inputs, on DEV."""
+    return [None if x is None else x.to(DEV)
+            for x in linear_inputs(lead, H, V, dtype, bias=bias, scale=scale, seed=seed)]
 
 
 def leaves(*xs, dtype=None):
