@@ -108,7 +108,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // exp(x) in float for x <= kExpHi, branch-free so loops using it vectorize (no libm call). The
 // softmax kernels call it on z - max <= 0, so it has no overflow path: one clamp keeps 2^n finite
-// (callers with larger x use exp_any, kl_estimators.h). x = n ln 2 + r (Cody-Waite, |r| <= ln 2 / 2),
+// (callers with larger x use exp_wide, below). x = n ln 2 + r (Cody-Waite, |r| <= ln 2 / 2),
 // n rounded by the 1.5 * 2^23 trick with the exponent bias folded in, so 2^n is t's low bits
 // shifted into the exponent field; e^r is a degree-6 minimax polynomial (relative error 9e-8
 // before rounding). Below kExpLo (n < -126: 2^n would wrap) the last select gives 0, so exp(-inf)
@@ -119,9 +119,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kExpLo = -87.3365447f;  // ln 2^-126
 constexpr float kExpHi = 88.3762626f;   // 127.5 ln 2: the largest x with n <= 127
 
-// The polynomial of fast_exp for xc <= kExpHi (or NaN), with no select at the low end.
-inline float exp_poly(float xc) {
-  const float t = xc * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127: round(x / ln 2) + 127
+// e^r of x = n ln 2 + r; returns p = e^r and sets t, whose low bits hold n + 127 (2^n = t << 23).
+inline float exp_reduce(float xc, float& t) {
+  t = xc * 1.44269504088896341f + 12583039.0f;  // 1.5 * 2^23 + 127: round(x / ln 2) + 127
   const float n = t - 12583039.0f;
   float r = xc - n * 0.693359375f;  // ln 2 = 0.693359375 - 2.12194440e-4 (+ 1.7e-12)
   r = r - n * -2.12194440e-4f;
@@ -131,8 +131,28 @@ inline float exp_poly(float xc) {
   p = p * r + 1.66664183e-1f;
   p = p * r + 4.99999672e-1f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+// The polynomial of fast_exp for xc <= kExpHi (or NaN), with no select at the low end.
+inline float exp_poly(float xc) {
+  float t;
+  const float p = exp_reduce(xc, t);
   return p * __builtin_bit_cast(float, __builtin_bit_cast(uint32_t, t) << 23);  // p * 2^n
+}
+
+// exp(x) for any x in one polynomial: above kExpHi (n = 128) 2^n is formed as 2 * 2^(n - 1) (exact), so
+// it fits the exponent field up to ln FLT_MAX; +inf beyond, 0 below kExpLo, fast_exp's accuracy throughout.
+constexpr float kLnFltMax = 88.7228394f;
+inline float exp_wide(float x) {
+  const float xc = x > kLnFltMax ? kLnFltMax : x;  // lets NaN through
+  float t;
+  const float p = exp_reduce(xc, t);
+  const bool big = x > kExpHi;
+  const uint32_t bits = (__builtin_bit_cast(uint32_t, t) << 23) - (big ? (1u << 23) : 0u);
+  const float e = (p * __builtin_bit_cast(float, bits)) * (big ? 2.0f : 1.0f);
+  const float lo = x < kExpLo ? 0.0f : e;
+  return x > kLnFltMax ? std::numeric_limits<float>::infinity() : lo;
 }
 
 inline float fast_exp(float x) {

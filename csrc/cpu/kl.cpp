@@ -162,8 +162,9 @@ RLHF_FAST_HOT_FN void zero_row(X* gx, int64_t V) {
   for (int64_t j = 0; j < V; ++j) store_f32(gx, j, 0.0f);
 }
 
-// grad_x[j] = g * inv_temp * p_j (log p_j - log q_j - kl),  log p_j = (z_j - m) - log s
-template <typename X, typename Y>
+// grad_x[j] = g * inv_temp * p_j (log p_j - log q_j - kl),  log p_j = (z_j - m) - log s; kAcc: added to
+// grad_x's values (the fused policy loss's "full" KL adds its gradient to the log-prob term's)
+template <bool kAcc, typename X, typename Y>
 RLHF_FAST_HOT_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float kl,
                                       const float* st, float g) {
   const float scale = g * inv_temp, m = st[0], log_s = st[1], mq = st[2], log_sq = st[3];
@@ -172,12 +173,13 @@ RLHF_FAST_HOT_FN void full_kl_bwd_row(const X* x, const Y* y, X* gx, int64_t V, 
     const float z = load_f32(x, j) * inv_temp, q = load_f32(y, j) * inv_temp;
     const float logp = (z - m) - log_s;
     const float p = fast_exp(logp);
-    store_f32(gx, j, p > 0.0f ? scale * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f);
+    const float v = p > 0.0f ? scale * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f;
+    store_f32(gx, j, kAcc ? load_f32(gx, j) + v : v);
   }
 }
 
 // With the softcap: the same times dz/dx / inv_temp = cap_pre * (1 - tanh(x_j * cap_pre)^2)
-template <typename X, typename Y>
+template <bool kAcc, typename X, typename Y>
 RLHF_FAST_HOT_FN void full_kl_cap_bwd_row(const X* x, const Y* y, X* gx, int64_t V, float inv_temp, float cap_pre,
                                           float kl, const float* st, float g) {
   const float scale = g * inv_temp * cap_pre, m = st[0], log_s = st[1], mq = st[2], log_sq = st[3];
@@ -187,7 +189,8 @@ RLHF_FAST_HOT_FN void full_kl_cap_bwd_row(const X* x, const Y* y, X* gx, int64_t
     const float z = th * inv_temp, q = logit_z<true>(load_f32(y, j), inv_temp, cap_pre);
     const float logp = (z - m) - log_s;
     const float p = fast_exp(logp);
-    store_f32(gx, j, p > 0.0f ? (scale * (1.0f - th * th)) * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f);
+    const float v = p > 0.0f ? (scale * (1.0f - th * th)) * p * (logp - ((q - mq) - log_sq) - kl) : 0.0f;
+    store_f32(gx, j, kAcc ? load_f32(gx, j) + v : v);
   }
 }
 
@@ -220,11 +223,28 @@ void full_kl_fwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
   });
 }
 
+template <bool kAcc, typename X, typename Y>
+void full_kl_bwd_rows(const X* x, RowLayout xl, const Y* y, RowLayout yl, X* gx, RowLayout gl, int64_t n_rows,
+                      int64_t V, float inv_temp, float cap_pre, const float* kl, const float* stats, const float* g,
+                      int nthreads) {
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
+  for (int64_t r = 0; r < n_rows; ++r) {
+    if (g[r] != 0.0f && cap_pre != 0.0f)
+      full_kl_cap_bwd_row<kAcc>(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, cap_pre, kl[r],
+                                stats + 4 * r, g[r]);
+    else if (g[r] != 0.0f)
+      full_kl_bwd_row<kAcc>(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r],
+                            stats + 4 * r, g[r]);
+    else if (!kAcc)  // a masked row: exactly 0 (or left as it is), even where the row is non-finite
+      zero_row(gx + gl.offset(r), V);
+  }
+}
+
 void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, int64_t x_si,
                  uintptr_t y_ptr, int y_dtype, int64_t y_inner, int64_t y_so, int64_t y_si,
                  uintptr_t gx_ptr, int64_t g_inner, int64_t g_so, int64_t g_si,
                  int64_t n_rows, int64_t V, float inv_temp, float cap_pre, uintptr_t kl_ptr, uintptr_t stats_ptr,
-                 uintptr_t g_ptr, int nthreads) {
+                 uintptr_t g_ptr, bool accumulate, int nthreads) {
   const RowLayout xl{x_inner, x_so, x_si}, yl{y_inner, y_so, y_si}, gl{g_inner, g_so, g_si};
   const float* kl = reinterpret_cast<const float*>(kl_ptr);
   const float* stats = reinterpret_cast<const float*>(stats_ptr);
@@ -236,17 +256,10 @@ void full_kl_bwd(uintptr_t x_ptr, int x_dtype, int64_t x_inner, int64_t x_so, in
       const X* x = reinterpret_cast<const X*>(x_ptr);
       const Y* y = reinterpret_cast<const Y*>(y_ptr);
       X* gx = reinterpret_cast<X*>(gx_ptr);
-#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads)) if (n_rows * V >= kElemChunk)
-      for (int64_t r = 0; r < n_rows; ++r) {
-        if (g[r] != 0.0f && cap_pre != 0.0f)
-          full_kl_cap_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, cap_pre, kl[r],
-                              stats + 4 * r, g[r]);
-        else if (g[r] != 0.0f)
-          full_kl_bwd_row(x + xl.offset(r), y + yl.offset(r), gx + gl.offset(r), V, inv_temp, kl[r],
-                          stats + 4 * r, g[r]);
-        else  // a masked row: exactly 0, even where the row is non-finite
-          zero_row(gx + gl.offset(r), V);
-      }
+      if (accumulate)
+        full_kl_bwd_rows<true>(x, xl, y, yl, gx, gl, n_rows, V, inv_temp, cap_pre, kl, stats, g, nthreads);
+      else
+        full_kl_bwd_rows<false>(x, xl, y, yl, gx, gl, n_rows, V, inv_temp, cap_pre, kl, stats, g, nthreads);
     });
   });
 }
@@ -259,7 +272,7 @@ void register_kl(py::module_& m) {
   m.def("full_kl_fwd", &full_kl_fwd, py::call_guard<py::gil_scoped_release>(),
         "exact per-row KL(softmax(x/T) || softmax(y/T)), with (m, log s, m', log s') for backward");
   m.def("full_kl_bwd", &full_kl_bwd, py::call_guard<py::gil_scoped_release>(),
-        "grad of full_kl w.r.t. x, written to grad rows");
+        "grad of full_kl w.r.t. x, written to (accumulate: added to) grad rows");
 }
 RLHF_FAST_REGISTER(register_kl);
 

@@ -10,14 +10,6 @@
 
 namespace rlhf_fast {
 
-// exp(x) for any x, branch-free (vectorizes): fast_exp (common.h) is meant for x <= 0 and saturates
-// to inf above 88.38, so large x go through exp(x / 2)^2 (inf beyond float's range, 88.72).
-inline float exp_any(float x) {
-  const float half = 0.5f * x < 88.0f ? 0.5f * x : 88.0f;  // a select, not fminf (a libm call)
-  const float h = fast_exp(half);
-  return x > 88.0f ? h * h : fast_exp(x);
-}
-
 // k3 = expm1(-d) + d without a libm call, so loops over it vectorize: a Taylor series for |d| < 1/2
 // (terms to d^10: relative error < 1e-9), exp(-d) + d - 1 beyond (absolute error ~1 ulp of exp(-d)).
 inline float kl_k3(float d) {
@@ -31,7 +23,7 @@ inline float kl_k3(float d) {
   p = p * d - 1.0f / 6.0f;
   p = p * d + 0.5f;
   const float small = p * d * d;
-  const float big = (exp_any(-d) - 1.0f) + d;
+  const float big = (exp_wide(-d) - 1.0f) + d;
   return std::fabs(d) < 0.5f ? small : big;
 }
 
@@ -49,7 +41,7 @@ inline float kl_est_grad(float d, int est) {  // d(kl_est_value)/dd
     case 0: return 1.0f;
     case 1: return d > 0.0f ? 1.0f : (d < 0.0f ? -1.0f : 0.0f);
     case 2: return d;
-    default: return 1.0f - exp_any(-d);  // -expm1(-d), as torch's autograd of the reference computes it
+    default: return 1.0f - exp_wide(-d);  // -expm1(-d), as torch's autograd of the reference computes it
   }
 }
 

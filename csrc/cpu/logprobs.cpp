@@ -172,13 +172,13 @@ void softcap_tanh(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = fast_tanh(in[i]);
 }
 
-// The kernels' exp on n fp32 values: fast_exp (any = false, for x <= kExpHi) or exp_any, in the clone
+// The kernels' exp on n fp32 values: fast_exp (any = false, for x <= kExpHi) or exp_wide, in the clone
 // the kernels run (FMA or not changes the rounding), for tests/ops/test_cpu_exp.py.
 RLHF_FAST_HOT_FN void exp_values(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n, bool any) {
   const float* in = reinterpret_cast<const float*>(in_ptr);
   float* out = reinterpret_cast<float*>(out_ptr);
   if (any)
-    for (int64_t i = 0; i < n; ++i) out[i] = exp_any(in[i]);
+    for (int64_t i = 0; i < n; ++i) out[i] = exp_wide(in[i]);
   else
     for (int64_t i = 0; i < n; ++i) out[i] = fast_exp(in[i]);
 }
@@ -186,7 +186,7 @@ RLHF_FAST_HOT_FN void exp_values(uintptr_t in_ptr, uintptr_t out_ptr, int64_t n,
 void register_logprobs(py::module_& m) {
   m.def("softcap_tanh", &softcap_tanh, "fast_tanh (the kernels' softcap tanh) of n fp32 values");
   m.def("exp_values", &exp_values, py::call_guard<py::gil_scoped_release>(),
-        "fast_exp (any=False) or exp_any (any=True), the kernels' exp, of n fp32 values");
+        "fast_exp (any=False) or exp_wide (any=True), the kernels' exp, of n fp32 values");
   m.def("exp_floor_seconds", &exp_floor_seconds, py::call_guard<py::gil_scoped_release>(),
         "seconds for n of the kernels' vectorised exp (summed over one L1 chunk) on nthreads threads");
   m.def("logprobs_fwd", &logprobs_fwd, py::call_guard<py::gil_scoped_release>(),

@@ -147,6 +147,7 @@ def _full_kl_bwd_kernel(
     inv_temp,  # as in the forward
     cap_pre,
     SOFTCAP: tl.constexpr,
+    ACCUMULATE: tl.constexpr,  # add to grad's values (the fused policy loss's "full" KL term)
     BLOCK_V: tl.constexpr,
 ):
     """grad_j = g * dz_j/dx_j * p_j (log p_j - log q_j - KL), dz/dx = 1 / T without softcap."""
@@ -174,6 +175,8 @@ def _full_kl_bwd_kernel(
         else:
             g = scale * p * tl.where(p > 0, logp - ((q - mq) - log_sq) - kl, 0.0)
         g = tl.where(g_row == 0.0, 0.0, g)  # no upstream gradient (a masked row): 0, never 0 * NaN
+        if ACCUMULATE:
+            g = g + tl.load(gp + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(gp + offs, cast_for_store(g, grad_ptr.dtype.element_ty), mask=ok)
 
 # ---------------------------------------------------------------------------- launchers
@@ -191,18 +194,20 @@ def _full_kl_fwd_cpu(x: Rows, y: Rows, kl, stats, inv_temp: float, cap_pre: floa
         x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), _backend.num_threads(),
     )
 
-def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float) -> None:
+def _full_kl_bwd_triton(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float,
+                        accumulate: bool) -> None:
     block = vocab_block(x.v)
     _full_kl_bwd_kernel[(x.n,)](
         x.data, y.data, grad.data, kl, stats, g, x.v, *x.layout(), *y.layout(), *grad.layout(), inv_temp,
-        cap_pre, SOFTCAP=cap_pre != 0.0, BLOCK_V=block, num_warps=num_warps_for(block),
+        cap_pre, SOFTCAP=cap_pre != 0.0, ACCUMULATE=accumulate, BLOCK_V=block, num_warps=num_warps_for(block),
     )
 
-def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float) -> None:
+def _full_kl_bwd_cpu(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, cap_pre: float,
+                     accumulate: bool) -> None:
     _backend.cpu_kernels().full_kl_bwd(
         addr(x.data), code(x.data), *x.layout(), addr(y.data), code(y.data), *y.layout(),
         addr(grad.data), *grad.layout(), x.n, x.v, inv_temp, cap_pre, addr(kl), addr(stats), addr(g),
-        _backend.num_threads(),
+        accumulate, _backend.num_threads(),
     )
 
 FULL_KL_LAUNCHERS = {"triton": (_full_kl_fwd_triton, _full_kl_bwd_triton), "cpu": (_full_kl_fwd_cpu, _full_kl_bwd_cpu)}
@@ -217,10 +222,11 @@ def full_kl_fwd(x: Rows, y: Rows, inv_temp: float, backend: str, cap_pre: float 
     return kl, stats
 
 def full_kl_bwd(x: Rows, y: Rows, grad: Rows, kl, stats, g, inv_temp: float, backend: str,
-                cap_pre: float = 0.0) -> None:
-    """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches)."""
+                cap_pre: float = 0.0, accumulate: bool = False) -> None:
+    """Writes d kl / d logits . g into ``grad`` (the only (N, V) tensor backward touches); with
+    ``accumulate``, adds it to grad's values (rows with g = 0 are left as they are)."""
     if x.n:
-        FULL_KL_LAUNCHERS[backend][1](x, y, grad, kl, stats, g, inv_temp, cap_pre)
+        FULL_KL_LAUNCHERS[backend][1](x, y, grad, kl, stats, g, inv_temp, cap_pre, accumulate)
 
 # ---------------------------------------------------------------------------- autograd
 

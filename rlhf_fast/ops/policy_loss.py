@@ -45,7 +45,7 @@ from rlhf_fast.ops._checks import (  # noqa: F401  (LOSS_AGGS, check_finite_inpu
     check_targets,
 )
 from rlhf_fast.ops._common import Rows, as_rows, first_order_only
-from rlhf_fast.ops.full_kl import full_kl, full_kl_ref
+from rlhf_fast.ops.full_kl import full_kl_bwd, full_kl_fwd, full_kl_ref
 from rlhf_fast.ops.kl import kl_penalty_ref
 from rlhf_fast.ops.logprobs import (
     LAUNCHERS,
@@ -227,6 +227,7 @@ class PolicyLossFunction(torch.autograd.Function):
         c_lp = c_lp.reshape(-1).contiguous()
         c_ent = None if c_ent is None else c_ent.reshape(-1).contiguous()
         ctx.save_for_backward(rows.data, flat_targets, lse, ent if c_ent is not None else None, c_lp, c_ent)
+        ctx.full_kl = opts.get("full_kl_grad")  # (ref rows, kl, stats, per-token weight): kl_estimator="full"
         ctx.layout = (rows.n, rows.v, *rows.layout())
         ctx.shape, ctx.coefs, ctx.backend = logits.shape, coefs, backend
         ctx.inplace = can_write_inplace(rows, opts["inplace_backward"])
@@ -246,6 +247,10 @@ class PolicyLossFunction(torch.autograd.Function):
         g_ent = None if c_ent is None else c_ent * g_loss
         grad, g_rows = grad_rows(rows, ctx.shape, ctx.inplace)
         logprobs_bwd(rows, g_rows, targets, lse, ent, g_lp, g_ent, ctx.coefs[0], ctx.backend, ctx.coefs[1])
+        if ctx.full_kl is not None:  # the exact KL's gradient, added to the same buffer in one more pass
+            ref_rows, kl, stats, w_kl = ctx.full_kl
+            full_kl_bwd(rows, ref_rows, g_rows, kl, stats, w_kl * g_loss, ctx.coefs[0], ctx.backend, ctx.coefs[1],
+                        accumulate=True)
         if ctx.inplace:
             finish_inplace(ctx, rows)
             if grad.shape != ctx.shape:
@@ -403,19 +408,20 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
     opts["stat_names"] = []
     detach = (lambda t: None if t is None else t.detach())
     opts["sampler"] = detach(sampler_logprobs)
-    kl_tok = None
     if kl_estimator == "full" and ref_logits is not None:
-        # the exact KL is its own fused op (its backward reads ref_logits); the policy term sees its value,
-        # and ``kl - sg(kl)`` (exactly 0) carries its gradient into the same loss
-        kl_tok = full_kl(logits, ref_logits.detach(), temperature=temperature, logit_scale=logit_scale,
-                         softcap=softcap, backend=backend)
-        opts["kl_full"] = kl_tok.detach()
+        # the exact KL per token (full_kl's kernels): the objective sees its value; its gradient, kl_coef x the
+        # aggregation weight per token, is added by PolicyLossFunction's backward into the log-prob term's
+        # gradient buffer (one (N, V) buffer, not two plus their sum)
+        x, y = as_rows(logits), as_rows(ref_logits.detach())
+        inv_temp, cap_pre = logit_coefs(temperature, logit_scale, softcap)
+        kl_tok, stats = full_kl_fwd(x, y, inv_temp, backend, cap_pre)
+        opts["kl_full"] = kl_tok.view(logits.shape[:-1])
+        if kl_coef != 0:
+            valid = mask != 0
+            w = torch.where(valid, kl_coef * aggregation_weights(valid, loss_agg, max_tokens), 0.0)
+            opts["full_kl_grad"] = (Rows(y.data, y.n, y.v, *y.layout()), kl_tok, stats,
+                                    w.reshape(-1).contiguous())
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
-    if kl_tok is not None and kl_coef != 0:
-        valid = mask != 0
-        w = aggregation_weights(valid, loss_agg, max_tokens)
-        d = torch.where(valid, kl_tok - kl_tok.detach(), torch.zeros_like(kl_tok))
-        loss = loss + kl_coef * (w * d).sum()
     return loss, dict(zip(opts["stat_names"], values))
 

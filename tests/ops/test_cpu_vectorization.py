@@ -25,12 +25,12 @@ HOT = (
     [f"logprobs_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
     + [f"logprobs_bwd_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
     + [f"full_kl_row<{x}, {y}>" for x in DTYPES for y in DTYPES]
-    + [f"full_kl_bwd_row<{x}, {y}>" for x in DTYPES for y in DTYPES]
+    + [f"full_kl_bwd_row<{a}, {x}, {y}>" for a in ("true", "false") for x in DTYPES for y in DTYPES]
     # the softcap variants (fast_tanh on load; tests/ops/test_logit_transforms.py)
     + [f"logprobs_cap_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
     + [f"logprobs_cap_bwd_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
     + [f"full_kl_cap_row<{x}, {y}>" for x in DTYPES for y in DTYPES]
-    + [f"full_kl_cap_bwd_row<{x}, {y}>" for x in DTYPES for y in DTYPES]
+    + [f"full_kl_cap_bwd_row<{a}, {x}, {y}>" for a in ("true", "false") for x in DTYPES for y in DTYPES]
 )
 # clone -> (regex of one packed instruction, how many a vectorised exp loop has at least)
 CLONES = {

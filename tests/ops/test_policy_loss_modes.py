@@ -112,6 +112,19 @@ def test_full_kl_matches_ref(backend, temperature):
            inplace_backward=True)
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_full_kl_gradient_joins_the_log_prob_gradient(backend, softcap):
+    """The exact KL's gradient is added into the policy term's gradient buffer (accumulate) in the same
+    backward: with the softcap too, the weights of seq-mean-token-sum, and NaN reference rows where the
+    mask is off (those rows are never read, so they cannot poison the gradient)."""
+    x = _inputs(seed=7)
+    g = torch.Generator().manual_seed(10)
+    ref_logits = x["logits"] + 0.5 * torch.randn(x["logits"].shape, generator=g)
+    ref_logits[~x["mask"]] = float("nan")
+    _check(x, "full", kl_coef=0.3, kl_estimator="full", ref_logits=ref_logits, softcap=softcap,
+           loss_agg="seq-mean-token-sum", entropy_coef=0.01)
+
+
 def test_full_kl_is_the_exact_kl():
     x = _inputs(seed=6)
     ref_logits = x["logits"] + torch.randn(x["logits"].shape)
