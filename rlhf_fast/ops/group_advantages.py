@@ -99,7 +99,7 @@ def _triton(scores, out, G: int, factor: float, eps: float, scale_code: int) -> 
 
 def _cpu(scores, out, G: int, factor: float, eps: float, scale_code: int) -> None:
     _backend.cpu_kernels().group_advantages(addr(scores), code(scores), addr(out), scores.shape[0], G, factor, eps,
-                                            scale_code)
+                                            scale_code, _backend.num_threads())
 
 
 # backend -> launcher; read by _backend.select_backend

@@ -53,3 +53,21 @@ def test_group_advantages_large_offset_small_spread(backend, baseline, scale):
     out = group_advantages(scores, 4, baseline=baseline, scale=scale, backend=backend)
     want = loop_group(scores.double(), 4, baseline, scale, 1e-6)
     assert_close_to_ref(out, want, atol=1e-4 * max(1.0, float(want.abs().max())))
+
+
+@pytest.mark.parametrize("scale", ["group", "batch"])
+def test_cpu_parallel_path_matches_ref_and_does_not_depend_on_threads(scale):
+    """B above the C++ kernel's parallel threshold (2^15): the groups and the batch statistics run on
+    several threads; the result equals the one-thread run bit for bit and the float64 reference."""
+    x = torch.randn(3 * 2**15 + 8, generator=torch.Generator().manual_seed(3)) * 3 + 5
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = group_advantages(x, 8, scale=scale, backend="cpu")
+        torch.set_num_threads(1)
+        b = group_advantages(x, 8, scale=scale, backend="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a, b)
+    ref = group_advantages_ref(x.double(), 8, scale=scale)
+    assert float((a.double() - ref).abs().max()) < 1e-5
