@@ -83,8 +83,6 @@ void whiten_apply(uintptr_t x_ptr, int x_dtype, uintptr_t mask_ptr, int mask_dty
   });
 }
 
-// scores (B,) as B / G groups; factor = 1 (mean baseline) or G / (G - 1) (leave one out);
-
 void register_whiten(py::module_& m) {
   m.def("whiten_stats", &whiten_stats, py::call_guard<py::gil_scoped_release>(),
         "per chunk of 16384 elements: (count, mean, M2) of the masked ones, to a (P, 3) double buffer");
