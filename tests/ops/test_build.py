@@ -70,7 +70,7 @@ TRITON_KERNELS = [
      {"x_ptr": "*bf16", "y_ptr": "*bf16", "grad_ptr": "*bf16", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
       "g_ptr": "*fp32", "V": "i32", "x_inner": "i64", "x_s_outer": "i64", "x_s_inner": "i64", "y_inner": "i64",
       "y_s_outer": "i64", "y_s_inner": "i64", "g_inner": "i64", "g_s_outer": "i64", "g_s_inner": "i64",
-      "inv_temp": "fp32", "cap_pre": "fp32"}, {"SOFTCAP": False, "BLOCK_V": 4096}, 8),
+      "inv_temp": "fp32", "cap_pre": "fp32"}, {"SOFTCAP": False, "ACCUMULATE": False, "BLOCK_V": 4096}, 8),
     ("rlhf_fast.ops.full_kl", "_full_kl_fwd_kernel",
      {"x_ptr": "*bf16", "y_ptr": "*bf16", "kl_ptr": "*fp32", "stats_ptr": "*fp32", "V": "i32", "x_inner": "i64",
       "x_s_outer": "i64", "x_s_inner": "i64", "y_inner": "i64", "y_s_outer": "i64", "y_s_inner": "i64",
@@ -79,7 +79,7 @@ TRITON_KERNELS = [
      {"x_ptr": "*bf16", "y_ptr": "*bf16", "grad_ptr": "*bf16", "kl_ptr": "*fp32", "stats_ptr": "*fp32",
       "g_ptr": "*fp32", "V": "i32", "x_inner": "i64", "x_s_outer": "i64", "x_s_inner": "i64", "y_inner": "i64",
       "y_s_outer": "i64", "y_s_inner": "i64", "g_inner": "i64", "g_s_outer": "i64", "g_s_inner": "i64",
-      "inv_temp": "fp32", "cap_pre": "fp32"}, {"SOFTCAP": True, "BLOCK_V": 4096}, 8),
+      "inv_temp": "fp32", "cap_pre": "fp32"}, {"SOFTCAP": True, "ACCUMULATE": True, "BLOCK_V": 4096}, 8),
 ]
 
 _COMPILE_SCRIPT = textwrap.dedent(
