@@ -419,8 +419,7 @@ def ppo_policy_loss(logits: torch.Tensor, targets: torch.Tensor, old_logprobs: t
         if kl_coef != 0:
             valid = mask != 0
             w = torch.where(valid, kl_coef * aggregation_weights(valid, loss_agg, max_tokens), 0.0)
-            opts["full_kl_grad"] = (Rows(y.data, y.n, y.v, *y.layout()), kl_tok, stats,
-                                    w.reshape(-1).contiguous())
+            opts["full_kl_grad"] = (y, kl_tok, stats, w.reshape(-1).contiguous())
     loss, *values = PolicyLossFunction.apply(logits, targets, detach(old_logprobs), advantages.detach(), mask,
                                              detach(ref_logprobs), opts, backend)
     return loss, dict(zip(opts["stat_names"], values))

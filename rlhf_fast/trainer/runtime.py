@@ -141,14 +141,13 @@ class Runtime:
         """AdamW over ``params`` and the LR schedule (``lr_multiplier``) over ``total_steps``
         optimizer steps."""
         cfg = self.config
-        params = list(params)
-        impl = cfg.adam_impl
-        if impl == "auto":
-            impl = "fused" if all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) else "for_loop"
+        params, impl = list(params), cfg.adam_impl
+        # auto: fused where torch has the kernel (CPU / CUDA floating-point params), else torch's own default
+        fused = impl == "fused" or (impl == "auto" and all(
+            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params))
         self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                           fused=impl == "fused" or None,
-                                           foreach=None if impl == "fused" else impl == "foreach")
+                                           eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=fused or None,
+                                           foreach={"foreach": True, "for_loop": False}.get(impl))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(
             lr_multiplier, warmup=cfg.warmup_steps, total=total_steps, schedule=cfg.lr_scheduler,
             min_ratio=cfg.min_lr_ratio))
