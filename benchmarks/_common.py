@@ -387,7 +387,8 @@ SIMPLE_COLUMNS = ["provider", "fwd_ms", "fwd_exp_floor_ms", "fwd_copy_floor_ms",
 def print_simple(res):
     print(f"\n{res['op']}  {res['size']}  (copy {res['bandwidth_GBps']:.1f} GB/s; floor = bytes / bandwidth"
           + (f", exps / {res['exp_Gps']:.2f} G exp/s)" if res["exp_Gps"] else ")"))
-    print_table(res["rows"], SIMPLE_COLUMNS)
+    extra = sorted({k for r in res["rows"] for k in r if k.startswith("fwd_speedup_vs_")} - set(SIMPLE_COLUMNS))
+    print_table(res["rows"], SIMPLE_COLUMNS[:-1] + extra + SIMPLE_COLUMNS[-1:])
 
 
 def bt_sizes(quick, full, gpu=False):
