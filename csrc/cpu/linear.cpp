@@ -17,8 +17,12 @@
 namespace rlhf_fast {
 namespace {
 
-constexpr int64_t MR = 8, NR = 32, KC = 256, MC = 256, NC = 4096;
-static_assert(MC % MR == 0 && NC % NR == 0, "the pack buffers hold MC x KC and KC x NC floats");
+// NC_COLMAJOR: the column block for column-major B (the LM head's forward, B = W.T): each of its columns
+// is a row of W, read kc floats at a time, so one block touches nc pages per KC slice; 4096 of them
+// overflow the TLB (the block's pack ran at half the speed of a row-major B's), 512 stay in it.
+constexpr int64_t MR = 8, NR = 32, KC = 256, MC = 256, NC = 4096, NC_COLMAJOR = 512;
+static_assert(MC % MR == 0 && NC % NR == 0 && NC_COLMAJOR % NR == 0 && NC_COLMAJOR <= NC,
+              "the pack buffers hold MC x KC and KC x NC floats");
 
 #define RLHF_FAST_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 
@@ -37,6 +41,38 @@ RLHF_FAST_AVX512 void pack_a(const float* a, int64_t rsa, int64_t csa, int64_t m
   }
 }
 
+// The 16 x 16 transpose of r[0..16) (rows) in place: log2(16) stages, each swapping the off-diagonal
+// b x b blocks of every 2b x 2b block (b = 8, 4, 2, 1) with two-source permutes.
+RLHF_FAST_AVX512 inline void transpose16(__m512 r[16]) {
+  for (int b = 8; b >= 1; b >>= 1) {
+    alignas(64) int lo_idx[16], hi_idx[16];
+    for (int c = 0; c < 16; ++c) {  // lo: row i keeps its columns without bit b, takes row i + b's from c - b
+      lo_idx[c] = (c & b) ? 16 + c - b : c;
+      hi_idx[c] = (c & b) ? 16 + c : c + b;  // hi: row i + b takes row i's from c + b, keeps its own
+    }
+    const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+    for (int i = 0; i < 16; ++i) {
+      if (i & b) continue;
+      const __m512 a = r[i], c = r[i + b];
+      r[i] = _mm512_permutex2var_ps(a, lo, c);
+      r[i + b] = _mm512_permutex2var_ps(a, hi, c);
+    }
+  }
+}
+
+// Bp[k][0..16) (row stride NR) = columns 0..16 of B at k, for column-major B (B(k, j) = col[j * csb + k]);
+// columns at or past n are zero.
+RLHF_FAST_AVX512 void pack_b_cols16(const float* col, int64_t csb, int64_t n, int64_t kc, float* bp) {
+  __m512 r[16];
+  for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+    const int64_t rem = std::min<int64_t>(16, kc - k0);
+    const __mmask16 km = rem == 16 ? 0xFFFF : static_cast<__mmask16>((1u << rem) - 1);
+    for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_maskz_loadu_ps(km, col + j * csb + k0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t kk = 0; kk < rem; ++kk) _mm512_storeu_ps(bp + (k0 + kk) * NR, r[kk]);
+  }
+}
+
 // One NR panel: Bp[k][j] = B(k0 + k, j0 + j), zero past n
 RLHF_FAST_AVX512 void pack_b_panel(const float* b, int64_t rsb, int64_t csb, int64_t n, int64_t kc, float* bp) {
   if (csb == 1 && n == NR) {  // row-major B: 32 contiguous floats per k
@@ -46,7 +82,11 @@ RLHF_FAST_AVX512 void pack_b_panel(const float* b, int64_t rsb, int64_t csb, int
     }
     return;
   }
-  for (int64_t j = 0; j < NR; ++j) {  // column-major B (rsb == 1): each column contiguous in k
+  if (rsb == 1) {  // column-major B: each column contiguous in k, transposed 16 x 16 at a time
+    for (int64_t j0 = 0; j0 < NR; j0 += 16) pack_b_cols16(b + j0 * csb, csb, n - j0, kc, bp + j0);
+    return;
+  }
+  for (int64_t j = 0; j < NR; ++j) {  // any other layout, element by element
     if (j >= n) {
       for (int64_t k = 0; k < kc; ++k) bp[k * NR + j] = 0.0f;
       continue;
@@ -95,8 +135,9 @@ RLHF_FAST_AVX512 void micro_kernel(int64_t kc, const float* ap, const float* bp,
 RLHF_FAST_AVX512 void gemm_seq(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, int64_t csa,
                                const float* b, int64_t rsb, int64_t csb, float* c, int64_t ldc, float beta,
                                const float* bias, float* ap, float* bp) {
-  for (int64_t jc = 0; jc < N; jc += NC) {
-    const int64_t nc = std::min(NC, N - jc), panels = (nc + NR - 1) / NR;
+  const int64_t ncb = rsb == 1 && csb != 1 ? NC_COLMAJOR : NC;
+  for (int64_t jc = 0; jc < N; jc += ncb) {
+    const int64_t nc = std::min(ncb, N - jc), panels = (nc + NR - 1) / NR;
     for (int64_t pc = 0; pc < K; pc += KC) {
       const int64_t kc = std::min(KC, K - pc);
       const float beta_k = pc == 0 ? beta : 1.0f;
