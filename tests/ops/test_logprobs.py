@@ -89,6 +89,42 @@ def test_inplace_backward_writes_grad_into_logits(backend, device):
     torch.testing.assert_close(x.detach(), x_ref.grad)
 
 
+@pytest.mark.parametrize("with_entropy", [False, True])
+def test_large_default_backward_streams_its_stores(monkeypatch, with_entropy):
+    """The C++ default backward writes a gradient of >= 16M fp32 elements with non-temporal stores
+    (csrc/cpu/logprobs.cpp logprobs_bwd_row_stream): against float64 on rows sampled from a 513 x 32771
+    gradient (odd V: unaligned row starts, a partial last chunk), rows with both upstream grads 0 (a
+    zero row), and equal to the in-place backward (the same formula, stored the usual way)."""
+    monkeypatch.setenv("RLHF_FAST_BACKEND", "cpu")
+    torch.manual_seed(7)
+    N, V = 513, 32771
+    logits = torch.randn(N, V) * 3
+    targets = torch.randint(0, V, (N,))
+    targets[:3] = torch.tensor([0, V - 1, 1024])  # first / last element and a chunk boundary
+    g_lp = torch.randn(N)
+    g_lp[5::7] = 0.0
+    g_ent = torch.randn(N) if with_entropy else None
+    if g_ent is not None:
+        g_ent[5::14] = 0.0  # rows 5, 19, ...: both 0 (a zero row); rows 12, 26, ...: entropy term only
+
+    def grad(inplace):
+        x = logits.clone().requires_grad_()
+        out = token_logprobs(x, targets, return_entropy=with_entropy, inplace_backward=inplace)
+        loss = (out[0] * g_lp).sum() + (out[1] * g_ent).sum() if with_entropy else (out * g_lp).sum()
+        (gx,) = torch.autograd.grad(loss, x)
+        return gx
+
+    streamed, inplace = grad(False), grad(True)
+    torch.testing.assert_close(streamed, inplace, rtol=1e-6, atol=1e-9)
+    rows = torch.tensor([0, 1, 2, 5, 12, 19, 200, N - 1])
+    x64 = logits[rows].double().requires_grad_()
+    ref = token_logprobs_ref(x64, targets[rows], 1.0, with_entropy)
+    loss = (ref[0] * g_lp[rows]).sum() + (ref[1] * g_ent[rows]).sum() if with_entropy else (ref * g_lp[rows]).sum()
+    loss.backward()
+    torch.testing.assert_close(streamed[rows].double(), x64.grad, rtol=1e-4, atol=1e-7)
+    assert streamed[5].eq(0).all() and (not with_entropy or streamed[19].eq(0).all())
+
+
 def test_extreme_logits_and_neg_inf(backend, device):
     V = 1000
     logits = torch.randn(6, V, device=device)
