@@ -262,12 +262,31 @@ def with_backend(name, fn):
     return call
 
 
+def paired_ratio(fa, fb, device, rounds=7):
+    """Median over rounds of time(fa) / time(fb), the two called back to back in alternating order
+    (a b, b a, ...): a ratio of two close variants that no third case's aftermath (a compiled
+    reference freeing gigabytes just before one of them) can tilt."""
+    fa(), fb()
+    ratios = []
+    for i in range(rounds):
+        t = {}
+        for name, fn in ((("a", fa), ("b", fb)) if i % 2 == 0 else (("b", fb), ("a", fa))):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            t[name] = time.perf_counter() - t0
+        ratios.append(t["a"] / t["b"])
+    return statistics.median(ratios)
+
+
 def run_fused(op, setup, sizes, dtype, device, *, rounds=5, memory=True, ours="rlhf_fast",
-              against="torch_compile"):
+              against="torch_compile", pairs=()):
     """Harness of the (N, V)-logits ops. setup(n, v, dtype, device) returns
     (cases, cost): cases = {provider: {"fwd": fn, "fwd_bwd": fn}} (a mode may be absent),
     cost = {"fwd": (bytes, exps), "fwd_bwd": (bytes, exps)}. Every (provider, mode) of one size
-    is timed interleaved; floors are measured once per size in the same run."""
+    is timed interleaved; floors are measured once per size in the same run. Each (a, b) of pairs
+    is also timed alone in alternation (paired_ratio): res["paired_ratios"]["a/b"][mode]."""
     out = []
     for n, v in sizes:
         torch.manual_seed(0)
@@ -308,7 +327,10 @@ def run_fused(op, setup, sizes, dtype, device, *, rounds=5, memory=True, ours="r
                 mem, ref = r.get(f"{m}_peak_extra_MB"), base.get(against, {}).get(f"{m}_peak_extra_MB")
                 if mem is not None and ref:
                     r[f"{m}_mem_vs_{against}"] = mem / ref
-        out.append({"op": op, "n": n, "v": v, "dtype": str(dtype).replace("torch.", ""),
+        paired = {f"{a}/{b}": {m: paired_ratio(cases[a][m], cases[b][m], device, rounds=max(rounds, 5))
+                               for m in ("fwd", "fwd_bwd") if m in cases[a] and m in cases[b]}
+                  for a, b in pairs if a in cases and b in cases}
+        out.append({"op": op, "n": n, "v": v, "dtype": str(dtype).replace("torch.", ""), "paired_ratios": paired,
                     "load_average_1min_after": os.getloadavg()[0],
                     "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
                     "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows})
@@ -326,6 +348,16 @@ def print_fused(results):
         print(f"\n{res['op']}  N={res['n']} V={res['v']} {res['dtype']}  (copy {res['bandwidth_GBps']:.1f} GB/s, "
               f"{exp}; floors = exps / exp rate, bytes / bandwidth)")
         print_table(res["rows"], FUSED_COLUMNS)
+
+
+def print_entropy_ratios(results, pair="rlhf_fast/rlhf_fast_entropy_off"):
+    """Entropy on / off of our kernel, from run_fused's paired_ratios (also kept as entropy_on_over_off)."""
+    for r in results:
+        ratio = r.get("paired_ratios", {}).get(pair)
+        if ratio and "fwd" in ratio and "fwd_bwd" in ratio:
+            r["entropy_on_over_off"] = ratio
+            print(f"{r['op']}: entropy on / off (paired, alternating), V={r['v']}: forward {ratio['fwd']:.2f}x, "
+                  f"fwd+bwd {ratio['fwd_bwd']:.2f}x (target <= 1.15x)")
 
 
 def fused_sizes(quick, full, gpu=False):

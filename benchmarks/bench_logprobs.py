@@ -36,6 +36,7 @@ from _common import (  # noqa: E402
     env_quick,
     fixed_mmap_threshold,
     fused_sizes,
+    print_entropy_ratios,
     print_fused,
     run_fused,
     run_meta,
@@ -145,15 +146,10 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     results = []
     for op, entropy in (("logprobs", False), ("logprobs_entropy", True)):
-        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds)
+        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds,
+                             pairs=[("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else ())
     print_fused(results)
-    for r in results:
-        rows = {row["provider"]: row for row in r["rows"]}
-        on, off = rows.get("rlhf_fast", {}), rows.get("rlhf_fast_entropy_off", {})
-        if "fwd_ms" in on and "fwd_ms" in off:
-            r["entropy_on_over_off"] = {m: on[f"{m}_ms"] / off[f"{m}_ms"] for m in ("fwd", "fwd_bwd")}
-            print(f"entropy on / off (interleaved), V={r['v']}: forward {on['fwd_ms'] / off['fwd_ms']:.2f}x, "
-                  f"fwd+bwd {on['fwd_bwd_ms'] / off['fwd_bwd_ms']:.2f}x (target <= 1.15x)")
+    print_entropy_ratios(results)
     if not args.quick or args.out:
         name = args.out or f"logprobs_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "token_logprobs", "meta": run_meta(args.device), "results": results})

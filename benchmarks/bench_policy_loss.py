@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     env_quick,
     fixed_mmap_threshold,
     fused_sizes,
+    print_entropy_ratios,
     print_fused,
     print_table,
     run_fused,
@@ -187,17 +188,12 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     results = []
     for op, entropy in (("policy_loss", False), ("policy_loss_entropy", True)):
-        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds)
+        results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds,
+                             pairs=[("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else ())
     modes = [] if args.no_modes else run_fused("policy_loss_modes", modes_setup, sizes, dtype, args.device,
                                                rounds=args.rounds, memory=False, against="rlhf_fast")
     print_fused(results)
-    for r in results:  # entropy on / off of the fused loss, timed interleaved in one rotation (medians)
-        rows = {row["provider"]: row for row in r["rows"]}
-        on, off = rows.get("rlhf_fast", {}), rows.get("rlhf_fast_entropy_off", {})
-        if r["op"] == "policy_loss_entropy" and "fwd_ms" in on and "fwd_ms" in off:
-            r["entropy_on_over_off"] = {m: on[f"{m}_ms"] / off[f"{m}_ms"] for m in ("fwd", "fwd_bwd")}
-            print(f"entropy on / off (interleaved), V={r['v']}: forward {r['entropy_on_over_off']['fwd']:.2f}x, "
-                  f"fwd+bwd {r['entropy_on_over_off']['fwd_bwd']:.2f}x (target <= 1.15x)")
+    print_entropy_ratios(results)
     for res in modes:  # cost of each mode relative to the plain fused clipped loss (target <= 1.1)
         for r in res["rows"]:
             if "fwd_bwd_ms" in r:
