@@ -4,10 +4,7 @@
 // Backward writes grad_x only (optionally into x's own storage). A non-finite row gives NaN logp,
 // lse and entropy, and a NaN gradient unless both upstream grads of the row are 0: then the row
 // of grad_x is exactly 0 (masked rows: no 0 * NaN).
-#include <xmmintrin.h>
-
 #include <chrono>
-#include <type_traits>
 
 #include "common.h"
 #include "kl_estimators.h"
@@ -78,38 +75,6 @@ inline void logprobs_bwd_any(const T* x, T* gx, int64_t V, int64_t t, float inv_
     logprobs_bwd_row<T, kEntropy>(x, gx, V, t, inv_temp, lse, ent, g_lp, g_ent);
 }
 
-// The default (not in-place) backward of a large fp32 gradient: a plain store to a line of grad_x not
-// in cache first reads it (read-for-ownership), so the row costs three memory streams (x, the read of
-// gx, the write of gx) against the in-place backward's two. Here each chunk of the row is formed in
-// an L1 buffer and written with non-temporal stores, which skip that read.
-inline void stream_floats(float* dst, const float* src, int64_t n) {
-  int64_t j = 0;
-  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 15) != 0; ++j) dst[j] = src[j];
-  for (; j + 4 <= n; j += 4) _mm_stream_ps(dst + j, _mm_loadu_ps(src + j));
-  for (; j < n; ++j) dst[j] = src[j];
-}
-
-template <bool kEntropy>
-RLHF_FAST_HOT_FN void logprobs_bwd_row_stream(const float* x, float* gx, int64_t V, int64_t t, float inv_temp,
-                                              float lse, float ent, float g_lp, float g_ent) {
-  const float shift = ent - lse;
-  alignas(64) float buf[kChunk];
-  for (int64_t c0 = 0; c0 < V; c0 += kChunk) {
-    const int64_t n = V - c0 < kChunk ? V - c0 : kChunk;
-    const float* xc = x + c0;
-#pragma omp simd
-    for (int64_t j = 0; j < n; ++j)
-      buf[j] = inv_temp * logprobs_grad<float, kEntropy>(xc[j] * inv_temp, lse, shift, g_lp, g_ent, 0.0f);
-    if (t >= c0 && t < c0 + n)
-      buf[t - c0] = inv_temp * logprobs_grad<float, kEntropy>(xc[t - c0] * inv_temp, lse, shift, g_lp, g_ent, 1.0f);
-    stream_floats(gx + c0, buf, n);
-  }
-}
-
-// Gradients at least this large (elements) are streamed: well past the last-level cache, where the
-// gradient cannot be read back from cache anyway.
-constexpr int64_t kStreamMinElems = int64_t{16} << 20;
-
 template <typename T>
 RLHF_FAST_HOT_FN void zero_row(T* gx, int64_t V) {
 #pragma omp simd
@@ -155,32 +120,17 @@ void logprobs_bwd(uintptr_t x_ptr, int dtype, int64_t inner, int64_t s_outer, in
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* x = reinterpret_cast<const T*>(x_ptr);
     T* gx = reinterpret_cast<T*>(gx_ptr);
-    const bool stream = std::is_same_v<T, float> && cap_pre == 0.0f && gx_ptr != x_ptr && n_rows * V >= kStreamMinElems;
-#pragma omp parallel num_threads(num_threads(nthreads))
-    {
-#pragma omp for schedule(dynamic, kRowsPerTask)
-      for (int64_t r = 0; r < n_rows; ++r) {
-        const int64_t t = load_index(t_ptr, t_dtype, r);
-        const float gl = g_lp[r], ge = g_ent ? g_ent[r] : 0.0f;
-        const T* xrow = x + lay.offset(r);
-        T* grow = gx + glay.offset(r);
-        if constexpr (std::is_same_v<T, float>) {
-          if (stream && (ge != 0.0f || gl != 0.0f)) {
-            if (ge != 0.0f)
-              logprobs_bwd_row_stream<true>(xrow, grow, V, t, inv_temp, lse[r], ent[r], gl, ge);
-            else
-              logprobs_bwd_row_stream<false>(xrow, grow, V, t, inv_temp, lse[r], 0.0f, gl, 0.0f);
-            continue;
-          }
-        }
-        if (ge != 0.0f)
-          logprobs_bwd_any<T, true>(xrow, grow, V, t, inv_temp, cap_pre, lse[r], ent[r], gl, ge);
-        else if (gl != 0.0f)
-          logprobs_bwd_any<T, false>(xrow, grow, V, t, inv_temp, cap_pre, lse[r], 0.0f, gl, 0.0f);
-        else
-          zero_row(grow, V);
-      }
-      if (stream) _mm_sfence();  // the streamed stores are weakly ordered: done before the threads join
+#pragma omp parallel for schedule(dynamic, kRowsPerTask) num_threads(num_threads(nthreads))
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t t = load_index(t_ptr, t_dtype, r);
+      const float gl = g_lp[r], ge = g_ent ? g_ent[r] : 0.0f;
+      T* grow = gx + glay.offset(r);
+      if (ge != 0.0f)
+        logprobs_bwd_any<T, true>(x + lay.offset(r), grow, V, t, inv_temp, cap_pre, lse[r], ent[r], gl, ge);
+      else if (gl != 0.0f)
+        logprobs_bwd_any<T, false>(x + lay.offset(r), grow, V, t, inv_temp, cap_pre, lse[r], 0.0f, gl, 0.0f);
+      else
+        zero_row(grow, V);
     }
   });
 }

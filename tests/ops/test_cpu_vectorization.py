@@ -24,7 +24,6 @@ DTYPES = ["float", "rlhf_fast::half_t", "rlhf_fast::bf16_t"]
 HOT = (
     [f"logprobs_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
     + [f"logprobs_bwd_row<{t}, {e}>" for t in DTYPES for e in ("true", "false")]
-    + [f"logprobs_bwd_row_stream<{e}>" for e in ("true", "false")]  # the large default backward (fp32)
     + [f"full_kl_row<{x}, {y}>" for x in DTYPES for y in DTYPES]
     + [f"full_kl_bwd_row<{a}, {x}, {y}>" for a in ("true", "false") for x in DTYPES for y in DTYPES]
     # the softcap variants (fast_tanh on load; tests/ops/test_logit_transforms.py)

@@ -90,11 +90,10 @@ def test_inplace_backward_writes_grad_into_logits(backend, device):
 
 
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_large_default_backward_streams_its_stores(monkeypatch, with_entropy):
-    """The C++ default backward writes a gradient of >= 16M fp32 elements with non-temporal stores
-    (csrc/cpu/logprobs.cpp logprobs_bwd_row_stream): against float64 on rows sampled from a 513 x 32771
-    gradient (odd V: unaligned row starts, a partial last chunk), rows with both upstream grads 0 (a
-    zero row), and equal to the in-place backward (the same formula, stored the usual way)."""
+def test_large_default_backward(monkeypatch, with_entropy):
+    """The C++ default backward of a gradient past the last-level cache (>= 16M fp32 elements), against
+    float64 on rows sampled from a 513 x 32771 gradient (odd V: unaligned row starts, a partial last
+    chunk), rows with both upstream grads 0 (a zero row), and equal to the in-place backward."""
     monkeypatch.setenv("RLHF_FAST_BACKEND", "cpu")
     torch.manual_seed(7)
     N, V = 513, 32771
