@@ -266,7 +266,8 @@ def paired_ratio(fa, fb, device, rounds=7):
     """Median over rounds of time(fa) / time(fb), the two called back to back in alternating order
     (a b, b a, ...): a ratio of two close variants that no third case's aftermath (a compiled
     reference freeing gigabytes just before one of them) can tilt."""
-    fa(), fb()
+    fa()
+    fb()
     ratios = []
     for i in range(rounds):
         t = {}
@@ -395,8 +396,9 @@ def make_bt_inputs(B, T, device, seed=0):
             "values": x(), "rewards": x(), "mask": mask}
 
 
-def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast", against="torch_compile"):
-    """Forward-only harness: cases = {provider: fn()}, cost = (bytes, exps). Interleaved timing, both floors."""
+def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast", against=("torch_compile",)):
+    """Forward-only harness: cases = {provider: fn()}, cost = (bytes, exps). Interleaved timing, both floors;
+    fwd_speedup_vs_<name> for each provider name in against."""
     fcases = floor_cases(device)
     med, raw, errors = interleaved_ms({**cases, **fcases}, device, rounds=rounds)
     fl = rates_from(med) if fcases and not errors.keys() & fcases.keys() else floors(device)
@@ -405,8 +407,9 @@ def run_simple(op, cases, cost, device, *, rounds=15, size=None, ours="rlhf_fast
     for k in cases:
         row = {"provider": k, "fwd_ms": med.get(k), "fwd_raw_ms": raw.get(k), "fwd_copy_floor_ms": copy_f,
                "fwd_exp_floor_ms": exp_f, "error": errors.get(k)}
-        if k in med and against in med:
-            row[f"fwd_speedup_vs_{against}"] = med[against] / med[k]
+        for base in against:
+            if k in med and base in med:
+                row[f"fwd_speedup_vs_{base}"] = med[base] / med[k]
         rows.append(row)
     return {"op": op, "size": size, "bandwidth_GBps": fl["bandwidth_Bps"] / 1e9,
             "exp_Gps": fl["exp_per_s"] / 1e9 if fl["exp_per_s"] else None, "rows": rows}

@@ -61,6 +61,7 @@ from rlhf_fast.ops.gae import kl_shaped_rewards_ref  # noqa: E402
 from rlhf_fast.ops.whiten import masked_whiten_ref  # noqa: E402
 
 GAMMA, LAM, KL_COEF = 1.0, 0.95, 0.05
+COMPILED = ("torch_compile", "torch_compile_scan")  # the speedup columns
 
 
 def python_loop_gae(rewards, values, mask, gamma=GAMMA, lam=LAM):
@@ -122,16 +123,6 @@ def check_close(name, got, want, rtol=1e-4, atol=1e-4):
             raise AssertionError(f"{name}: output {i} differs from rlhf_fast by {(g.float() - w.float()).abs().max():.3g}")
 
 
-def add_speedup(res, against):
-    """fwd_speedup_vs_<against> on every row of a run_simple result (run_simple adds the torch_compile one)."""
-    by = {r["provider"]: r for r in res["rows"]}
-    if by.get(against, {}).get("fwd_ms"):
-        for r in res["rows"]:
-            if r.get("fwd_ms"):
-                r[f"fwd_speedup_vs_{against}"] = by[against]["fwd_ms"] / r["fwd_ms"]
-    return res
-
-
 def run(B, T, device, skip_loop=False, rounds=15, compile_loop=None):
     inp = make_bt_inputs(B, T, device)
     r, v, m = inp["rewards"], inp["values"], inp["mask"]
@@ -150,8 +141,7 @@ def run(B, T, device, skip_loop=False, rounds=15, compile_loop=None):
         cases["rlhf_fast_cuda"] = lambda: with_backend("cuda", gae)(r, v, m, gamma=GAMMA, lam=LAM)
     if not skip_loop:
         cases["python_loop"] = lambda: python_loop_gae(r, v, m)
-    out = [add_speedup(run_simple("gae", cases, (17 * n, 0), device, rounds=rounds, size=f"B={B} T={T}"),
-                       "torch_compile_scan")]
+    out = [run_simple("gae", cases, (17 * n, 0), device, rounds=rounds, size=f"B={B} T={T}", against=COMPILED)]
 
     def unfused():
         rew = kl_shaped_rewards(s, lp, rp, m, kl_coef=KL_COEF)
@@ -168,8 +158,8 @@ def run(B, T, device, skip_loop=False, rounds=15, compile_loop=None):
     if compile_loop:
         compiled_ppo = torch.compile(ppo_advantages_ref, dynamic=False)
         cases["torch_compile"] = lambda: compiled_ppo(s, lp, rp, v, m, KL_COEF, GAMMA, LAM)
-    out.append(add_speedup(run_simple("ppo_advantages (KL-shaped rewards + GAE + whitening)", cases, (25 * n, 0),
-                                      device, rounds=rounds, size=f"B={B} T={T}"), "torch_compile_scan"))
+    out.append(run_simple("ppo_advantages (KL-shaped rewards + GAE + whitening)", cases, (25 * n, 0), device,
+                          rounds=rounds, size=f"B={B} T={T}", against=COMPILED))
     return out
 
 

@@ -7,7 +7,8 @@ Ops (each forward, and forward + backward of sum(g * logp) [+ sum(g' * H)] w.r.t
 Providers:
   rlhf_fast          token_logprobs (the kernel RLHF_FAST_BACKEND picks: C++ on CPU, Triton on CUDA)
   rlhf_fast_inplace  the same with inplace_backward=True (grad_logits written into the logits)
-  rlhf_fast_entropy_off  (in logprobs_entropy) the log-prob alone, in the same rotation: the on / off ratio
+  rlhf_fast_entropy_off  (in logprobs_entropy) the log-prob alone; the entropy on / off ratio pairs it with
+                     rlhf_fast (_common.paired_ratio: the two alone, alternating)
   torch_compile      torch.compile of token_logprobs_ref
   torch              token_logprobs_ref, eager (log_softmax + gather; materialises N x V)
   trl                trl.trainer.utils.selective_log_softmax / selective_log_softmax_and_entropy

@@ -7,8 +7,8 @@ advantages, clip 0.2 / 0.28, k3 KL with beta 0.04, token-mean):
 Providers:
   rlhf_fast          ppo_policy_loss (the kernel RLHF_FAST_BACKEND picks; grad_logits its only N x V buffer)
   rlhf_fast_inplace  ppo_policy_loss(inplace_backward=True): grad_logits written into the logits
-  rlhf_fast_entropy_off  (in policy_loss_entropy) the loss without the entropy bonus, in the same
-                     rotation: the entropy on / off ratio with both timed under the same machine load
+  rlhf_fast_entropy_off  (in policy_loss_entropy) the loss without the entropy bonus; the entropy on / off
+                     ratio pairs it with rlhf_fast (_common.paired_ratio: the two alone, alternating)
   torch_compile      torch.compile of ppo_policy_loss_ref
   torch              ppo_policy_loss_ref, eager (log_softmax + gather + loss, torch autograd)
   liger              Liger-Kernel's triton_grpo_loss (GPU only; in place, loss_type="dapo", entropy off)
@@ -122,7 +122,7 @@ def make_setup(entropy, skip=()):
                 return torch.autograd.grad(loss, x)
 
             cases[name] = {"fwd_bwd": fwd_bwd} if name.endswith("_inplace") else {"fwd": fwd, "fwd_bwd": fwd_bwd}
-        if entropy and "rlhf_fast" not in skip:  # the loss without the entropy bonus in the same rotation
+        if entropy and "rlhf_fast" not in skip:  # the loss without the entropy bonus: the on / off pair
             fn, opts = ppo_policy_loss, dict(OPTS)
 
             def fwd_off():

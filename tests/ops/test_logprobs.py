@@ -113,15 +113,15 @@ def test_large_default_backward(monkeypatch, with_entropy):
         (gx,) = torch.autograd.grad(loss, x)
         return gx
 
-    streamed, inplace = grad(False), grad(True)
-    torch.testing.assert_close(streamed, inplace, rtol=1e-6, atol=1e-9)
+    default, inplace = grad(False), grad(True)
+    torch.testing.assert_close(default, inplace, rtol=1e-6, atol=1e-9)
     rows = torch.tensor([0, 1, 2, 5, 12, 19, 200, N - 1])
     x64 = logits[rows].double().requires_grad_()
     ref = token_logprobs_ref(x64, targets[rows], 1.0, with_entropy)
     loss = (ref[0] * g_lp[rows]).sum() + (ref[1] * g_ent[rows]).sum() if with_entropy else (ref * g_lp[rows]).sum()
     loss.backward()
-    torch.testing.assert_close(streamed[rows].double(), x64.grad, rtol=1e-4, atol=1e-7)
-    assert streamed[5].eq(0).all() and (not with_entropy or streamed[19].eq(0).all())
+    torch.testing.assert_close(default[rows].double(), x64.grad, rtol=1e-4, atol=1e-7)
+    assert default[5].eq(0).all() and (not with_entropy or default[19].eq(0).all())
 
 
 def test_extreme_logits_and_neg_inf(backend, device):
