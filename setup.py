@@ -48,6 +48,7 @@ if os.environ.get("RLHF_FAST_PUREPYTHON") != "1":
             "rlhf_fast._C",
             sorted(glob.glob("csrc/cpu/*.cpp")),
             include_dirs=["csrc/cpu"],
+            depends=sorted(glob.glob("csrc/cpu/*.h")),  # a header edit rebuilds the kernels
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
             extra_link_args=["-fopenmp"],
