@@ -11,6 +11,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 
 #include "common.h"
 
@@ -26,8 +27,61 @@ static_assert(MC % MR == 0 && NC % NR == 0 && NC_COLMAJOR % NR == 0 && NC_COLMAJ
 
 #define RLHF_FAST_AVX512 __attribute__((target("avx512f,avx512vl,avx2,fma")))
 
+// One stage of the 16 x 16 transpose: swaps the off-diagonal B x B blocks of every 2B x 2B block with
+// two-source permutes. lo: row i (bit B clear) keeps its columns without bit B and takes row i + B's
+// from c - B; hi: row i + B takes row i's from c + B and keeps its own.
+template <int B>
+struct TransposeStage {
+  static constexpr std::array<int, 16> index(bool hi) {
+    std::array<int, 16> out{};
+    for (int c = 0; c < 16; ++c) out[c] = hi ? ((c & B) ? 16 + c : c + B) : ((c & B) ? 16 + c - B : c);
+    return out;
+  }
+  static constexpr std::array<int, 16> kLo = index(false), kHi = index(true);
+  RLHF_FAST_AVX512 static inline void run(__m512 r[16]) {
+    const __m512i lo = _mm512_loadu_si512(kLo.data()), hi = _mm512_loadu_si512(kHi.data());
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) {
+      if (i & B) continue;
+      const __m512 a = r[i], c = r[i + B];
+      r[i] = _mm512_permutex2var_ps(a, lo, c);
+      r[i + B] = _mm512_permutex2var_ps(a, hi, c);
+    }
+  }
+};
+
+// The 16 x 16 transpose of r[0..16) (rows) in place, in registers: log2(16) stages (B = 8, 4, 2, 1),
+// each fully unrolled with constant permute indices.
+RLHF_FAST_AVX512 inline void transpose16(__m512 r[16]) {
+  TransposeStage<8>::run(r);
+  TransposeStage<4>::run(r);
+  TransposeStage<2>::run(r);
+  TransposeStage<1>::run(r);
+}
+
+// Two MR panels of a row-major A (A(i, k) = row[i * rsa + k]) from its first min(m, 16) rows: 16 k at a
+// time, the 16 rows are transposed so that vector k holds A(0..16, k); its low 8 go to the first panel,
+// its high 8 to the second (written only when m > MR). Rows at or past m are zero.
+RLHF_FAST_AVX512 void pack_a_rows16(const float* row, int64_t rsa, int64_t m, int64_t kc, float* ap) {
+  __m512 r[16];
+  float* second = ap + MR * kc;
+  for (int64_t k0 = 0; k0 < kc; k0 += 16) {
+    const int64_t rem = std::min<int64_t>(16, kc - k0);
+    const __mmask16 km = rem == 16 ? 0xFFFF : static_cast<__mmask16>((1u << rem) - 1);
+    for (int i = 0; i < 16; ++i) r[i] = i < m ? _mm512_maskz_loadu_ps(km, row + i * rsa + k0) : _mm512_setzero_ps();
+    transpose16(r);
+    for (int64_t kk = 0; kk < rem; ++kk) _mm512_mask_storeu_ps(ap + (k0 + kk) * MR, 0x00FF, r[kk]);
+    if (m > MR)  // lanes 8..16 to second[k * MR + 0..8)
+      for (int64_t kk = 0; kk < rem; ++kk) _mm512_mask_storeu_ps(second + (k0 + kk) * MR - MR, 0xFF00, r[kk]);
+  }
+}
+
 // Ap[p][k][r] = A(i0 + p*MR + r, k0 + k), zero past m
 RLHF_FAST_AVX512 void pack_a(const float* a, int64_t rsa, int64_t csa, int64_t m, int64_t kc, float* ap) {
+  if (csa == 1 && rsa != 1) {  // row-major A (the LM head's hidden, grad_hidden's g): 16 x 16 transposes
+    for (int64_t p = 0; p * MR < m; p += 2) pack_a_rows16(a + p * MR * rsa, rsa, m - p * MR, kc, ap + p * MR * kc);
+    return;
+  }
   for (int64_t p = 0; p * MR < m; ++p) {
     float* dst = ap + p * MR * kc;
     const int64_t rows = std::min<int64_t>(MR, m - p * MR);
@@ -37,25 +91,6 @@ RLHF_FAST_AVX512 void pack_a(const float* a, int64_t rsa, int64_t csa, int64_t m
     } else {
       for (int64_t r = 0; r < MR; ++r)
         for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = r < rows ? src[r * rsa + k * csa] : 0.0f;
-    }
-  }
-}
-
-// The 16 x 16 transpose of r[0..16) (rows) in place: log2(16) stages, each swapping the off-diagonal
-// b x b blocks of every 2b x 2b block (b = 8, 4, 2, 1) with two-source permutes.
-RLHF_FAST_AVX512 inline void transpose16(__m512 r[16]) {
-  for (int b = 8; b >= 1; b >>= 1) {
-    alignas(64) int lo_idx[16], hi_idx[16];
-    for (int c = 0; c < 16; ++c) {  // lo: row i keeps its columns without bit b, takes row i + b's from c - b
-      lo_idx[c] = (c & b) ? 16 + c - b : c;
-      hi_idx[c] = (c & b) ? 16 + c : c + b;  // hi: row i + b takes row i's from c + b, keeps its own
-    }
-    const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
-    for (int i = 0; i < 16; ++i) {
-      if (i & b) continue;
-      const __m512 a = r[i], c = r[i + b];
-      r[i] = _mm512_permutex2var_ps(a, lo, c);
-      r[i + b] = _mm512_permutex2var_ps(a, hi, c);
     }
   }
 }
@@ -158,6 +193,49 @@ RLHF_FAST_AVX512 void gemm_seq(int64_t M, int64_t N, int64_t K, const float* a, 
   }
 }
 
+// C = beta * C + A @ B (+ bias) with K split among the threads, for a long K and a small C (grad_hidden =
+// g @ W: K = V): pieces of C would each stream the whole of the long operand again (one split of N per
+// thread reads all of g, 1.2 GB a GEMM at C = 256, V = 151936), pieces of K read each operand once.
+// Each thread sums its K pieces (dynamic, KC-aligned) into its own M x N buffer; the buffers are then
+// added into C, rows in parallel.
+RLHF_FAST_AVX512 void gemm_split_k(int64_t M, int64_t N, int64_t K, const float* a, int64_t rsa, int64_t csa,
+                                   const float* b, int64_t rsb, int64_t csb, float* c, int64_t ldc, float beta,
+                                   const float* bias, int nt) {
+  const int64_t pieces = std::min<int64_t>(4 * nt, (K + KC - 1) / KC);
+  const int64_t per = ((K + pieces - 1) / pieces + KC - 1) / KC * KC;
+  std::vector<float> parts(static_cast<size_t>(nt * M * N));
+  std::vector<char> used(static_cast<size_t>(nt), 0);
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    std::vector<float> bpack(static_cast<size_t>(KC * std::min(NC, (N + NR - 1) / NR * NR)));
+    std::vector<float> apack(static_cast<size_t>(KC * std::min(MC, (M + MR - 1) / MR * MR)));
+    float* part = parts.data() + tid * M * N;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t p = 0; p < pieces; ++p) {
+      const int64_t lo = p * per, hi = std::min(K, lo + per);
+      if (lo >= hi) continue;
+      gemm_seq(M, N, hi - lo, a + lo * csa, rsa, csa, b + lo * rsb, rsb, csb, part, N, used[tid] ? 1.0f : 0.0f,
+               nullptr, apack.data(), bpack.data());
+      used[tid] = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < M; ++i) {
+      float* row = c + i * ldc;
+      for (int64_t j = 0; j < N; ++j) {
+        float v = bias ? bias[j] : 0.0f;
+        for (int t = 0; t < nt; ++t)
+          if (used[t]) v += parts[(t * M + i) * N + j];
+        row[j] = beta != 0.0f ? beta * row[j] + v : v;  // beta == 0 never reads C
+      }
+    }
+  }
+}
+
 // Threads take independent pieces of C (no barrier, dynamic: robust to a core shared with other
 // processes), split along the larger of M and N: splitting N repacks A (M x K) per piece,
 // splitting M repacks B (K x N), so the smaller operand is the one packed again.
@@ -174,6 +252,10 @@ RLHF_FAST_AVX512 void gemm_impl(int64_t M, int64_t N, int64_t K, const float* a,
     return;
   }
   const int nt = num_threads(nthreads);
+  if (nt > 1 && K >= 8 * std::max(M, N) && M * N <= (int64_t{1} << 22)) {
+    gemm_split_k(M, N, K, a, rsa, csa, b, rsb, csb, c, ldc, beta, bias, nt);
+    return;
+  }
   const bool split_n = N >= M;
   const int64_t unit = split_n ? NR : MR, extent = split_n ? N : M;
   const int64_t units = (extent + unit - 1) / unit;

@@ -57,3 +57,25 @@ def test_mm_into_strided_out_and_nonfinite(gemm_path):
     fin = want.isfinite()
     torch.testing.assert_close(out[fin], want[fin], rtol=1e-5, atol=1e-4)
     assert big[:, :5].eq(0).all() and big[:, 50:].eq(0).all()  # nothing written outside the view
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+@pytest.mark.parametrize("m,n,k", [(9, 31, 257), (5, 3, 300), (40, 70, 2000), (4, 6, 1000)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, True)])
+def test_mm_into_long_k_on_threads(gemm_path, monkeypatch, nthreads, m, n, k, ta, tb):
+    """K >= 8 max(M, N) on several threads (grad_hidden's g @ W: K = V): the C++ GEMM splits K among
+    the threads (more threads than K pieces at K = 300) and adds their partial products, bias and
+    beta * out once."""
+    monkeypatch.setattr(head_gemm._backend, "num_threads", lambda: nthreads)
+    gen = torch.Generator().manual_seed(m + n + k + nthreads)
+    a, b = operand(m, k, ta, not ta, gen), operand(k, n, tb, not tb, gen)
+    bias = torch.randn(n, generator=gen)
+    ref = a.double() @ b.double()
+    torch_err = ((a @ b).double() - ref).abs().max().item()
+    for beta, bi in ((0.0, None), (1.0, bias), (0.0, bias)):
+        c0 = torch.randn(m, n, generator=gen)
+        out = c0.clone() if beta else torch.full((m, n), float("nan"))
+        mm_into(out, a, b, beta=beta, bias=bi)
+        want = ref + (c0.double() if beta else 0) + (0 if bi is None else bi.double())
+        err = (out.double() - want).abs().max().item()
+        assert err <= 2 * torch_err + 1e-5, (nthreads, m, n, k, beta, bi is not None, err, torch_err)
