@@ -361,6 +361,18 @@ def print_entropy_ratios(results, pair="rlhf_fast/rlhf_fast_entropy_off"):
                   f"fwd+bwd {ratio['fwd_bwd']:.2f}x (target <= 1.15x)")
 
 
+def print_paired_speedups(results, against="torch_compile", ours="rlhf_fast"):
+    """Our kernel against ``against`` from run_fused's paired_ratios (time(against) / time(ours), the two
+    alone in alternation; kept as paired_speedup_vs_<against>): the main rotation's figure for the case
+    that follows a compiled reference's multi-GB frees reads slow from that neighbour, not the kernel."""
+    for r in results:
+        ratio = r.get("paired_ratios", {}).get(f"{against}/{ours}")
+        if ratio:
+            r[f"paired_speedup_vs_{against}"] = ratio
+            modes = ", ".join(f"{'forward' if m == 'fwd' else 'fwd+bwd'} {x:.2f}x" for m, x in ratio.items())
+            print(f"{r['op']}: {ours} vs {against} (paired, alternating), V={r['v']}: {modes} faster")
+
+
 def fused_sizes(quick, full, gpu=False):
     """(N, V) pairs: V in {32000, 151936}; N = 4096 with --full, 1024 by default, 64 with --quick."""
     n = 64 if quick else (4096 if full or gpu else 1024)

@@ -39,6 +39,7 @@ from _common import (  # noqa: E402
     fused_sizes,
     print_entropy_ratios,
     print_fused,
+    print_paired_speedups,
     run_fused,
     run_meta,
     write_json,
@@ -148,9 +149,11 @@ def main(argv=None):
     results = []
     for op, entropy in (("logprobs", False), ("logprobs_entropy", True)):
         results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds,
-                             pairs=[("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else ())
+                             pairs=[("torch_compile", "rlhf_fast")]
+                             + ([("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else []))
     print_fused(results)
     print_entropy_ratios(results)
+    print_paired_speedups(results)
     if not args.quick or args.out:
         name = args.out or f"logprobs_{'cuda' if gpu else 'cpu'}.json"
         write_json(name, {"benchmark": "token_logprobs", "meta": run_meta(args.device), "results": results})

@@ -41,6 +41,7 @@ from _common import (  # noqa: E402
     fused_sizes,
     print_entropy_ratios,
     print_fused,
+    print_paired_speedups,
     print_table,
     run_fused,
     run_meta,
@@ -189,11 +190,13 @@ def main(argv=None):
     results = []
     for op, entropy in (("policy_loss", False), ("policy_loss_entropy", True)):
         results += run_fused(op, make_setup(entropy, args.skip), sizes, dtype, args.device, rounds=args.rounds,
-                             pairs=[("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else ())
+                             pairs=[("torch_compile", "rlhf_fast")]
+                             + ([("rlhf_fast", "rlhf_fast_entropy_off")] if entropy else []))
     modes = [] if args.no_modes else run_fused("policy_loss_modes", modes_setup, sizes, dtype, args.device,
                                                rounds=args.rounds, memory=False, against="rlhf_fast")
     print_fused(results)
     print_entropy_ratios(results)
+    print_paired_speedups(results)
     for res in modes:  # cost of each mode relative to the plain fused clipped loss (target <= 1.1)
         for r in res["rows"]:
             if "fwd_bwd_ms" in r:

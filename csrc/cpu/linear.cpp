@@ -6,7 +6,8 @@
 // project's CPUs (AMD Zen, AVX-512) its MKL runs an AVX2 path at about half the machine's FMA peak,
 // and oneDNN (2x faster) is reachable only through ops that allocate a fresh output per call.
 // BLIS-style: B packed in KC x NR panels (NR = 32), A in MR x KC panels (MR = 8), an 8 x 32
-// AVX-512 micro-kernel (16 accumulators); threads take independent pieces of C (see gemm_impl).
+// AVX-512 micro-kernel (16 accumulators); threads take independent pieces of C (see gemm_impl), or of K
+// when K is long and C small (gemm_split_k).
 // Built for AVX-512 only (target attribute); gemm_available() tells Python whether this CPU has it.
 #include <immintrin.h>
 
