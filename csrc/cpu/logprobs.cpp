@@ -38,14 +38,29 @@ inline float logprobs_grad(float z, float lse, float shift, float g_lp, float g_
   return g;
 }
 
+// The same at j != t as one product, for the row loops: g_j = p_j * (a z_j + b) with a = -g_ent and
+// b = -(g_lp + g_ent * shift) (times the chain factor the caller folds in); without the entropy a = 0 and
+// g_j = p_j * b. p_j = 0 gives 0 (z_j = -inf: no 0 * inf), NaN stays NaN. One multiply-add and a select
+// more than the entropy-off loop, where the three-term form above cost three multiplies and a select.
+template <bool kEntropy>
+inline float logprobs_grad_rest(float z, float lse, float a, float b) {
+  const float p = fast_exp(z - lse);
+  if constexpr (kEntropy) {
+    const float t = a * z + b;
+    return p != 0.0f ? p * t : 0.0f;
+  }
+  return p * b;
+}
+
 template <typename T, bool kEntropy>
 RLHF_FAST_HOT_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, float inv_temp, float lse,
                                        float ent, float g_lp, float g_ent) {
   const float shift = ent - lse;
   const float z_t = load_f32(x, t) * inv_temp;  // read before the loop: gx may alias x
+  const float a = -g_ent * inv_temp, b = -(g_lp + (kEntropy ? g_ent * shift : 0.0f)) * inv_temp;
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
-    store_f32(gx, j, inv_temp * logprobs_grad<T, kEntropy>(load_f32(x, j) * inv_temp, lse, shift, g_lp, g_ent, 0.0f));
+    store_f32(gx, j, logprobs_grad_rest<kEntropy>(load_f32(x, j) * inv_temp, lse, a, b));
   }
   store_f32(gx, t, inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f));
 }
@@ -56,10 +71,11 @@ RLHF_FAST_HOT_FN void logprobs_cap_bwd_row(const T* x, T* gx, int64_t V, int64_t
                                            float lse, float ent, float g_lp, float g_ent) {
   const float shift = ent - lse, dz = inv_temp * cap_pre;
   const float th_t = fast_tanh(load_f32(x, t) * cap_pre);  // read before the loop: gx may alias x
+  const float a = -g_ent, b = -(g_lp + (kEntropy ? g_ent * shift : 0.0f));
 #pragma omp simd
   for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
     const float th = fast_tanh(load_f32(x, j) * cap_pre);
-    const float g = logprobs_grad<T, kEntropy>(th * inv_temp, lse, shift, g_lp, g_ent, 0.0f);
+    const float g = logprobs_grad_rest<kEntropy>(th * inv_temp, lse, a, b);
     store_f32(gx, j, g * (dz * (1.0f - th * th)));
   }
   const float g_t = logprobs_grad<T, kEntropy>(th_t * inv_temp, lse, shift, g_lp, g_ent, 1.0f);
