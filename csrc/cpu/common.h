@@ -280,33 +280,24 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp, float cap_pre =
     // into the exp loop, gcc vectorised the widening at half width with extra shuffles, and the row ran
     // 1.2-1.3x the fp32 one (bf16) where it now runs 1.05-1.15x; fp16 (no F16C in the default clone: the
     // bit conversion) went from 1.8x to 1.5x.
+    int64_t done = 0;  // how much of chunk k the fused loop summed
     if constexpr (!std::is_same_v<T, float>) {
       nmax = nn ? load_chunk<T, kCap>(xn, nn, inv_temp, cap_pre, nxt, kNegInf) : kNegInf;
-#pragma omp simd reduction(+ : s, a)
-      for (int64_t j = 0; j < n; ++j) {
-        const float d0 = cur[j] - m, d = d0 < lo ? lo : d0;
+    } else {
+#pragma omp simd reduction(+ : s, a) reduction(max : nmax)
+      for (int64_t j = 0; j < nn; ++j) {
+        const float d0 = cur[j] - m, d = d0 < lo ? lo : d0;  // lets NaN through
         const float e = exp_clamped(d);
         s += e;
         if constexpr (kEntropy) a += e * d;
+        const float z = logit_z<kCap>(load_f32(xn, j), inv_temp, cap_pre);
+        nxt[j] = z;
+        nmax = z > nmax ? z : nmax;
       }
-      st.s += s;
-      st.a += a;
-      cmax = nmax;
-      n = nn;
-      continue;
-    }
-#pragma omp simd reduction(+ : s, a) reduction(max : nmax)
-    for (int64_t j = 0; j < nn; ++j) {
-      const float d0 = cur[j] - m, d = d0 < lo ? lo : d0;  // lets NaN through
-      const float e = exp_clamped(d);
-      s += e;
-      if constexpr (kEntropy) a += e * d;
-      const float z = logit_z<kCap>(load_f32(xn, j), inv_temp, cap_pre);
-      nxt[j] = z;
-      nmax = z > nmax ? z : nmax;
+      done = nn;
     }
 #pragma omp simd reduction(+ : s, a)
-    for (int64_t j = nn; j < n; ++j) {  // the part of chunk k that chunk k + 1 (shorter or absent) did not cover
+    for (int64_t j = done; j < n; ++j) {  // the rest of chunk k: all of it, or what chunk k + 1 did not cover
       const float d0 = cur[j] - m, d = d0 < lo ? lo : d0;
       const float e = exp_clamped(d);
       s += e;
