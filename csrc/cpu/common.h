@@ -229,9 +229,22 @@ inline float opaque_f32(float v) {
   return v;
 }
 
+// F16C chunk conversions (f16c.cpp): whether this CPU has them, fp16 -> fp32 and fp32 -> fp16 (round to
+// nearest even) of n values. Out of line, so the clones of the hot row functions can call them.
+bool cpu_has_f16c();
+void widen_f16(const half_t* x, float* out, int64_t n);
+void narrow_f16(const float* in, half_t* out, int64_t n);
+
 // buf[0..n) = z = logit_z<kCap>(x[0..n)); returns max(cmax, max z) (NaN never wins the max).
+// fp16 with F16C: widened by widen_f16 first, then transformed in place.
 template <typename T, bool kCap>
 inline float load_chunk(const T* x, int64_t n, float inv_temp, float cap_pre, float* buf, float cmax) {
+  if constexpr (std::is_same_v<T, half_t>) {
+    if (cpu_has_f16c()) {
+      widen_f16(x, buf, n);
+      return load_chunk<float, kCap>(buf, n, inv_temp, cap_pre, buf, cmax);
+    }
+  }
 #pragma omp simd reduction(max : cmax)
   for (int64_t j = 0; j < n; ++j) {
     const float z = logit_z<kCap>(load_f32(x, j), inv_temp, cap_pre);

@@ -250,3 +250,33 @@ def test_gpu_large_vocab(monkeypatch, gpu_backend, dtype):
     logits, targets = _inputs((4, 300), 151936, dtype, "cuda", scale=4.0)
     _check_against_ref(logits, targets, 0.8, with_entropy=True)
     _check_against_ref(logits[:, :-1], targets[:, :-1], 1.0, with_entropy=True, inplace=True)
+
+
+def test_fp16_f16c_and_portable_conversions_agree():
+    """fp16 logits: the F16C chunk conversions (csrc/cpu/f16c.cpp, where the CPU has them) and the portable
+    bit conversions give the same log-probs, entropy and gradient, bit for bit, with non-finite values,
+    a row length that is not a multiple of the vector width, and the gradient written in place."""
+    C = pytest.importorskip("rlhf_fast._C", reason="the C++ extension is not built")
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, 2053, generator=gen) * 4).half()
+    x[1, 7], x[2, 100], x[3, 2052] = float("-inf"), float("nan"), float("inf")
+    x[4, :5] = torch.tensor([6e-8, -6e-8, 1e-5, 65504.0, -65504.0]).half()  # subnormal and extreme halves
+    t = torch.randint(0, 2053, (6,), generator=gen)
+    g_lp, g_ent = torch.randn(6, generator=gen), torch.randn(6, generator=gen)
+    g_ent[0] = 0.0
+
+    def run(inplace):
+        xx = x.clone().requires_grad_()
+        lp, ent = token_logprobs(xx, t, return_entropy=True, temperature=0.7, inplace_backward=inplace,
+                                 backend="cpu")
+        torch.autograd.backward((lp, ent), (g_lp, g_ent))
+        return lp.detach(), ent.detach(), xx.grad
+
+    prev = C.use_f16c(False)
+    try:
+        portable = [run(False), run(True)]
+    finally:
+        C.use_f16c(prev)
+    for got, want in zip([run(False), run(True)], portable):
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
