@@ -289,10 +289,9 @@ inline RowStats row_stats(const T* x, int64_t V, float inv_temp, float cap_pre =
     float* nxt = buf[(k + 1) & 1];
     const T* xn = x + (nn ? c1 : 0);
     float s = 0.0f, a = 0.0f, nmax = kNegInf;
-    // 16-bit input: the next chunk is widened in its own loop (load_chunk) before the exp loop. Fused
-    // into the exp loop, gcc vectorised the widening at half width with extra shuffles, and the row ran
-    // 1.2-1.3x the fp32 one (bf16) where it now runs 1.05-1.15x; fp16 (no F16C in the default clone: the
-    // bit conversion) went from 1.8x to 1.5x.
+    // 16-bit input: the next chunk is widened in its own loop (load_chunk; F16C for fp16 where the CPU has
+    // it) before the exp loop. Fused into the exp loop, gcc vectorised the widening at half width with
+    // extra shuffles, and the bf16 row ran 1.2-1.3x the fp32 one, where it now runs 1.05-1.15x.
     int64_t done = 0;  // how much of chunk k the fused loop summed
     if constexpr (!std::is_same_v<T, float>) {
       nmax = nn ? load_chunk<T, kCap>(xn, nn, inv_temp, cap_pre, nxt, kNegInf) : kNegInf;

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 
 #include "common.h"
 
@@ -204,7 +205,8 @@ RLHF_FAST_AVX512 void gemm_split_k(int64_t M, int64_t N, int64_t K, const float*
                                    const float* bias, int nt) {
   const int64_t pieces = std::min<int64_t>(4 * nt, (K + KC - 1) / KC);
   const int64_t per = ((K + pieces - 1) / pieces + KC - 1) / KC * KC;
-  std::vector<float> parts(static_cast<size_t>(nt * M * N));
+  // each thread's first piece writes its buffer with beta = 0, and unused ones are never read: no zero fill
+  const std::unique_ptr<float[]> parts(new float[static_cast<size_t>(nt * M * N)]);
   std::vector<char> used(static_cast<size_t>(nt), 0);
 #pragma omp parallel num_threads(nt)
   {
@@ -215,7 +217,7 @@ RLHF_FAST_AVX512 void gemm_split_k(int64_t M, int64_t N, int64_t K, const float*
 #endif
     std::vector<float> bpack(static_cast<size_t>(KC * std::min(NC, (N + NR - 1) / NR * NR)));
     std::vector<float> apack(static_cast<size_t>(KC * std::min(MC, (M + MR - 1) / MR * MR)));
-    float* part = parts.data() + tid * M * N;
+    float* part = parts.get() + tid * M * N;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t p = 0; p < pieces; ++p) {
       const int64_t lo = p * per, hi = std::min(K, lo + per);

@@ -58,7 +58,7 @@ RLHF_FAST_HOT_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, 
   const float shift = ent - lse;
   const float z_t = load_f32(x, t) * inv_temp;  // read before the loop: gx may alias x
   const float a = -g_ent * inv_temp, b = -(g_lp + (kEntropy ? g_ent * shift : 0.0f)) * inv_temp;
-  bool done = false;
+  const float g_t = inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f);
   if constexpr (std::is_same_v<T, half_t>) {
     if (cpu_has_f16c()) {  // chunk by chunk through an fp32 buffer: F16C widening and rounding
       alignas(64) float buf[kChunk];
@@ -69,16 +69,15 @@ RLHF_FAST_HOT_FN void logprobs_bwd_row(const T* x, T* gx, int64_t V, int64_t t, 
         for (int64_t j = 0; j < n; ++j) buf[j] = logprobs_grad_rest<kEntropy>(buf[j] * inv_temp, lse, a, b);
         narrow_f16(buf, gx + c0, n);
       }
-      done = true;
+      store_f32(gx, t, g_t);
+      return;
     }
   }
-  if (!done) {
 #pragma omp simd
-    for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
-      store_f32(gx, j, logprobs_grad_rest<kEntropy>(load_f32(x, j) * inv_temp, lse, a, b));
-    }
+  for (int64_t j = 0; j < V; ++j) {  // element j is read before it is written
+    store_f32(gx, j, logprobs_grad_rest<kEntropy>(load_f32(x, j) * inv_temp, lse, a, b));
   }
-  store_f32(gx, t, inv_temp * logprobs_grad<T, kEntropy>(z_t, lse, shift, g_lp, g_ent, 1.0f));
+  store_f32(gx, t, g_t);
 }
 
 // With the softcap: grad_x[j] = grad_z[j] * inv_temp * cap_pre * (1 - tanh(x_j * cap_pre)^2)
